@@ -1,0 +1,18 @@
+#!/bin/sh
+# Installs the Debian tools the end-to-end tests drive (swaks, fetchmail, mbsync, dovecot).
+# Runs apt-get only when something is missing and we are root; otherwise says what is missing.
+set -e
+need=""
+command -v swaks >/dev/null 2>&1 || need="$need swaks"
+command -v fetchmail >/dev/null 2>&1 || need="$need fetchmail"
+command -v mbsync >/dev/null 2>&1 || need="$need isync"
+[ -x /usr/sbin/dovecot ] || need="$need dovecot-imapd dovecot-pop3d"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $need >/dev/null
+else
+    echo "missing test tools:$need (install them with apt-get as root)" >&2
+    if [ "${CI:-}" = "true" ]; then exit 1; fi
+fi

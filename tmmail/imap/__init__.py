@@ -1,0 +1,1 @@
+"""IMAP4 service over the Maildir++ post office."""
