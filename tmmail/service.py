@@ -1,0 +1,95 @@
+"""MailService: owns the providers, spool, runner, TLS and every listener of one TMmail process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from tmmail import config
+from tmmail.config import Settings
+
+
+class MailService(MultiService):
+    """Everything ``twistd tmmail`` runs; built from Settings, started and stopped by twistd."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.settings = settings
+
+        from tmmail.cred import Authenticator
+        from tmmail.providers import ProviderStore
+        from tmmail.runner import Runner
+        from tmmail.spool import Spool
+        from tmmail.tls import ReloadingContextFactory
+
+        self.store = ProviderStore(settings.config_dir, interval=settings.server.reload_interval)
+        self.spool = Spool(settings.spool_dir)
+        self.tls = ReloadingContextFactory(
+            settings.certificate_path,
+            settings.key_path,
+            settings.tls.min_version,
+            settings.tls.reload_interval,
+        )
+        self.authenticator = Authenticator(self.store, settings.auth, reactor)
+        self.connectors = self._connectors()
+        self.runner = Runner(settings, self.spool, self.store, self.connectors, reactor)
+        for role in config.LISTENER_ROLES:
+            for description in settings.listen.get(role, ()):
+                self._listen(role, description)
+
+    def _connectors(self) -> list[Any]:
+        from tmmail.connectors.postoffice import PostOfficeConnector
+
+        connectors: list[Any] = [PostOfficeConnector(self.settings, self.store)]
+        try:
+            from tmmail.connectors.smtp import SMTPConnector
+        except ImportError:
+            self.log.warn("outbound SMTP connector not available; remote mail stays queued")
+        else:
+            connectors.append(SMTPConnector(self.settings, self.store, self.reactor))
+        return connectors
+
+    def _factory(self, role: str) -> Any:
+        s = self.settings
+        if role in ("smtp", "submission", "smtps"):
+            from tmmail.smtpserver import SMTPFactory
+
+            return SMTPFactory(s, role, self.store, self.spool, self.authenticator, self.tls,
+                               self.runner.wake, reactor=self.reactor)
+        if role in ("pop3", "pop3s"):
+            from tmmail.pop3 import POP3Factory
+
+            return POP3Factory(s, role, self.store, self.authenticator, self.tls, reactor=self.reactor)
+        from tmmail.imap.server import IMAPFactory
+
+        return IMAPFactory(s, role, self.store, self.authenticator, self.tls, reactor=self.reactor)
+
+    def _listen(self, role: str, description: str) -> None:
+        from tmmail.tap import listener_service
+
+        svc = listener_service(description, self._factory(role), role in config.IMPLICIT_TLS_ROLES, self.tls)
+        svc.setName(f"{role} {description}")
+        svc.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.reactor.suggestThreadPoolSize(max(10, self.settings.queue.io_threads * 2))
+        super().startService()
+        self.runner.start()
+        self.log.info("TMmail started as {hostname}", hostname=self.settings.server.hostname)
+
+    def stopService(self) -> Any:
+        d = self.runner.stop()
+        from twisted.internet import defer
+
+        d = defer.maybeDeferred(lambda: d)
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d
