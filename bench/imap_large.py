@@ -39,7 +39,8 @@ def populate(maildir: str, count: int, seen_fraction: float = 0.5, seed: int = 1
         base = f"{now + i}.M{i}P1Q{i}.{host}"
         seen = rnd.random() < seen_fraction
         sub, suffix = ("cur", ":2,S") if seen else ("new", "")
-        name = f"{base},S={len(data)},W={len(data) + data.count(b'\n')}{suffix}"
+        vsize = len(data) + data.count(b"\n")
+        name = f"{base},S={len(data)},W={vsize}{suffix}"
         tmp = os.path.join(maildir, "tmp", base)
         with open(tmp, "wb") as f:
             f.write(data)
