@@ -1,0 +1,387 @@
+"""The spool on disk: queue directories, durable message files, one rename per state change.
+
+Pure file-system logic (blocking: call from threads, never on the reactor).  Layout and the
+crash-recovery rules are in docs/design-spool.md.  In short:
+
+* ``spool/{tmp,incoming,active,deferred,badmail,corrupt}/``; a message is ``ID.eml`` (raw bytes,
+  LF line endings) + ``ID.env`` (tmmail.envelope JSON).
+* Files are written in ``tmp/``, fsynced, renamed into place, and the directory is fsynced
+  (Postfix ``mail_queue_enter``).
+* **The .eml moves first, the .env moves last; a message is in the state where its .env is.**
+  A crash between the two renames leaves ``ID.eml`` in the target and ``ID.env`` in the source;
+  ``recover()`` completes the move.  Removal unlinks the .eml first, then the .env.
+* Nothing unreadable is deleted: it goes to ``corrupt/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from typing import Iterator
+
+from twisted.logger import Logger
+
+from tmmail.envelope import Envelope, EnvelopeError
+
+TMP = "tmp"
+INCOMING = "incoming"
+ACTIVE = "active"
+DEFERRED = "deferred"
+BADMAIL = "badmail"
+CORRUPT = "corrupt"
+#: directories holding committed messages (everything but tmp/)
+QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT)
+ALL_DIRS = (TMP,) + QUEUE_STATES
+
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_B36 = _ALPHABET[:36]
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+log = Logger(namespace="tmmail.spool")
+
+
+def _base36(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 36)
+        out.append(_B36[r])
+    return "".join(reversed(out))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A queue id: milliseconds (base36, 9 chars, sorts by time until 5188) + counter + random.
+
+    Only [0-9A-Za-z]; unique within a process by the counter, across processes by the random
+    part, and checked with O_EXCL when the file is created.
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    with _counter_lock:
+        n = next(_counter)
+    rand = "".join(secrets.choice(_ALPHABET) for _ in range(4))
+    return _base36(ms, 9) + _base36(n % 36**3, 3) + rand
+
+
+def valid_queue_id(qid: str) -> bool:
+    return bool(qid) and len(qid) <= 64 and all(c in _ALPHABET for c in qid)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename, create or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DirSync:
+    """Group commit for directory fsyncs: concurrent callers share one fsync.
+
+    A caller takes a ticket after its rename; any fsync that *starts* after the ticket was taken
+    covers it, so a caller only waits for such an fsync (or runs one itself).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while True:
+                if self._done >= mine:
+                    return
+                if not self._running:
+                    self._running = True
+                    target = self._requested
+                    break
+                self._cond.wait()
+        ok = False
+        try:
+            fsync_dir(self.path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._done = max(self._done, target)
+                self._cond.notify_all()
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolWriter:
+    """One message being received: bytes go to ``tmp/ID.eml``; ``commit`` puts it in incoming/."""
+
+    def __init__(self, spool: Spool, queue_id: str, fd: int) -> None:
+        self.spool = spool
+        self.id = queue_id
+        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._closed = False
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append bytes (LF-terminated lines); buffered, no fsync, so fine on the reactor."""
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> None:
+        """BLOCKING: fsync data and envelope, rename both into incoming/, fsync incoming/.
+
+        Only after this returns may the SMTP server say 250.  Raises OSError (the tmp files are
+        then removed).  Thread-safe: concurrent commits share the directory fsync.
+        """
+        if self._closed:
+            raise ValueError("writer already committed or aborted")
+        if envelope.queue_id != self.id:
+            raise ValueError("envelope queue id does not match the message")
+        sp = self.spool
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            _write_durably(sp.path(TMP, self.id, ".env"), envelope.to_bytes())
+            # .eml first, .env last: the message exists in incoming/ once its .env is there
+            os.rename(sp.path(TMP, self.id, ".eml"), sp.path(INCOMING, self.id, ".eml"))
+            os.rename(sp.path(TMP, self.id, ".env"), sp.path(INCOMING, self.id, ".env"))
+            sp._dirsync[INCOMING].sync()
+        except BaseException:
+            self._closed = True
+            self._cleanup()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the message (the client gave up or was refused)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        for path in (
+            self.spool.path(TMP, self.id, ".eml"),
+            self.spool.path(TMP, self.id, ".env"),
+        ):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # pragma: no cover - disk trouble
+                log.warn("cannot remove {path}: {error}", path=path, error=e)
+
+
+class Spool:
+    """The queue directories under ``root``; every method except ``open_message`` may block."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        for d in ALL_DIRS:
+            os.makedirs(os.path.join(root, d), exist_ok=True)
+        self._dirsync = {d: _DirSync(os.path.join(root, d)) for d in ALL_DIRS}
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def path(self, state: str, queue_id: str, ext: str = ".eml") -> str:
+        if state not in ALL_DIRS:
+            raise ValueError(f"unknown spool state {state!r}")
+        if not valid_queue_id(queue_id):
+            raise ValueError(f"bad queue id {queue_id!r}")
+        return os.path.join(self.root, state, queue_id + ext)
+
+    def message_path(self, state: str, queue_id: str) -> str:
+        return self.path(state, queue_id, ".eml")
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def open_message(self) -> SpoolWriter:
+        """A writer for a new message with a fresh queue id (creates ``tmp/ID.eml``)."""
+        for _ in range(100):
+            qid = new_queue_id()
+            try:
+                fd = os.open(self.path(TMP, qid, ".eml"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            return SpoolWriter(self, qid, fd)
+        raise OSError("cannot allocate a queue id")
+
+    def add(self, envelope_factory, data: bytes) -> Envelope:
+        """BLOCKING: queue a generated message (a DSN); ``envelope_factory(queue_id) -> Envelope``."""
+        w = self.open_message()
+        try:
+            w.write(data)
+            env = envelope_factory(w.id)
+            w.commit(env)
+        except BaseException:
+            w.abort()
+            raise
+        return env
+
+    # -- the runner's operations ------------------------------------------------------------
+
+    def list(self, state: str) -> list[str]:
+        """Queue ids in ``state`` (those whose .env is there), oldest id first."""
+        ids = []
+        for name in os.listdir(os.path.join(self.root, state)):
+            if name.endswith(".env"):
+                qid = name[:-4]
+                if valid_queue_id(qid):
+                    ids.append(qid)
+        ids.sort()
+        return ids
+
+    def iter_envelopes(self, state: str) -> Iterator[tuple[str, Envelope | None]]:
+        """(id, envelope or None if unreadable) for every message in ``state``."""
+        for qid in self.list(state):
+            try:
+                yield qid, self.load(state, qid)
+            except FileNotFoundError:
+                continue
+            except EnvelopeError:
+                yield qid, None
+
+    def load(self, state: str, queue_id: str) -> Envelope:
+        """Read an envelope; raises EnvelopeError if unreadable, FileNotFoundError if gone."""
+        with open(self.path(state, queue_id, ".env"), "rb") as f:
+            raw = f.read()
+        env = Envelope.from_bytes(raw)
+        if env.queue_id != queue_id:
+            raise EnvelopeError(f"envelope names queue id {env.queue_id!r}")
+        return env
+
+    def save(self, state: str, envelope: Envelope) -> None:
+        """Replace the envelope of a message atomically: tmp, fsync, rename, fsync dir."""
+        qid = envelope.queue_id
+        tmp = os.path.join(self.root, TMP, f"{qid}.{secrets.token_hex(4)}.save")
+        try:
+            _write_durably(tmp, envelope.to_bytes())
+            os.rename(tmp, self.path(state, qid, ".env"))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._dirsync[state].sync()
+
+    def move(self, queue_id: str, src: str, dst: str) -> None:
+        """Change state: rename the .eml, then the .env; fsync both directories."""
+        if src == dst:
+            return
+        os.rename(self.path(src, queue_id, ".eml"), self.path(dst, queue_id, ".eml"))
+        os.rename(self.path(src, queue_id, ".env"), self.path(dst, queue_id, ".env"))
+        self._dirsync[dst].sync()
+        self._dirsync[src].sync()
+
+    def remove(self, queue_id: str, state: str) -> None:
+        """Forget a finished message: unlink the .eml first, then the .env."""
+        for ext in (".eml", ".env"):
+            try:
+                os.unlink(self.path(state, queue_id, ext))
+            except FileNotFoundError:
+                pass
+        self._dirsync[state].sync()
+
+    def to_corrupt(self, queue_id: str, state: str) -> None:
+        """Move whatever files of the message are in ``state`` to corrupt/ (never deleted)."""
+        for ext in (".eml", ".env"):
+            try:
+                os.rename(self.path(state, queue_id, ext), self._free_corrupt_name(queue_id, ext))
+            except FileNotFoundError:
+                pass
+        self._dirsync[CORRUPT].sync()
+        self._dirsync[state].sync()
+        log.error("message {queue_id} moved from {state} to corrupt/", queue_id=queue_id, state=state)
+
+    def _free_corrupt_name(self, queue_id: str, ext: str) -> str:
+        path = self.path(CORRUPT, queue_id, ext)
+        n = 1
+        while os.path.exists(path):
+            path = os.path.join(self.root, CORRUPT, f"{queue_id}{ext}.{n}")
+            n += 1
+        return path
+
+    # -- crash recovery ---------------------------------------------------------------------
+
+    def recover(self) -> dict[str, list[str]]:
+        """Repair what a crash left behind; call once at start, before anything else runs.
+
+        * ``tmp/`` holds only uncommitted work (no 250 was given): removed, including a .eml
+          already renamed into incoming/ whose .env is still in tmp/.
+        * ``ID.env`` in S without ``ID.eml`` in S: if the .eml is in another queue dir D, the
+          move S -> D is completed; if the .eml is nowhere and every recipient is final, the
+          removal is completed; otherwise the .env goes to corrupt/.
+        * ``ID.eml`` with no ``ID.env`` anywhere goes to corrupt/.
+
+        Returns the ids found in each queue state after repair.
+        """
+        tmpdir = os.path.join(self.root, TMP)
+        eml_at: dict[str, str] = {}
+        env_at: dict[str, str] = {}
+        for state in QUEUE_STATES:
+            for name in os.listdir(os.path.join(self.root, state)):
+                qid, ext = os.path.splitext(name)
+                if not valid_queue_id(qid):
+                    continue
+                if ext == ".eml":
+                    eml_at[qid] = state
+                elif ext == ".env":
+                    env_at[qid] = state
+        for name in os.listdir(tmpdir):
+            qid, ext = os.path.splitext(name)
+            if ext == ".env" and qid in eml_at and qid not in env_at:
+                log.warn("removing uncommitted message {queue_id}", queue_id=qid)
+                os.unlink(self.path(eml_at.pop(qid), qid, ".eml"))
+            os.unlink(os.path.join(tmpdir, name))
+        fsync_dir(tmpdir)
+        for qid, state in sorted(env_at.items()):
+            if eml_at.get(qid) == state:
+                continue
+            if qid in eml_at:
+                dst = eml_at[qid]
+                log.warn("completing move of {queue_id} from {src} to {dst}", queue_id=qid, src=state, dst=dst)
+                os.rename(self.path(state, qid, ".env"), self.path(dst, qid, ".env"))
+                self._dirsync[dst].sync()
+                env_at[qid] = dst
+                continue
+            if state == CORRUPT:
+                continue
+            try:
+                finished = self.load(state, qid).done
+            except EnvelopeError:
+                finished = False
+            if finished:
+                log.info("completing removal of {queue_id}", queue_id=qid)
+                os.unlink(self.path(state, qid, ".env"))
+                self._dirsync[state].sync()
+                del env_at[qid]
+            else:
+                self.to_corrupt(qid, state)
+                env_at[qid] = CORRUPT
+        for qid, state in sorted(eml_at.items()):
+            if qid not in env_at and state != CORRUPT:
+                log.error("message data {queue_id} without envelope", queue_id=qid)
+                self.to_corrupt(qid, state)
+        return {state: self.list(state) for state in QUEUE_STATES}
