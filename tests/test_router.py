@@ -1,0 +1,170 @@
+"""Address resolution against real provider tables written to tmp_path."""
+
+from __future__ import annotations
+
+import pytest
+
+from tmmail.address import InternalAddress
+from tmmail.providers import load_providers
+from tmmail.router import LOCAL, MAX_DEPTH, REMOTE, UNKNOWN_LOCAL, resolve
+
+SF = lambda v: InternalAddress("SF", v)  # noqa: E731
+SMTP = lambda v: InternalAddress("SMTP", v)  # noqa: E731
+
+
+def tables(tmp_path, **tabs: list[str]):
+    for name, rows in tabs.items():
+        (tmp_path / f"{name.replace('_', '-')}.tab").write_text("".join(r + "\n" for r in rows))
+    return load_providers(str(tmp_path))
+
+
+BASE = dict(
+    DOMAINS=["example.com\tACME\t1", "acme.test\tACME\t1", "off.test\tACME\t0"],
+    POSTOFFICE=["ACME\t1", "SLEEP\t0"],
+    MAILBOX=[
+        "ACME\tADMIN\t1\t0",
+        "ACME\tBob\t1\t1000",
+        "ACME\tGONE\t0\t0",
+        "SLEEP\tDOZY\t1\t0",
+        "ACME\tFWD\t1\t0\t1\tfar@remote.example",
+        "ACME\tCOPY\t1\t0\t2\tfar@remote.example;admin@example.com",
+    ],
+)
+
+
+@pytest.fixture
+def snap(tmp_path):
+    return tables(tmp_path, **BASE, ADDRESS_MAP=[])
+
+
+def test_hosted_mailbox_case_insensitive(snap) -> None:
+    r = resolve(snap, "ADMIN@Example.COM")
+    assert (r.kind, r.targets) == (LOCAL, (SF("ACME/ADMIN"),))
+    assert resolve(snap, "bob@acme.test").targets == (SF("ACME/Bob"),)
+
+
+def test_unknown_user_in_hosted_domain(snap) -> None:
+    r = resolve(snap, "nobody@example.com")
+    assert r.kind == UNKNOWN_LOCAL and r.targets == ()
+
+
+def test_remote_domain(snap) -> None:
+    r = resolve(snap, "someone@elsewhere.example")
+    assert (r.kind, r.targets) == (REMOTE, (SMTP("someone@elsewhere.example"),))
+
+
+def test_disabled_mailbox_domain_postoffice_do_not_resolve(tmp_path) -> None:
+    snap = tables(tmp_path, **{**BASE, "DOMAINS": BASE["DOMAINS"] + ["sleep.test\tSLEEP\t1"]}, ADDRESS_MAP=[])
+    assert resolve(snap, "gone@example.com").kind == UNKNOWN_LOCAL
+    assert resolve(snap, "admin@off.test").kind == UNKNOWN_LOCAL  # disabled domain is not relayed
+    assert resolve(snap, "dozy@sleep.test").kind == UNKNOWN_LOCAL  # disabled post office
+
+
+def test_redirects(snap) -> None:
+    assert resolve(snap, "fwd@example.com").targets == (SMTP("far@remote.example"),)
+    assert resolve(snap, "copy@example.com").targets == (
+        SF("ACME/COPY"),
+        SMTP("far@remote.example"),
+        SF("ACME/ADMIN"),
+    )
+
+
+def test_exact_map_wins_over_mailbox_and_masks(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=[
+            "[SMTP:*@example.com]\t[SF:ACME/ADMIN]",
+            "[SMTP:bob@example.com]\t[SF:ACME/FWD]",
+            "[SMTP:Sales@Example.com]\t[SF:ACME/ADMIN];[SF:ACME/Bob]",
+        ],
+    )
+    # exact row beats the mailbox of the same name; FWD's redirect is followed
+    assert resolve(snap, "bob@example.com").targets == (SMTP("far@remote.example"),)
+    assert resolve(snap, "sales@example.com").targets == (SF("ACME/ADMIN"), SF("ACME/Bob"))
+    # the hosted mailbox beats the catch-all
+    assert resolve(snap, "copy@example.com").targets[0] == SF("ACME/COPY")
+    # the catch-all takes the rest of the domain, not other domains
+    r = resolve(snap, "whoever@example.com")
+    assert (r.kind, r.targets) == (LOCAL, (SF("ACME/ADMIN"),))
+    assert resolve(snap, "whoever@acme.test").kind == UNKNOWN_LOCAL
+
+
+def test_masks_in_file_order(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=["[SMTP:j*@example.com]\t[SF:ACME/Bob]", "[SMTP:*@example.com]\t[SF:ACME/ADMIN]"],
+    )
+    assert resolve(snap, "jane@example.com").targets == (SF("ACME/Bob"),)
+    assert resolve(snap, "kate@example.com").targets == (SF("ACME/ADMIN"),)
+
+
+def test_address_destinations_chain(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=[
+            "[SMTP:a@example.com]\t[SMTP:b@example.com]",
+            "[SMTP:b@example.com]\t[SMTP:admin@acme.test];[SMTP:out@remote.example]",
+        ],
+    )
+    r = resolve(snap, "a@example.com")
+    assert r.kind == LOCAL
+    assert r.targets == (SF("ACME/ADMIN"), SMTP("out@remote.example"))
+
+
+def test_loop_resolves_nowhere(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=[
+            "[SMTP:a@example.com]\t[SMTP:b@example.com]",
+            "[SMTP:b@example.com]\t[SMTP:A@example.com]",
+        ],
+    )
+    r = resolve(snap, "a@example.com")
+    assert r.kind == UNKNOWN_LOCAL and r.targets == () and "loop" in r.reason
+
+
+def test_mailbox_redirect_loop(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        DOMAINS=["example.com\tACME\t1"],
+        POSTOFFICE=["ACME\t1"],
+        MAILBOX=["ACME\tA\t1\t0\t1\t[SF:ACME/B]", "ACME\tB\t1\t0\t1\t[SF:ACME/A]"],
+        ADDRESS_MAP=[],
+    )
+    r = resolve(snap, "a@example.com")
+    assert r.kind == UNKNOWN_LOCAL and "loop" in r.reason
+
+
+def test_depth_limit(tmp_path) -> None:
+    rows = [f"[SMTP:a{i}@example.com]\t[SMTP:a{i + 1}@example.com]" for i in range(MAX_DEPTH + 2)]
+    rows.append(f"[SMTP:a{MAX_DEPTH + 2}@example.com]\t[SF:ACME/ADMIN]")
+    snap = tables(tmp_path, **BASE, ADDRESS_MAP=rows)
+    assert resolve(snap, "a0@example.com").kind == UNKNOWN_LOCAL
+    assert resolve(snap, "a5@example.com").targets == (SF("ACME/ADMIN"),)
+
+
+def test_partial_failure_keeps_good_branches(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=["[SMTP:team@example.com]\t[SMTP:nobody@example.com];[SF:ACME/GONE];[SMTP:bob@example.com]"],
+    )
+    assert resolve(snap, "team@example.com").targets == (SF("ACME/Bob"),)
+
+
+def test_map_to_list_or_group_kept(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=["[SMTP:list@example.com]\t[LS:ACME/NEWS]", "[SMTP:grp@example.com]\t[SF:ACME/STAFF]"],
+    )
+    assert resolve(snap, "list@example.com").targets == (InternalAddress("LS", "ACME/NEWS"),)
+    assert resolve(snap, "grp@example.com").targets == (SF("ACME/STAFF"),)
+
+
+def test_garbage_address(snap) -> None:
+    assert resolve(snap, "not an address").kind == UNKNOWN_LOCAL
