@@ -1,0 +1,245 @@
+"""tmmail.cred: scrypt hashes and the throttled Authenticator (task.Clock and a real thread pool)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from tmmail.config import AuthSettings
+from tmmail.cred import (
+    Authenticator,
+    LoginBlocked,
+    LoginFailed,
+    ProviderChecker,
+    hash_password,
+    needs_rehash,
+    verify_password,
+)
+from tmmail.providers import AuthEntry, ProviderStore
+
+# cheap parameters for throttling tests; the format carries them, so verify accepts them
+FAST = {"n": 2**8, "r": 8, "p": 1}
+
+
+def test_hash_format_and_verify() -> None:
+    h = hash_password("correct horse")
+    assert h.startswith("$scrypt$n=16384,r=8,p=1$")
+    assert len(h.split("$")) == 5
+    assert verify_password("correct horse", h)
+    assert not verify_password("correct horsE", h)
+    assert not verify_password("", h)
+    assert hash_password("correct horse") != h  # salted
+    assert not needs_rehash(h)
+
+
+def test_unicode_passwords() -> None:
+    h = hash_password("pässwörd-✓", **FAST)
+    assert verify_password("pässwörd-✓", h)
+    assert not verify_password("passwort-✓", h)
+
+
+def test_other_parameters_still_verify() -> None:
+    """Hashes made with other cost parameters (older or future) keep working."""
+    for params in ({"n": 2**10, "r": 4, "p": 1}, {"n": 2**12, "r": 8, "p": 2}):
+        h = hash_password("pw", **params)
+        assert verify_password("pw", h) and not verify_password("px", h)
+        assert needs_rehash(h)
+
+
+@pytest.mark.parametrize(
+    "hashed",
+    ["", "!", "*", "plain-text-password", "$scrypt$n=16384,r=8,p=1$$", "$scrypt$n=3,r=8,p=1$c2FsdA$aGFzaA",
+     "$scrypt$n=1073741824,r=8,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"],
+)
+def test_locked_or_malformed_hashes_never_match(hashed: str) -> None:
+    started = time.monotonic()
+    assert not verify_password(hashed, hashed)
+    assert not verify_password("plain-text-password", hashed)
+    assert time.monotonic() - started < 5  # an absurd n in a tampered file is refused, not run
+
+
+def make_store(tmp_path: Path, rows: str) -> ProviderStore:
+    (tmp_path / "POSTOFFICE.tab").write_text("ACME\t1\nOFF\t0\n")
+    (tmp_path / "MAILBOX.tab").write_text("ACME\tjoe\t1\nACME\tann\t1\nACME\toff\t0\nOFF\tx\t1\n")
+    (tmp_path / "AUTH.tab").write_text(rows)
+    return ProviderStore(str(tmp_path))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ProviderStore:
+    joe = hash_password("joe-pw", **FAST)
+    ann = hash_password("ann-pw", **FAST)
+    return make_store(
+        tmp_path,
+        f"Joe@Example.com\tACME/joe\t{joe}\tUSER\n"
+        f"ann@example.com\tACME/ann\t{ann}\n"
+        f"locked@example.com\tACME/joe\t!\n"
+        f"off@example.com\tACME/off\t{joe}\n"
+        f"x@off.example\tOFF/x\t{joe}\n"
+        f"ghost@example.com\tACME/ghost\t{joe}\n",
+    )
+
+
+SETTINGS = AuthSettings(free_failures=3, base_delay=1.0, max_delay=4.0, block_after=6, block_seconds=60.0, window=600.0)
+
+
+class Outcome:
+    def __init__(self, d: Any) -> None:
+        self.result: Any = None
+        self.done = False
+        d.addBoth(self._set)
+
+    def _set(self, r: Any) -> None:
+        self.result, self.done = r, True
+
+    def failed_with(self, exc: type[Exception]) -> bool:
+        return self.done and isinstance(self.result, Failure) and self.result.check(exc) is not None
+
+
+def test_successful_login(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    o = Outcome(auth.authenticate("JOE@example.COM", "joe-pw", "192.0.2.1"))
+    assert o.done and isinstance(o.result, AuthEntry)
+    assert (o.result.postoffice, o.result.mailbox) == ("ACME", "joe")
+
+
+@pytest.mark.parametrize(
+    "login, password",
+    [
+        ("joe@example.com", "wrong"),
+        ("nobody@example.com", "joe-pw"),
+        ("locked@example.com", "!"),  # no password set: nobody can log in
+        ("off@example.com", "joe-pw"),  # mailbox disabled
+        ("x@off.example", "joe-pw"),  # post office disabled
+        ("ghost@example.com", "joe-pw"),  # AUTH entry without a mailbox
+    ],
+)
+def test_failed_logins(store: ProviderStore, login: str, password: str) -> None:
+    auth = Authenticator(store, SETTINGS, task.Clock())
+    o = Outcome(auth.authenticate(login, password, "192.0.2.1"))
+    assert o.failed_with(LoginFailed) and not o.failed_with(LoginBlocked)
+    assert o.result.check(UnauthorizedLogin)
+
+
+def test_delays_grow_after_free_failures_and_are_capped(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    waited = []
+    for _ in range(5):
+        o = Outcome(auth.authenticate("joe@example.com", "wrong", "192.0.2.1"))
+        start = clock.seconds()
+        while not o.done:
+            assert clock.seconds() - start < 100
+            clock.advance(0.25)
+        waited.append(clock.seconds() - start)
+        assert o.failed_with(LoginFailed)
+    # three free failures, then 1 s, 2 s (doubling); base 1 s, max 4 s
+    assert waited == [0, 0, 0, 1.0, 2.0]
+    assert [auth.delay_for(n) for n in range(1, 9)] == [0, 0, 0, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_block_after_too_many_failures_then_expiry(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    for i in range(6):
+        Outcome(auth.authenticate("joe@example.com", f"wrong{i}", "192.0.2.1"))
+        clock.advance(10)
+    o = Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    assert o.failed_with(LoginBlocked)  # even the right password, during the block
+    o = Outcome(auth.authenticate("joe@example.com", "joe-pw", "198.51.100.9"))
+    assert o.failed_with(LoginBlocked)  # the account is blocked from other IPs too
+    o = Outcome(auth.authenticate("ann@example.com", "ann-pw", "192.0.2.1"))
+    assert o.failed_with(LoginBlocked)  # and the IP for other accounts
+    o = Outcome(auth.authenticate("ann@example.com", "ann-pw", "198.51.100.9"))
+    assert isinstance(o.result, AuthEntry)  # other IP + other account: fine
+    clock.advance(61)
+    o = Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    assert isinstance(o.result, AuthEntry)
+    assert auth.failures(login="joe@example.com") == 0
+
+
+def test_per_account_throttling_across_many_ips(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    for i in range(6):
+        Outcome(auth.authenticate("joe@example.com", "wrong", f"203.0.113.{i}"))
+        clock.advance(5)
+    assert auth.failures(login="joe@example.com") == 6
+    assert Outcome(auth.authenticate("joe@example.com", "joe-pw", "203.0.113.200")).failed_with(LoginBlocked)
+
+
+def test_success_does_not_clear_the_ip_counter_of_other_accounts(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    ip = "192.0.2.7"
+    for _ in range(3):
+        Outcome(auth.authenticate("ann@example.com", "guess", ip))
+    for _ in range(2):
+        Outcome(auth.authenticate("joe@example.com", "guess", ip))
+    clock.advance(10)
+    assert auth.failures(client_ip=ip) == 5
+    assert isinstance(Outcome(auth.authenticate("joe@example.com", "joe-pw", ip)).result, AuthEntry)
+    assert auth.failures(client_ip=ip) == 3  # joe's own failures are forgiven, ann's are not
+    assert auth.failures(login="ann@example.com") == 3
+    o = Outcome(auth.authenticate("ann@example.com", "guess", ip))
+    assert not o.done  # 4th failure from this IP: delayed
+    clock.advance(1)
+    assert o.failed_with(LoginFailed)
+
+
+def test_failures_are_forgotten_after_the_window(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    for _ in range(3):
+        Outcome(auth.authenticate("joe@example.com", "x", "192.0.2.1"))
+    clock.advance(601)
+    assert auth.failures(login="joe@example.com") == 0
+    assert Outcome(auth.authenticate("joe@example.com", "x", "192.0.2.1")).done  # no delay again
+
+
+def test_failures_are_logged_with_peer_address(store: ProviderStore) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        auth = Authenticator(store, SETTINGS, task.Clock())
+        Outcome(auth.authenticate("mallory\r\nfake line@example.com", "x", "192.0.2.66"))
+        Outcome(auth.authenticate("joe@example.com", "bad", "192.0.2.66"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events]
+    assert any(t.startswith("authentication failure for joe@example.com from 192.0.2.66") for t in texts)
+    forged = [t for t in texts if "mallory" in t]
+    assert forged and all("\n" not in t and "\r" not in t for t in forged)
+
+
+def test_credentials_checker(store: ProviderStore) -> None:
+    auth = Authenticator(store, SETTINGS, task.Clock())
+    checker = ProviderChecker(auth, "192.0.2.1")
+    assert verifyObject(ICredentialsChecker, checker)
+    o = Outcome(checker.requestAvatarId(UsernamePassword(b"joe@example.com", b"joe-pw")))
+    assert o.result == "Joe@Example.com"
+    o = Outcome(checker.requestAvatarId(UsernamePassword(b"joe@example.com", b"\xff")))
+    assert o.failed_with(UnauthorizedLogin)
+
+
+def test_verification_runs_in_the_reactor_thread_pool(tmp_path: Path, reactor_thread: Any) -> None:
+    from twisted.internet import reactor
+
+    h = hash_password("real-pw")  # default cost
+    store = make_store(tmp_path, f"joe@example.com\tACME/joe\t{h}\n")
+    auth = Authenticator(store, SETTINGS, reactor)
+    entry = reactor_thread.call(auth.authenticate, "joe@example.com", "real-pw", "127.0.0.1")
+    assert entry.login == "joe@example.com"
+    with pytest.raises(LoginFailed):
+        reactor_thread.call(auth.authenticate, "joe@example.com", "nope", "127.0.0.1")
