@@ -1,0 +1,343 @@
+"""Parsing of the MAIL FROM / RCPT TO arguments: the path and its ESMTP parameters.
+
+Pure logic.  RFC 5321 §4.1.2 (Path, Mailbox, Local-part, Domain), §4.5.3.1 (size limits),
+RFC 6531 §3.3 (UTF-8 local parts and U-label domains when SMTPUTF8 is used), RFC 1870 (SIZE),
+RFC 6152 (8BITMIME), RFC 3461 (DSN: RET, ENVID, NOTIFY, ORCPT), RFC 4954 §5 (MAIL AUTH=).
+
+The parser is strict on purpose: a path is what policy and router act on, so every
+ambiguity that other MTAs have read as "relay this" (source routes, ``%``/``!`` hacks,
+quoted ``@``, trailing dots, IP literals, look-alike Unicode domains) is made visible here
+(``Path.routing``, ``Path.ip_literal``) or refused as a syntax error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import idna
+
+#: RFC 5321 §4.1.2 atext (RFC 5322 §3.2.3)
+_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_LDH_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+#: characters in a local part that ask an MTA to route further (RFC 1123 §5.2.16 "%",
+#: UUCP bang paths, RFC 821-style "@" inside a quoted local part)
+ROUTING_CHARACTERS = frozenset("%!@")
+
+MAX_LOCAL_OCTETS = 64
+MAX_DOMAIN_OCTETS = 255
+MAX_PATH_OCTETS = 256
+
+
+class PathError(ValueError):
+    """The argument is not a valid path; ``reason`` is a short text for the log."""
+
+    def __init__(self, reason: str, *, utf8: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: the refusal is only that non-ASCII was used without SMTPUTF8 (RFC 6531: 553 5.6.7)
+        self.utf8 = utf8
+
+
+@dataclass(frozen=True)
+class Path:
+    """A parsed reverse-path or forward-path.
+
+    ``address`` is the canonical ``local@domain`` (domain lower-case, IDNA A-labels) that is
+    checked by policy and stored in the envelope; ``""`` for the null path ``<>``.
+    """
+
+    address: str
+    local: str = ""
+    domain: str = ""
+    #: domains of an RFC 5321 §C source route ``<@a,@b:user@dom>`` (refused for RCPT)
+    route: tuple[str, ...] = ()
+    #: the unquoted local part contains %, ! or @ (sender-specified routing)
+    routing_local: bool = False
+    #: domain is an address literal like ``[192.0.2.1]``
+    ip_literal: bool = False
+    #: non-ASCII characters were used (requires SMTPUTF8)
+    utf8: bool = False
+
+    @property
+    def is_null(self) -> bool:
+        return self.address == ""
+
+    @property
+    def routing(self) -> bool:
+        """The client asked us to route beyond the stated domain (never honoured)."""
+        return bool(self.route) or self.routing_local
+
+
+def split_argument(arg: str, keyword: str) -> tuple[str, str]:
+    """Split ``FROM:<path> params`` into (path text inside <>, parameter text).
+
+    Tolerates spaces after the colon (common client bug); requires angle brackets.
+    """
+    head = arg[: len(keyword) + 1]
+    if head.upper() != keyword.upper() + ":":
+        raise PathError("expected " + keyword + ":")
+    rest = arg[len(keyword) + 1 :].lstrip(" ")
+    if not rest.startswith("<"):
+        raise PathError("path must be in angle brackets")
+    i = 1
+    quoted = False
+    while i < len(rest):
+        c = rest[i]
+        if quoted:
+            if c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == ">":
+            break
+        elif c == "<":
+            raise PathError("nested angle bracket")
+        i += 1
+    else:
+        raise PathError("missing closing angle bracket")
+    path_text = rest[1:i]
+    params = rest[i + 1 :]
+    if params and not params.startswith(" "):
+        raise PathError("garbage after path")
+    return path_text, params.strip(" ")
+
+
+def _is_dot_string(text: str, utf8: bool) -> bool:
+    if not text or text.startswith(".") or text.endswith(".") or ".." in text:
+        return False
+    for c in text:
+        if c == "." or c in _ATEXT:
+            continue
+        if utf8 and ord(c) > 127:
+            continue
+        return False
+    return True
+
+
+def _parse_local(text: str, utf8: bool) -> tuple[str, str, int]:
+    """Parse a local part at the start of ``text``; returns (canonical, unquoted, length used)."""
+    if text.startswith('"'):
+        out = []
+        i = 1
+        while i < len(text):
+            c = text[i]
+            if c == "\\":
+                if i + 1 >= len(text):
+                    raise PathError("bad quoted-pair")
+                n = text[i + 1]
+                if not (32 <= ord(n) <= 126):
+                    raise PathError("bad quoted-pair")
+                out.append(n)
+                i += 2
+                continue
+            if c == '"':
+                break
+            if not (32 <= ord(c) <= 126) and not (utf8 and ord(c) > 127):
+                raise PathError("bad character in quoted local part")
+            out.append(c)
+            i += 1
+        else:
+            raise PathError("unterminated quoted local part")
+        unquoted = "".join(out)
+        if _is_dot_string(unquoted, utf8):
+            canonical = unquoted
+        else:
+            canonical = '"' + unquoted.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return canonical, unquoted, i + 1
+    at = text.find("@")
+    local = text if at < 0 else text[:at]
+    if not _is_dot_string(local, utf8):
+        raise PathError("bad local part")
+    return local, local, len(local)
+
+
+def normalize_domain(text: str, utf8: bool) -> str:
+    """Lower-case ASCII domain, U-labels converted to A-labels (RFC 5890).
+
+    Refuses trailing dots, empty labels, and non-ASCII labels that map to plain ASCII
+    (full-width or other compatibility look-alikes of an ASCII name), so that what policy
+    checks is exactly what the router will see.
+    """
+    if not text or text.endswith(".") or text.startswith("."):
+        raise PathError("bad domain")
+    labels = text.split(".")
+    out = []
+    for label in labels:
+        if label.isascii():
+            if not _LDH_LABEL.match(label):
+                raise PathError("bad domain label")
+            out.append(label.lower())
+            continue
+        if not utf8:
+            raise PathError("non-ASCII domain without SMTPUTF8", utf8=True)
+        try:
+            alabel = idna.encode(label, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as e:
+            raise PathError(f"bad internationalized domain label: {e}") from None
+        if not alabel.startswith("xn--") or "." in alabel:
+            raise PathError("look-alike domain label")
+        out.append(alabel)
+    domain = ".".join(out)
+    if len(domain) > MAX_DOMAIN_OCTETS:
+        raise PathError("domain too long")
+    return domain
+
+
+def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Path:
+    """Parse the text inside ``<...>`` (RFC 5321 §4.1.2).
+
+    ``utf8``: the transaction uses SMTPUTF8, so UTF-8 local parts and U-labels are allowed.
+    """
+    has_non_ascii = not text.isascii()
+    if has_non_ascii and not utf8:
+        raise PathError("non-ASCII address without SMTPUTF8", utf8=True)
+    if len(text.encode("utf-8")) > MAX_PATH_OCTETS:
+        raise PathError("path too long")
+    if text == "":
+        if not allow_null:
+            raise PathError("null path not allowed here")
+        return Path(address="")
+    route: list[str] = []
+    if text.startswith("@"):
+        colon = text.find(":")
+        if colon < 0:
+            raise PathError("bad source route")
+        for hop in text[:colon].split(","):
+            if not hop.startswith("@"):
+                raise PathError("bad source route")
+            route.append(normalize_domain(hop[1:], utf8))
+        text = text[colon + 1 :]
+    canonical_local, unquoted, used = _parse_local(text, utf8)
+    if used >= len(text) or text[used] != "@":
+        raise PathError("missing domain")
+    domain_text = text[used + 1 :]
+    if len(unquoted.encode("utf-8")) > MAX_LOCAL_OCTETS:
+        raise PathError("local part too long")
+    ip_literal = False
+    if domain_text.startswith("["):
+        if not domain_text.endswith("]") or len(domain_text) < 3:
+            raise PathError("bad address literal")
+        ip_literal = True
+        domain = domain_text.lower()
+    else:
+        domain = normalize_domain(domain_text, utf8)
+    routing_local = any(c in ROUTING_CHARACTERS for c in unquoted)
+    return Path(
+        address=f"{canonical_local}@{domain}",
+        local=canonical_local,
+        domain=domain,
+        route=tuple(route),
+        routing_local=routing_local,
+        ip_literal=ip_literal,
+        utf8=has_non_ascii,
+    )
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """ESMTP parameters ``KEY[=VALUE] ...`` (RFC 5321 §4.1.2); keys upper-cased, no duplicates."""
+    params: dict[str, str | None] = {}
+    for item in text.split(" "):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.match(key):
+            raise PathError(f"bad parameter {item[:40]!r}")
+        key = key.upper()
+        if key in params:
+            raise PathError(f"duplicate parameter {key}")
+        if eq:
+            if not value or "=" in value or any(ord(c) < 33 or ord(c) == 127 for c in value):
+                raise PathError(f"bad value for {key}")
+            params[key] = value
+        else:
+            params[key] = None
+    return params
+
+
+_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
+
+
+def is_xtext(value: str) -> bool:
+    """RFC 3461 §4 xtext: printable ASCII except '+' and '=', or '+' and two upper hex digits."""
+    return bool(_XTEXT.match(value))
+
+
+class ParamError(ValueError):
+    """An ESMTP parameter is unknown or malformed (555 5.5.4); ``param`` names it."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(param)
+        self.param = param
+
+
+def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> dict[str, str]:
+    """Validate MAIL FROM parameters; returns them normalized for the envelope.
+
+    SIZE (RFC 1870), BODY=7BIT|8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), RET/ENVID
+    (RFC 3461 §4.3, §4.4), AUTH (RFC 4954 §5; accepted and recorded, never trusted).
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise ParamError(key)
+            out[key] = str(int(value))
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise ParamError(key)
+            out[key] = value.upper()
+        elif key == "SMTPUTF8":
+            if value is not None:
+                raise ParamError(key)
+            out[key] = ""
+        elif key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                raise ParamError(key)
+            out[key] = value.upper()
+        elif key == "ENVID":
+            if value is None or len(value) > 100 or not is_xtext(value):
+                raise ParamError(key)
+            out[key] = value
+        elif key == "AUTH" and auth_offered:
+            if value is None or not (value == "<>" or is_xtext(value)):
+                raise ParamError(key)
+            out[key] = value
+        else:
+            raise ParamError(key)
+    return out
+
+
+_NOTIFY_WORDS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+
+
+def check_rcpt_params(params: dict[str, str | None]) -> dict[str, str]:
+    """Validate RCPT TO parameters: NOTIFY and ORCPT (RFC 3461 §4.1, §4.2)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if key == "NOTIFY":
+            if value is None:
+                raise ParamError(key)
+            words = value.upper().split(",")
+            if words == ["NEVER"]:
+                out[key] = "NEVER"
+            elif words and all(w in _NOTIFY_WORDS for w in words) and len(set(words)) == len(words):
+                out[key] = ",".join(words)
+            else:
+                raise ParamError(key)
+        elif key == "ORCPT":
+            if value is None or len(value) > 500:
+                raise ParamError(key)
+            addr_type, semi, addr = value.partition(";")
+            if not semi or not _KEYWORD.match(addr_type) or not addr:
+                raise ParamError(key)
+            if addr_type.lower() == "rfc822" and not is_xtext(addr):
+                raise ParamError(key)
+            out[key] = value
+        else:
+            raise ParamError(key)
+    return out

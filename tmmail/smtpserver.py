@@ -1,0 +1,140 @@
+"""The SMTP inbound agent: a factory per listener role (MX, submission, smtps).
+
+``SMTPFactory`` holds what every connection of one listener shares (settings, providers,
+spool, authenticator, TLS, connection counts, rate limiter); the per-connection state machine
+is :class:`tmmail.smtpsession.SMTPSession`.  Decisions are in tmmail.policy; reply texts in
+tmmail.smtpreplies; message content handling in tmmail.smtpdata.
+
+Roles (RFC 5321 MX, RFC 6409 submission, RFC 8314 implicit TLS):
+
+* ``smtp``: port 25; STARTTLS offered; AUTH only after TLS; unauthenticated mail accepted for
+  hosted domains; relaying for authenticated sessions or SMTP-ACCESS clients.
+* ``submission``: port 587; STARTTLS required before AUTH and MAIL; AUTH required before MAIL.
+* ``smtps``: port 465; the listener wraps the connection in TLS (tmmail.tap); AUTH required.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from tmmail import policy
+from tmmail.config import Settings
+from tmmail.ratelimit import RateLimiter
+from tmmail.smtppath import Path
+
+ROLES = ("smtp", "submission", "smtps")
+
+log = Logger(namespace="tmmail.smtpserver")
+
+
+def client_ip_of(transport: Any) -> str:
+    """The peer's IP as text; IPv4-mapped IPv6 addresses become plain IPv4."""
+    host = getattr(transport.getPeer(), "host", "") or ""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class SMTPFactory(protocol.Factory):
+    """One per listener.
+
+    ``SMTPFactory(settings, role, provider_store, spool, authenticator, tls_context_factory,
+    on_queued, reactor=None, resolve=None, recipient_check=None)``
+
+    * ``provider_store``: ``.current()`` gives the providers snapshot (tmmail.providers).
+    * ``spool``: ``.open_message()`` -> SpoolWriter (tmmail.spool).
+    * ``authenticator``: tmmail.cred.Authenticator, or None (AUTH not offered).
+    * ``tls_context_factory``: for STARTTLS (``getContext()``), or None (STARTTLS not offered).
+      For ``smtps`` the listener must already wrap connections in TLS.
+    * ``on_queued(queue_id)``: called after a message is safely in the spool (runner.wake).
+    * ``resolve(providers, address)``: defaults to tmmail.router.resolve.
+    * ``recipient_check(session, path) -> Verdict | Deferred[Verdict]``: defaults to
+      :meth:`check_recipient` (tests wrap it to make checks slow and asynchronous).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        role: str,
+        provider_store: Any,
+        spool: Any,
+        authenticator: Any,
+        tls_context_factory: Any,
+        on_queued: Callable[[str], Any] | None,
+        reactor: Any = None,
+        resolve: Callable[[Any, str], Any] | None = None,
+        recipient_check: Callable[[Any, Path], Any] | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown SMTP role {role!r}; expected one of {ROLES}")
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.settings = settings
+        self.smtp = settings.smtp
+        self.hostname = settings.server.hostname
+        self.role = role
+        self.store = provider_store
+        self.spool = spool
+        self.authenticator = authenticator
+        self.tls = tls_context_factory
+        self.on_queued = on_queued
+        self.reactor = reactor
+        self._resolve = resolve
+        self.recipient_check = recipient_check or self.check_recipient
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+        self.ratelimit = RateLimiter(
+            self.smtp.rate_messages_per_hour, self.smtp.rate_recipients_per_hour, reactor.seconds
+        )
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        from tmmail.smtpsession import SMTPSession
+
+        p = SMTPSession(self)
+        p.factory = self
+        return p
+
+    # -- shared state ------------------------------------------------------------------
+
+    def resolve(self, snap: Any, address: str) -> Any:
+        if self._resolve is None:
+            from tmmail.router import resolve
+
+            self._resolve = resolve
+        return self._resolve(snap, address)
+
+    def admit(self, client_ip: str) -> str | None:
+        """Count a new connection; None if admitted, else the reason it is over a limit."""
+        if self.smtp.max_connections and self.connections >= self.smtp.max_connections:
+            return "total"
+        if self.smtp.max_connections_per_ip and self.per_ip.get(client_ip, 0) >= self.smtp.max_connections_per_ip:
+            return "per_ip"
+        self.connections += 1
+        self.per_ip[client_ip] = self.per_ip.get(client_ip, 0) + 1
+        return None
+
+    def release(self, client_ip: str) -> None:
+        self.connections -= 1
+        n = self.per_ip.get(client_ip, 0) - 1
+        if n > 0:
+            self.per_ip[client_ip] = n
+        else:
+            self.per_ip.pop(client_ip, None)
+
+    def check_recipient(self, session: Any, path: Path) -> policy.Verdict | defer.Deferred[policy.Verdict]:
+        """The default RCPT decision: tmmail.policy.check_recipient on the current snapshot."""
+        snap = self.store.current()
+        relay_ok = session.auth is not None or policy.ip_relay_allowed(snap, session.client_ip)
+        return policy.check_recipient(
+            snap, path, sender_domain=session.sender_domain, relay_ok=relay_ok, resolve=self.resolve
+        )
