@@ -8,15 +8,35 @@ from zope.interface import Attribute, Interface
 class IConnector(Interface):
     """Takes a message for some internal addresses ([SF:..], [LS:..], [SMTP:..]) and delivers it.
 
-    ``deliver`` is called from a worker thread (it may block on disk I/O) and returns nothing
-    on success or raises tmmail.errors.TransientError / PermanentError; only the runner decides
-    what a failure means for the message.
+    The runner (tmmail.runner) groups the due recipients of one message by ``scheme`` and
+    ``batch_key(target)`` and calls ``deliver`` once per group **on the reactor thread**; the
+    connector must not block (run disk I/O in a thread pool, network I/O asynchronously).
+    It returns nothing of the message's fate itself: each outcome is ``None`` (delivered) or a
+    tmmail.errors.DeliveryError (TransientError -> the runner defers with back-off,
+    PermanentError -> failed); only the runner decides what a failure means.  An error may
+    carry ``remote_mta`` (str, e.g. "mx.example.com") for the DSN's Remote-MTA field.  If the
+    Deferred errbacks or gives the wrong number of outcomes, every item is deferred with
+    451 4.3.0.  The runner saves the next attempt time before calling ``deliver`` and every
+    outcome after, so a connector never needs its own queue state.
     """
 
-    scheme = Attribute("The internal-address scheme this connector serves, e.g. 'SF'.")
+    scheme = Attribute("The internal-address scheme this connector serves: 'SF', 'SMTP' or 'LS'.")
 
-    def deliver(envelope, recipient, target, message_path):
-        """Deliver one recipient; ``target`` is the resolved internal address."""
+    def batch_key(target):
+        """A string; targets of one message with equal keys are delivered in one call.
+
+        ``target`` is a tmmail.address.InternalAddress of this scheme (e.g. the SMTP connector
+        uses the lower-case domain, so one message goes once per domain/MX).
+        """
+
+    def deliver(envelope, items, message_path):
+        """Deliver a message to a batch; return a Deferred firing with a list of outcomes.
+
+        ``envelope``: tmmail.envelope.Envelope (read-only for the connector); ``items``: list of
+        (tmmail.envelope.Recipient, InternalAddress target) pairs; ``message_path``: the spool
+        ``.eml`` (LF line endings, read-only, valid until the Deferred fires).  The result has
+        one outcome per item, in order: ``None`` or a DeliveryError.
+        """
 
 
 class ITransferEvent(Interface):

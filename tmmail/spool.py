@@ -273,10 +273,14 @@ class Spool:
 
     def save(self, state: str, envelope: Envelope) -> None:
         """Replace the envelope of a message atomically: tmp, fsync, rename, fsync dir."""
-        qid = envelope.queue_id
+        self.save_bytes(state, envelope.queue_id, envelope.to_bytes())
+
+    def save_bytes(self, state: str, qid: str, data: bytes) -> None:
+        """``save`` for an envelope serialised elsewhere (the runner serialises on the reactor
+        and writes in a thread, so the thread never sees an envelope being changed)."""
         tmp = os.path.join(self.root, TMP, f"{qid}.{secrets.token_hex(4)}.save")
         try:
-            _write_durably(tmp, envelope.to_bytes())
+            _write_durably(tmp, data)
             os.rename(tmp, self.path(state, qid, ".env"))
         except BaseException:
             try:

@@ -1,0 +1,175 @@
+"""The post office connector: ``[SF:PO/MAILBOX]`` delivery into Maildir++.
+
+Each message gets ``Return-Path:`` (RFC 5321 §4.4: the final delivery MTA adds it) and
+``Delivered-To:`` (the original recipient, as Postfix/qmail do for loop detection) in front;
+the ``Received:`` header is already there (the SMTP server added it).  Delivery is
+``tmmail.maildir.deliver`` (tmp, fsync, rename, fsync dir), run in a thread pool.
+
+Quota (MAILBOX.tab QUOTA_BYTES): if the Maildir's size plus the message would pass it, the
+recipient gets a transient 452 4.2.2 (RFC 3463 §3.3 "mailbox full") and stays queued; the
+runner bounces it if that lasts until the queue lifetime.  The size is the sum of the
+``,S=`` sizes in the file names of ``new/`` and ``cur/`` of every folder, cached per
+directory by its mtime so a full rescan happens only when a directory changed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Any, Sequence
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tmmail import maildir
+from tmmail.errors import DeliveryError, PermanentError, TransientError
+from tmmail.interfaces import IConnector
+
+log = Logger(namespace="tmmail.connectors.postoffice")
+
+E_NO_MAILBOX = (550, "5.1.1", "Mailbox unavailable")
+E_DISABLED = (550, "5.2.1", "Mailbox disabled")
+E_FULL = (452, "4.2.2", "Mailbox full")
+E_TOO_BIG = (552, "5.2.2", "Message larger than the mailbox quota")
+E_LOCAL = (451, "4.3.0", "Local delivery error, will retry")
+
+_SIZE = re.compile(r",S=(\d+)")
+
+
+class MaildirSizer:
+    """Maildir++ size in bytes, cached per directory by mtime (thread-safe)."""
+
+    #: a directory changed this recently may change again within the same mtime tick
+    SETTLE = 2.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, int]] = {}
+
+    def size(self, root: str) -> int:
+        dirs = [os.path.join(root, "new"), os.path.join(root, "cur")]
+        try:
+            with os.scandir(root) as it:
+                for entry in it:
+                    if entry.name.startswith(".") and entry.name not in (".", "..") and entry.is_dir():
+                        dirs.append(os.path.join(entry.path, "new"))
+                        dirs.append(os.path.join(entry.path, "cur"))
+        except FileNotFoundError:
+            return 0
+        return sum(self._dir_size(d) for d in dirs)
+
+    def _dir_size(self, path: str) -> int:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return 0
+        with self._lock:
+            cached = self._cache.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        total = 0
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    m = _SIZE.search(entry.name)
+                    if m:
+                        total += int(m.group(1))
+                    else:
+                        try:
+                            total += entry.stat().st_size
+                        except FileNotFoundError:
+                            pass
+        except FileNotFoundError:
+            return 0
+        if time.time() - mtime / 1e9 > self.SETTLE:
+            with self._lock:
+                self._cache[path] = (mtime, total)
+        return total
+
+
+def _header_value(text: str) -> str:
+    return " ".join(text.split())
+
+
+@implementer(IConnector)
+class PostOfficeConnector:
+    """Delivers ``[SF:PO/MAILBOX]`` targets; groups ([SF:] names that are not mailboxes) fail."""
+
+    scheme = "SF"
+
+    def __init__(self, settings: Any, provider_store: Any, reactor: Any = None, threadpool: Any = None) -> None:
+        """``settings``: tmmail.config.Settings, or the post offices folder itself (a str).
+
+        Blocking work runs in ``threadpool`` (default: the reactor's pool).
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self.postoffices_dir = settings if isinstance(settings, str) else settings.postoffices_dir
+        self.store = provider_store
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.sizer = MaildirSizer()
+
+    def batch_key(self, target: Any) -> str:
+        """One batch per mailbox, so a message lands in a mailbox once."""
+        return str(target.value).upper()
+
+    def deliver(self, envelope: Any, items: Sequence[tuple[Any, Any]], message_path: str) -> Any:
+        pool = self.threadpool or self.reactor.getThreadPool()
+        return deferToThreadPool(self.reactor, pool, self.deliver_blocking, envelope, items, message_path)
+
+    def deliver_blocking(
+        self, envelope: Any, items: Sequence[tuple[Any, Any]], message_path: str
+    ) -> list[DeliveryError | None]:
+        """Deliver in the calling thread; one outcome per item, in order."""
+        snap = self.store.current()
+        done: dict[str, DeliveryError | None] = {}
+        outcomes: list[DeliveryError | None] = []
+        for recipient, target in items:
+            key = self.batch_key(target)
+            if key not in done:
+                done[key] = self._deliver_one(snap, envelope, recipient, target, message_path)
+            outcomes.append(done[key])
+        return outcomes
+
+    def _deliver_one(self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str) -> DeliveryError | None:
+        po_name, _, mbx_name = str(target.value).partition("/")
+        mbx = snap.mailbox(po_name, mbx_name)
+        if mbx is None:
+            return PermanentError(*E_NO_MAILBOX)
+        po = snap.postoffice(mbx.postoffice)
+        if not mbx.enabled or (po is not None and not po.enabled):
+            return PermanentError(*E_DISABLED)
+        prefix = (
+            f"Return-Path: <{_header_value(envelope.sender)}>\n"
+            f"Delivered-To: {_header_value(recipient.address)}\n"
+        ).encode("utf-8")
+        try:
+            path = maildir.mailbox_path(self.postoffices_dir, mbx.postoffice, mbx.name)
+            size = os.path.getsize(message_path) + len(prefix)
+            if mbx.quota > 0:
+                if size > mbx.quota:
+                    return PermanentError(*E_TOO_BIG)
+                if self.sizer.size(path) + size > mbx.quota:
+                    log.info(
+                        "{queue_id}: {mailbox} over quota {quota}",
+                        queue_id=envelope.queue_id, mailbox=str(target), quota=mbx.quota,
+                    )
+                    return TransientError(*E_FULL)
+            if not os.path.isdir(os.path.join(path, "new")):
+                maildir.create(path)
+            name = maildir.deliver(path, message_path, prefix=prefix)
+        except (OSError, ValueError) as e:
+            log.error(
+                "{queue_id}: delivery to {mailbox} failed: {error}",
+                queue_id=envelope.queue_id, mailbox=str(target), error=e,
+            )
+            return TransientError(*E_LOCAL)
+        log.info(
+            "{queue_id}: delivered to {mailbox} for {recipient} as {name}",
+            queue_id=envelope.queue_id, mailbox=str(target), recipient=recipient.address, name=name,
+        )
+        return None
