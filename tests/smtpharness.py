@@ -61,6 +61,17 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
+def write_tables(config_dir: str, tables: dict | None = None) -> None:
+    """The standard test tables (plus overrides) into ``config_dir``."""
+    os.makedirs(config_dir, exist_ok=True)
+    files = dict(TABLES)
+    files["AUTH.tab"] = auth_table()
+    files.update(tables or {})
+    for name, text in files.items():
+        with open(os.path.join(config_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 class Harness:
     """Providers in ``root/config``, a spool in ``root/spool``, TLS files, SMTP listeners."""
 
@@ -69,13 +80,7 @@ class Harness:
         self.root = str(root)
         self.runner = runner
         self.config_dir = os.path.join(self.root, "config")
-        os.makedirs(self.config_dir, exist_ok=True)
-        files = dict(TABLES)
-        files["AUTH.tab"] = auth_table()
-        files.update(tables or {})
-        for name, text in files.items():
-            with open(os.path.join(self.config_dir, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        write_tables(self.config_dir, tables)
         smtp_settings = {"allow_plaintext_auth": False, "idle_timeout": 20.0}
         smtp_settings.update(smtp or {})
         auth_settings = {"free_failures": 100, "block_after": 1000}

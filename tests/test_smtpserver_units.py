@@ -1,0 +1,270 @@
+"""Pure parts of the SMTP server: path/parameter parsing, DATA/BDAT readers, rate limiter."""
+
+from __future__ import annotations
+
+import pytest
+
+from tmmail.ratelimit import RateLimiter
+from tmmail.smtpdata import (
+    BARE_NEWLINE,
+    FROM_NOT_OWNED,
+    LINE_TOO_LONG,
+    STORAGE,
+    TOO_BIG,
+    ContentReader,
+    FromPolicy,
+    MessageSink,
+)
+from tmmail.smtppath import (
+    ParamError,
+    PathError,
+    check_mail_params,
+    check_rcpt_params,
+    parse_params,
+    parse_path,
+    split_argument,
+)
+
+# -- paths and parameters -------------------------------------------------------------------
+
+
+def test_split_argument_forms():
+    assert split_argument("FROM:<a@b.c>", "FROM") == ("a@b.c", "")
+    assert split_argument("from: <a@b.c> SIZE=10 BODY=8BITMIME", "FROM") == ("a@b.c", "SIZE=10 BODY=8BITMIME")
+    assert split_argument('TO:<"x>y"@b.c>', "TO") == ('"x>y"@b.c', "")
+    assert split_argument("FROM:<>", "FROM") == ("", "")
+    for bad in ("FROM:a@b.c", "FROM:<a@b.c", "FROM:<a@b.c>SIZE=1", "TO:<a@b.c>", "FROM:<<a@b.c>>"):
+        with pytest.raises(PathError):
+            split_argument(bad, "FROM")
+
+
+def test_parse_path_canonical_forms():
+    p = parse_path("John.Doe@Example.COM", utf8=False, allow_null=False)
+    assert p.address == "John.Doe@example.com" and not p.routing
+    assert parse_path('"john"@example.com', utf8=False, allow_null=False).address == "john@example.com"
+    q = parse_path('"john smith"@example.com', utf8=False, allow_null=False)
+    assert q.address == '"john smith"@example.com'
+    assert parse_path("", utf8=False, allow_null=True).is_null
+    with pytest.raises(PathError):
+        parse_path("", utf8=False, allow_null=False)
+
+
+def test_parse_path_utf8():
+    p = parse_path("j\u00f6e@b\u00fccher.example", utf8=True, allow_null=False)
+    assert p.address == "j\u00f6e@xn--bcher-kva.example" and p.utf8
+    with pytest.raises(PathError) as e:
+        parse_path("j\u00f6e@example.com", utf8=False, allow_null=False)
+    assert e.value.utf8
+
+
+def test_source_route_is_marked_as_routing():
+    p = parse_path("@a.example,@b.example:user@c.example", utf8=False, allow_null=False)
+    assert p.route == ("a.example", "b.example") and p.routing and p.address == "user@c.example"
+
+
+def test_path_length_limits():
+    with pytest.raises(PathError):
+        parse_path("x@" + ".".join(["a" * 63] * 5), utf8=False, allow_null=False)
+    with pytest.raises(PathError):
+        parse_path("x@" + "a" * 64 + ".com", utf8=False, allow_null=False)
+
+
+def test_parse_params():
+    assert parse_params("SIZE=10 body=8bitmime SMTPUTF8") == {"SIZE": "10", "BODY": "8bitmime", "SMTPUTF8": None}
+    for bad in ("SIZE=1 SIZE=2", "=x", "SIZE=", "A=b=c", "-X=1"):
+        with pytest.raises(PathError):
+            parse_params(bad)
+
+
+def test_mail_params():
+    got = check_mail_params(
+        parse_params("SIZE=1000 BODY=8bitmime SMTPUTF8 RET=hdrs ENVID=abc+2Bdef"), auth_offered=False
+    )
+    assert got == {"SIZE": "1000", "BODY": "8BITMIME", "SMTPUTF8": "", "RET": "HDRS", "ENVID": "abc+2Bdef"}
+    assert check_mail_params({"AUTH": "<>"}, auth_offered=True) == {"AUTH": "<>"}
+    for bad in ({"SIZE": "x"}, {"SIZE": None}, {"BODY": "BINARYMIME"}, {"SMTPUTF8": "yes"},
+                {"RET": "ALL"}, {"ENVID": "a+zz"}, {"ENVID": "x" * 101}, {"FOO": "1"}, {"AUTH": "<>"}):
+        with pytest.raises(ParamError):
+            check_mail_params(bad, auth_offered=False)
+
+
+def test_rcpt_params():
+    assert check_rcpt_params({"NOTIFY": "success,failure"}) == {"NOTIFY": "SUCCESS,FAILURE"}
+    assert check_rcpt_params({"NOTIFY": "never"}) == {"NOTIFY": "NEVER"}
+    assert check_rcpt_params({"ORCPT": "rfc822;a+40b@c"}) == {"ORCPT": "rfc822;a+40b@c"}
+    for bad in ({"NOTIFY": "NEVER,SUCCESS"}, {"NOTIFY": "SOMETIMES"}, {"NOTIFY": "DELAY,DELAY"},
+                {"ORCPT": "noseparator"}, {"ORCPT": "rfc822;"}, {"ORCPT": "rfc822;a+zz"}, {"SIZE": "1"}):
+        with pytest.raises(ParamError):
+            check_rcpt_params(bad)
+
+
+# -- content readers ------------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, fail: bool = False):
+        self.data = b""
+        self.fail = fail
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.data += data
+
+
+def read_data(wire: bytes, chunk: int = 0, max_line: int = 1000, max_size: int = 10**6, from_policy=None):
+    """Feed ``wire`` in chunks of ``chunk`` bytes (0 = at once); (stored, error, rest, done)."""
+    store = Store()
+    sink = MessageSink(store.write, max_size, from_policy)
+    reader = ContentReader(sink, max_line, dot_mode=True)
+    buf = bytearray()
+    done = False
+    pieces = [wire] if not chunk else [wire[i : i + chunk] for i in range(0, len(wire), chunk)]
+    for piece in pieces:
+        buf += piece
+        if reader.feed(buf):
+            done = True
+            break
+    sink.finish()
+    return store.data, sink.error, bytes(buf), done
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3, 7, 64])
+def test_data_unstuffs_and_converts_to_lf_whatever_the_chunking(chunk):
+    wire = b"Subject: x\r\n\r\n..leading dot\r\nline\r\n.\r\nNOOP\r\n"
+    stored, error, rest, done = read_data(wire, chunk)
+    assert done and error is None
+    assert stored == b"Subject: x\n\n.leading dot\nline\n"
+    if chunk == 0:
+        assert rest == b"NOOP\r\n"  # what follows the end of data stays a command
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"a\r\n\n.\n\r\nMAIL FROM:<x@y>\r\n",  # <LF>.<LF>
+        b"a\n.\r\nMAIL FROM:<x@y>\r\n",  # <LF>.<CRLF>
+        b"a\r\n.\nMAIL FROM:<x@y>\r\n",  # <CRLF>.<LF>
+        b"a\r.\rMAIL FROM:<x@y>\r\n",  # <CR>.<CR>
+        b"a\r\n.\r.\r\nMAIL FROM:<x@y>\r\n",
+    ],
+)
+def test_smuggling_sequences_do_not_end_data(wire):
+    stored, error, rest, done = read_data(wire)
+    assert not done  # still in DATA: nothing after is a command
+    _, error, rest, done = read_data(wire + b"\r\n.\r\n")
+    assert done and error == BARE_NEWLINE and rest == b""
+
+
+def test_line_too_long_discards_and_keeps_reading():
+    wire = b"a" * 5000 + b"\r\nMAIL FROM:<x@y>\r\n.\r\n"
+    for chunk in (0, 100, 999, 1000, 1001):
+        stored, error, rest, done = read_data(wire, chunk)
+        assert done and error == LINE_TOO_LONG and stored == b""
+
+
+def test_line_at_limit_is_fine():
+    line = b"a" * 998 + b"\r\n"
+    stored, error, _, done = read_data(line + b".\r\n", 0, max_line=1000)
+    assert done and error is None and stored == b"a" * 998 + b"\n"
+    _, error, _, done = read_data(b"a" + line + b".\r\n", 0, max_line=1000)
+    assert done and error == LINE_TOO_LONG
+
+
+def test_size_limit_counts_wire_octets():
+    body = b"x" * 98 + b"\r\n"  # 100 octets per line
+    _, error, _, done = read_data(body * 10 + b".\r\n", max_size=1000)
+    assert done and error is None
+    _, error, _, done = read_data(body * 11 + b".\r\n", max_size=1000)
+    assert done and error == TOO_BIG
+
+
+def test_empty_message():
+    stored, error, _, done = read_data(b".\r\n")
+    assert done and error is None and stored == b""
+
+
+def test_storage_failure_is_reported():
+    sink = MessageSink(Store(fail=True).write, 10**6)
+    reader = ContentReader(sink, 1000, dot_mode=True)
+    assert reader.feed(bytearray(b"x\r\n.\r\n"))
+    sink.finish()
+    assert sink.error == STORAGE
+
+
+def test_bdat_chunks_keep_lines_across_chunk_boundaries():
+    store = Store()
+    sink = MessageSink(store.write, 10**6)
+    reader = ContentReader(sink, 1000, dot_mode=False)
+    pending = bytearray()
+    for chunk in (b"Subject: a\r", b"\n\r\n.not stuffed\r\nlast line no crlf"):
+        pending += chunk
+        reader.feed(pending)
+    reader.finish_chunks(pending)
+    sink.finish()
+    assert sink.error is None
+    assert store.data == b"Subject: a\n\n.not stuffed\nlast line no crlf\n"
+
+
+def test_bdat_bare_lf_refused():
+    sink = MessageSink(Store().write, 10**6)
+    reader = ContentReader(sink, 1000, dot_mode=False)
+    pending = bytearray(b"a\nb\r\n")
+    reader.feed(pending)
+    reader.finish_chunks(pending)
+    assert sink.error == BARE_NEWLINE
+
+
+def allow(*addresses):
+    return lambda a: a in addresses
+
+
+def test_from_header_refused_when_not_owned():
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="refuse", rewrite_to="me@x.example")
+    _, error, _, _ = read_data(b"From: Boss <boss@x.example>\r\nSubject: s\r\n\r\nb\r\n.\r\n", from_policy=pol)
+    assert error == FROM_NOT_OWNED
+    stored, error, _, _ = read_data(b"From: Me\r\n <me@x.example>\r\n\r\nFrom: body line\r\n.\r\n", from_policy=pol)
+    assert error is None and stored == b"From: Me\n <me@x.example>\n\nFrom: body line\n"
+
+
+def test_from_header_rewritten_including_folded_lines():
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="rewrite", rewrite_to="me@x.example")
+    wire = b"Subject: s\r\nfrom: Boss\r\n\t<boss@x.example>\r\nTo: y@z\r\n\r\nbody\r\n.\r\n"
+    stored, error, _, _ = read_data(wire, chunk=5, from_policy=pol)
+    assert error is None
+    assert stored == b"Subject: s\nFrom: <me@x.example>\nTo: y@z\n\nbody\n"
+
+
+def test_header_only_message_from_is_checked():
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="refuse", rewrite_to="me@x.example")
+    _, error, _, _ = read_data(b"From: boss@x.example\r\n.\r\n", from_policy=pol)
+    assert error == FROM_NOT_OWNED
+
+
+# -- rate limiter ---------------------------------------------------------------------------
+
+
+def test_rate_limiter_sliding_hour():
+    now = [1000.0]
+    rl = RateLimiter(3, 5, lambda: now[0])
+    assert rl.check("a@x") is None
+    rl.record("a@x", 2)
+    rl.record("A@X", 2)  # accounts are case-insensitive
+    assert rl.usage("a@x") == (2, 4)
+    assert rl.check("a@x", 1, 1) is None
+    assert rl.check("a@x", 1, 2) == "recipients"
+    rl.record("a@x", 1)
+    assert rl.check("a@x") == "messages"
+    assert rl.check("b@x") is None  # other accounts unaffected
+    now[0] += 3600 + 60
+    assert rl.check("a@x") is None and rl.usage("a@x") == (0, 0)
+
+
+def test_rate_limiter_zero_is_unlimited_and_memory_bounded():
+    now = [0.0]
+    rl = RateLimiter(0, 0, lambda: now[0])
+    for i in range(5000):
+        now[0] = i * 2.0
+        rl.record("a@x", 10)
+    assert rl.check("a@x") is None
+    assert len(rl._buckets["a@x"]) <= 61
