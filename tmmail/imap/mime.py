@@ -1,0 +1,557 @@
+"""MIME part tree with byte offsets, for IMAP FETCH sections and BODYSTRUCTURE.
+
+One job: find where every part's header and body start and end in the CRLF form of a message
+(RFC 2045 §5, RFC 2046 §5.1 multipart boundaries, §5.2.1 message/rfc822), and parse the
+header fields IMAP reports (Content-Type parameters incl. RFC 2231, RFC 5322 address lists).
+It never raises on message content: malformed input yields a best-effort tree, as Dovecot does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "to_crlf",
+    "Message",
+    "Part",
+    "parse_header_block",
+    "parse_params",
+    "parse_content_type",
+    "parse_addresses",
+    "Address",
+    "unfold",
+]
+
+MAX_DEPTH = 40        # nesting of multipart / message/rfc822 beyond this is treated as a leaf
+MAX_PARTS = 5000      # total parts parsed per message (defends against boundary bombs)
+
+_NL = re.compile(rb"\r?\n")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Normalise LF / CRLF / mixed line endings to CRLF (IMAP's canonical form)."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _NL.sub(b"\r\n", data)
+
+
+def unfold(value: bytes) -> bytes:
+    """Remove header folding (CRLF before WSP) and stray line breaks (RFC 5322 §2.2.3)."""
+    return value.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"")
+
+
+@dataclass
+class Part:
+    """One MIME entity: ``data[start:body_start]`` is the header (with its blank line, if any)."""
+
+    start: int
+    body_start: int
+    end: int
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    type_raw: str = "text"
+    subtype_raw: str = "plain"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    defaulted: bool = True          # no usable Content-Type header
+    children: list["Part"] = field(default_factory=list)
+    message: "Part | None" = None   # enclosed message of a message/rfc822 part
+    lines: int = 0
+    fields_end: int = -1            # end of the header fields (== body_start if no blank line)
+
+    @property
+    def maintype(self) -> str:
+        return self.type_raw.lower()
+
+    @property
+    def subtype(self) -> str:
+        return self.subtype_raw.lower()
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.maintype == "multipart"
+
+    @property
+    def is_message(self) -> bool:
+        return self.message is not None
+
+    def header(self, name: str) -> bytes | None:
+        """The first value of header ``name`` (case-insensitive), raw with folding, or None."""
+        lname = name.lower()
+        for n, v in self.headers:
+            if n.lower() == lname:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list[bytes]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+    def param(self, name: str) -> str | None:
+        lname = name.lower()
+        for n, v in self.params:
+            if n.lower() == lname:
+                return v
+        return None
+
+    @property
+    def body_size(self) -> int:
+        return self.end - self.body_start
+
+
+class Message:
+    """A message in CRLF form with a lazily parsed part tree."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.data = to_crlf(raw)
+        self._root: Part | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def root(self) -> Part:
+        if self._root is None:
+            self._root = _Parser(self.data).parse()
+        return self._root
+
+
+# --- header block --------------------------------------------------------------------------
+
+
+def _header_end(data: bytes, start: int, end: int) -> tuple[int, int, bool]:
+    """Return (end of header fields, start of body) for the entity at ``start``.
+
+    The header ends at the first empty line; the body starts after it.  With no empty line the
+    whole entity is header and the body is empty (Dovecot does the same).
+    """
+    if data.startswith(b"\r\n", start) and start + 2 <= end:
+        return start, start + 2, True
+    idx = data.find(b"\r\n\r\n", start, end)
+    if idx < 0:
+        return end, end, False
+    return idx + 2, idx + 4, True
+
+
+def parse_header_block(block: bytes) -> list[tuple[str, bytes]]:
+    """Split a header block into (name, raw value) pairs; values keep their folding.
+
+    Lines without a colon are skipped (they cannot be matched by any field name); continuation
+    lines before the first field are ignored.
+    """
+    fields: list[tuple[str, bytes]] = []
+    name: str | None = None
+    value = bytearray()
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:
+                value.extend(b"\r\n" + line)
+            continue
+        if name is not None:
+            fields.append((name, bytes(value)))
+            name = None
+        colon = line.find(b":")
+        if colon <= 0:
+            continue
+        raw_name = line[:colon].rstrip(b" \t")
+        if not raw_name or any(c <= 0x20 or c >= 0x7F for c in raw_name):
+            continue
+        name = raw_name.decode("ascii")
+        value = bytearray(line[colon + 1 :])
+    if name is not None:
+        fields.append((name, bytes(value)))
+    return fields
+
+
+# --- Content-Type and parameters -----------------------------------------------------------
+
+_TOKEN = re.compile(rb"[^\s()<>@,;:\\\"/\[\]?=]+")
+
+
+def _skip_cfws(s: bytes, i: int) -> int:
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c in b" \t\r\n":
+            i += 1
+        elif c == 0x28:  # comment, may nest
+            depth = 0
+            while i < n:
+                if s[i] == 0x5C:
+                    i += 2
+                    continue
+                if s[i] == 0x28:
+                    depth += 1
+                elif s[i] == 0x29:
+                    depth -= 1
+                    if depth == 0:
+                        i += 1
+                        break
+                i += 1
+        else:
+            break
+    return i
+
+
+def _read_quoted(s: bytes, i: int) -> tuple[bytes, int]:
+    """Read a quoted string starting at ``s[i] == '"'``; unterminated strings run to the end."""
+    out = bytearray()
+    i += 1
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c == 0x5C and i + 1 < n:
+            out.append(s[i + 1])
+            i += 2
+            continue
+        if c == 0x22:
+            return bytes(out), i + 1
+        out.append(c)
+        i += 1
+    return bytes(out), i
+
+
+def _text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("latin-1")
+
+
+def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
+    """Parse ``; name=value`` parameters leniently (RFC 2045 §5.1), merging RFC 2231 sections.
+
+    Matches Dovecot: names and values as written, duplicates kept, quoted values may contain
+    ``;``; a parameter without ``=`` is dropped together with the one after it; an unterminated
+    quoted value is dropped.  RFC 2231 parameters (``name*``, ``name*0``, ``name*1*``) follow the
+    plain ones, sorted by name, their sections joined raw: ``("name*", "utf-8''%E2%82%AC")`` when
+    any section is extended, else ``("name", joined)``.
+    """
+    s = unfold(s)
+    raw: list[tuple[str, str]] = []
+    n = len(s)
+    while i < n:
+        semi = s.find(b";", i)
+        if semi < 0:
+            break
+        i = _skip_cfws(s, semi + 1)
+        m = _TOKEN.match(s, i)
+        if not m:
+            continue
+        pname = m.group(0)
+        i = _skip_cfws(s, m.end())
+        if i >= n or s[i] != 0x3D:  # '=' missing: dropped, and so is the next parameter
+            nxt = s.find(b";", i)
+            i = n if nxt < 0 else nxt + 1
+            continue
+        i = _skip_cfws(s, i + 1)
+        if i < n and s[i] == 0x22:
+            val, i = _read_quoted(s, i)
+            if i > n or s[i - 1] != 0x22:
+                continue
+        else:
+            j = i
+            while j < n and s[j] not in b"; \t":
+                j += 1
+            val = s[i:j]
+            i = j
+        raw.append((_text(pname), _text(val)))
+    return _merge_2231(raw)
+
+
+_SECTION = re.compile(r"^(.*?)\*(?:(\d+)\*?|)$", re.S)
+
+
+def _merge_2231(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    plain: list[tuple[str, str]] = []
+    groups: dict[str, tuple[str, list[tuple[int, str]]]] = {}
+    extended: set[str] = set()
+    for name, value in raw:
+        m = _SECTION.match(name)
+        if not m:
+            plain.append((name, value))
+            continue
+        key = m.group(1).lower()
+        groups.setdefault(key, (m.group(1), []))[1].append(
+            (int(m.group(2)) if m.group(2) is not None else 0, value)
+        )
+        if name.endswith("*"):
+            extended.add(key)
+    out = plain
+    for key in sorted(groups):
+        base, secs = groups[key]
+        joined = "".join(v for _, v in sorted(secs, key=lambda t: t[0]))
+        out.append((base + "*" if key in extended else base, joined))
+    return out
+
+
+def parse_content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, str]], bool]:
+    """(type, subtype, params, present) as written (Dovecot keeps empty type/subtype)."""
+    if value is None:
+        return "text", "plain", [], False
+    s = unfold(value)
+    i = _skip_cfws(s, 0)
+    m = _TOKEN.match(s, i)
+    typ = m.group(0) if m else b""
+    i = _skip_cfws(s, m.end()) if m else i
+    sub = b""
+    if i < len(s) and s[i] == 0x2F:
+        i = _skip_cfws(s, i + 1)
+        m2 = _TOKEN.match(s, i)
+        if m2:
+            sub = m2.group(0)
+            i = m2.end()
+    return _text(typ), _text(sub), parse_params(s, i), True
+
+
+def parse_value_and_params(value: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """For Content-Disposition: the first token and its parameters."""
+    s = unfold(value)
+    i = _skip_cfws(s, 0)
+    m = _TOKEN.match(s, i)
+    if not m:
+        return "", []
+    return _text(m.group(0)), parse_params(s, m.end())
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.count = 0
+
+    def parse(self) -> Part:
+        try:
+            return self.entity(0, len(self.data), False, 0)
+        except RecursionError:  # pragma: no cover - depth is capped, belt and braces
+            return Part(0, 0, len(self.data))
+
+    def entity(self, start: int, end: int, digest: bool, depth: int, hard_end: int | None = None) -> Part:
+        self.count += 1
+        data = self.data
+        hdr_end, body_start, blank = _header_end(data, start, end)
+        if not blank and hard_end is not None and hard_end > end:
+            # a header without its blank line swallows the CRLF before the next boundary
+            # (Dovecot's header parser reads whole lines)
+            end = hdr_end = body_start = hard_end
+        headers = parse_header_block(data[start:hdr_end])
+        part = Part(start, body_start, end, headers)
+        part.fields_end = hdr_end
+        ctype = part.header("Content-Type")
+        typ, sub, params, present = parse_content_type(ctype)
+        if present:
+            part.type_raw, part.subtype_raw, part.params, part.defaulted = typ, sub, params, False
+        elif digest:
+            part.type_raw, part.subtype_raw = "message", "rfc822"
+        if part.maintype == "text" and part.param("charset") is None:
+            part.params = part.params + [("charset", "us-ascii")]
+        part.lines = data.count(b"\n", body_start, end)
+        if depth >= MAX_DEPTH or self.count > MAX_PARTS:
+            return part
+        mt = part.maintype
+        if mt == "multipart":
+            boundary = part.param("boundary")
+            if boundary:
+                part.children = self.multipart(
+                    boundary.encode("utf-8", "replace"), body_start, end, part.subtype == "digest", depth
+                )
+        elif mt == "message" and part.subtype == "rfc822":
+            inner = self.entity(body_start, end, False, depth + 1, hard_end)
+            part.message = inner
+            if inner.end > part.end:
+                part.end = inner.end
+                part.lines = data.count(b"\n", body_start, part.end)
+        return part
+
+    def multipart(self, boundary: bytes, start: int, end: int, digest: bool, depth: int) -> list[Part]:
+        data = self.data
+        delim = b"--" + boundary
+        # positions of boundary lines: (line start, line end incl. CRLF, is_close)
+        marks: list[tuple[int, int, bool]] = []
+        pos = start
+        while pos < end:
+            if data.startswith(delim, pos):
+                eol = data.find(b"\r\n", pos, end)
+                line_end = end if eol < 0 else eol + 2
+                rest = data[pos + len(delim) : line_end if eol < 0 else eol]
+                if rest.startswith(b"--"):
+                    marks.append((pos, line_end, True))
+                    break
+                if not rest.strip(b" \t"):
+                    marks.append((pos, line_end, False))
+            nxt = data.find(b"\r\n" + delim, pos, end)
+            if nxt < 0:
+                break
+            pos = nxt + 2
+            if len(marks) > MAX_PARTS:
+                break
+        children: list[Part] = []
+        for k, (_lstart, lend, close) in enumerate(marks):
+            if close:
+                break
+            if k + 1 < len(marks):
+                nstart = marks[k + 1][0]
+                # the CRLF before a delimiter belongs to the delimiter (RFC 2046 §5.1.1)
+                pend = nstart - 2 if nstart - 2 >= lend else lend
+            else:
+                pend = end
+            if self.count > MAX_PARTS:
+                break
+            hard = marks[k + 1][0] if k + 1 < len(marks) else None
+            children.append(self.entity(lend, pend, digest, depth + 1, hard))
+        return children
+
+
+# --- addresses (RFC 5322 §3.4, lenient) ----------------------------------------------------
+
+
+@dataclass
+class Address:
+    """One ENVELOPE address: name/adl/mailbox/host as raw bytes or None.
+
+    A group start is (None, None, group-name, None); a group end is (None, None, None, None).
+    """
+
+    name: bytes | None
+    adl: bytes | None
+    mailbox: bytes | None
+    host: bytes | None
+
+
+def _tokens(s: bytes) -> list[tuple[str, bytes]]:
+    """Lex an address header into (kind, text): kinds 'q' quoted, 'a' atom, or a special char."""
+    out: list[tuple[str, bytes]] = []
+    i = 0
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c in b" \t\r\n":
+            i += 1
+        elif c == 0x28:
+            j = _skip_cfws(s, i)
+            inner = s[i + 1 : j - 1] if s[j - 1 : j] == b")" else s[i + 1 : j]
+            out.append(("c", inner.replace(b"\\", b"")))
+            i = j
+        elif c == 0x22:
+            val, i = _read_quoted(s, i)
+            out.append(("q", val))
+        elif c in b"<>@,;:.[]":
+            if c == 0x5B:  # domain literal
+                j = s.find(b"]", i)
+                j = n - 1 if j < 0 else j
+                out.append(("a", s[i : j + 1]))
+                i = j + 1
+                continue
+            out.append((chr(c), bytes([c])))
+            i += 1
+        else:
+            j = i
+            while j < n and s[j] not in b" \t\r\n()\"<>@,;:.[]":
+                j += 1
+            out.append(("a", s[i:j]))
+            i = j
+    return out
+
+
+def _join_words(toks: list[tuple[str, bytes]]) -> bytes:
+    """Join display-name words with single spaces; a '.' joins without spaces (obs-phrase)."""
+    out = bytearray()
+    prev_dot = True
+    for kind, text in toks:
+        if kind == "c":
+            continue
+        if kind == ".":
+            out.extend(b".")
+            prev_dot = True
+            continue
+        if out and not prev_dot:
+            out.extend(b" ")
+        out.extend(text)
+        prev_dot = False
+    return bytes(out)
+
+
+MISSING_MAILBOX = b"MISSING_MAILBOX"
+MISSING_DOMAIN = b"MISSING_DOMAIN"
+
+
+def _addr_spec(toks: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(adl, mailbox, host) from the tokens of an addr-spec / route-addr content."""
+    toks = [t for t in toks if t[0] != "c"]
+    adl = None
+    if toks and toks[0][0] == "@":
+        # obsolete source route "@a,@b:" -> adl
+        colon = next((k for k, t in enumerate(toks) if t[0] == ":"), -1)
+        if colon >= 0:
+            adl = b"".join(t for _, t in toks[:colon])
+            toks = toks[colon + 1 :]
+    at = max((k for k, t in enumerate(toks) if t[0] == "@"), default=-1)
+    if at < 0:
+        local = b"".join(t for _, t in toks)
+        return adl, (local or None), None
+    local = b"".join(t for _, t in toks[:at])
+    host = b"".join(t for _, t in toks[at + 1 :])
+    return adl, (local or None), (host or None)
+
+
+def parse_addresses(value: bytes | None) -> list[Address]:
+    """Parse an address-list header into ENVELOPE addresses (groups as start/end markers).
+
+    As Dovecot: quoted local parts are unquoted, a comment after a bare addr-spec becomes the
+    name, and a missing mailbox or host is ``MISSING_MAILBOX`` / ``MISSING_DOMAIN`` (a NIL host
+    would read as a group marker, RFC 3501 §7.4.2).
+    """
+    if value is None:
+        return []
+    toks = _tokens(unfold(value))
+    out: list[Address] = []
+    in_group = False
+    cur: list[tuple[str, bytes]] = []
+
+    def emit(item: list[tuple[str, bytes]]) -> None:
+        if not [t for t in item if t[0] != "c"]:
+            return
+        lt = next((k for k, t in enumerate(item) if t[0] == "<"), -1)
+        if lt >= 0:
+            gt = next((k for k in range(lt + 1, len(item)) if item[k][0] == ">"), len(item))
+            name = _join_words(item[:lt]) or None
+            adl, mbox, host = _addr_spec(item[lt + 1 : gt])
+        else:
+            comments = [t for k, t in item if k == "c"]
+            name = comments[-1].strip() or None if comments else None
+            adl, mbox, host = _addr_spec(item)
+        out.append(Address(name, adl, mbox or MISSING_MAILBOX, host or MISSING_DOMAIN))
+
+    for kind, text in toks:
+        if kind == "," and not _inside_angle(cur):
+            emit(cur)
+            cur = []
+        elif kind == ":" and not in_group and not _inside_angle(cur) and not (cur and cur[0][0] == "@"):
+            out.append(Address(None, None, _join_words(cur) or b"", None))
+            in_group = True
+            cur = []
+        elif kind == ";" and in_group:
+            emit(cur)
+            cur = []
+            out.append(Address(None, None, None, None))
+            in_group = False
+        else:
+            cur.append((kind, text))
+    emit(cur)
+    if in_group:
+        out.append(Address(None, None, None, None))
+    return out
+
+
+def _inside_angle(cur: list[tuple[str, bytes]]) -> bool:
+    depth = 0
+    for kind, _ in cur:
+        if kind == "<":
+            depth = 1
+        elif kind == ">":
+            depth = 0
+    return depth == 1
