@@ -1,0 +1,335 @@
+"""IMAP protocol engine over real sockets: greeting and capabilities, STARTTLS (and the
+plaintext-injection defence), LOGINDISABLED, LOGIN / AUTHENTICATE PLAIN (SASL-IR, continuation,
+cancel), literals (synchronising, LITERAL+, too big), line limits, BAD recovery, ID, ENABLE,
+NAMESPACE, IDLE's DONE handling, timeouts and per-IP limits."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import socket
+import time
+
+import pytest
+
+from tests.imap_fixtures import (
+    PASSWORD,
+    client_tls,
+    raw_session,
+    read_until_tag,
+    start_imap,
+    stop_imap,
+)
+
+
+@pytest.fixture
+def env(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path)
+    yield e
+    stop_imap(reactor_thread, e)
+
+
+@pytest.fixture
+def strict_env(reactor_thread, tmp_path):
+    """Plaintext auth not allowed before TLS (the production default)."""
+    e = start_imap(reactor_thread, tmp_path, imap={"allow_plaintext_auth": False})
+    yield e
+    stop_imap(reactor_thread, e)
+
+
+EXPECTED = ["IMAP4REV1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
+            "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE"]
+
+
+def test_greeting_carries_capabilities_and_plain_port_offers_starttls(strict_env):
+    s, f = raw_session(strict_env)
+    s.sendall(b"a CAPABILITY\r\n")
+    lines = read_until_tag(f, b"a")
+    caps = lines[0].decode().split()
+    for cap in EXPECTED + ["STARTTLS", "LOGINDISABLED"]:
+        assert cap.upper() in [c.upper() for c in caps], cap
+    assert "AUTH=PLAIN" not in caps
+    s.close()
+
+
+def test_logindisabled_refuses_login_and_authenticate_before_tls(strict_env):
+    m = imaplib.IMAP4("127.0.0.1", strict_env.port, timeout=10)
+    assert "LOGINDISABLED" in m.capabilities
+    s, f = raw_session(strict_env)
+    s.sendall(b"a LOGIN alice@example.com \"" + PASSWORD.encode() + b"\"\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a NO [PRIVACYREQUIRED]")
+    ir = base64.b64encode(b"\0alice@example.com\0" + PASSWORD.encode())
+    s.sendall(b"b AUTHENTICATE PLAIN " + ir + b"\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b NO [PRIVACYREQUIRED]")
+    s.close()
+    # after STARTTLS the same login works and AUTH=PLAIN is offered
+    m.starttls(client_tls())
+    m._get_capabilities()
+    assert "AUTH=PLAIN" in m.capabilities and "LOGINDISABLED" not in m.capabilities
+    assert "STARTTLS" not in m.capabilities
+    typ, data = m.login("alice@example.com", PASSWORD)
+    assert typ == "OK" and b"CAPABILITY" in data[0]
+    m.logout()
+
+
+def test_starttls_discards_pipelined_plaintext(strict_env):
+    """RFC 3501 §6.2.1 / CVE-2011-0411 style injection: commands sent before the TLS
+    handshake must not be executed inside the TLS session."""
+    s, f = raw_session(strict_env)
+    s.sendall(b"a STARTTLS\r\nb LOGIN alice@example.com \"x\"\r\nc CAPABILITY\r\n")
+    assert f.readline().startswith(b"a OK")
+    tls = client_tls().wrap_socket(s, server_hostname="localhost")
+    tf = tls.makefile("rb")
+    tls.sendall(b"d NOOP\r\n")
+    line = tf.readline()
+    # the injected b/c commands got no answers: the first reply is for d
+    assert line.startswith(b"d OK"), line
+    tls.close()
+
+
+def test_implicit_tls_role(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, role="imaps", imap={"allow_plaintext_auth": False})
+    try:
+        m = imaplib.IMAP4_SSL("127.0.0.1", e.port, ssl_context=client_tls(), timeout=10)
+        assert "AUTH=PLAIN" in m.capabilities
+        assert "STARTTLS" not in m.capabilities and "LOGINDISABLED" not in m.capabilities
+        m.login("alice@example.com", PASSWORD)
+        m.logout()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_login_success_and_failure(env):
+    s, f = raw_session(env)
+    s.sendall(b"a LOGIN alice@example.com wrong\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a NO [AUTHENTICATIONFAILED]")
+    s.sendall(b"b SELECT INBOX\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b BAD")
+    s.sendall(b'c LOGIN "alice@example.com" "' + PASSWORD.encode() + b'"\r\n')
+    last = read_until_tag(f, b"c")[-1]
+    assert last.startswith(b"c OK [CAPABILITY IMAP4rev1"), last
+    s.sendall(b"d LOGIN alice@example.com x\r\n")
+    assert read_until_tag(f, b"d")[-1].startswith(b"d BAD")
+    s.close()
+
+
+def test_login_with_literal_password(env):
+    s, f = raw_session(env)
+    pw = PASSWORD.encode()
+    s.sendall(b"a LOGIN alice@example.com {%d}\r\n" % len(pw))
+    assert f.readline().startswith(b"+ ")
+    s.sendall(pw + b"\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a OK")
+    s.close()
+
+
+def test_login_blocked_after_many_failures(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, auth={"free_failures": 100, "block_after": 2,
+                                                   "base_delay": 0.0})
+    try:
+        s, f = raw_session(e)
+        for i in range(2):
+            s.sendall(b"a%d LOGIN alice@example.com nope\r\n" % i)
+            read_until_tag(f, b"a%d" % i)
+        s.sendall(b'z LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        assert read_until_tag(f, b"z")[-1].startswith(b"z NO [UNAVAILABLE]")
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_authenticate_plain_sasl_ir_continuation_and_cancel(env):
+    cred = base64.b64encode(b"\0alice@example.com\0" + PASSWORD.encode())
+    s, f = raw_session(env)
+    s.sendall(b"a AUTHENTICATE PLAIN\r\n")
+    assert f.readline() == b"+ \r\n"
+    s.sendall(b"*\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a BAD")
+    s.sendall(b"b AUTHENTICATE PLAIN\r\n")
+    assert f.readline() == b"+ \r\n"
+    s.sendall(b"%%%notbase64\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b BAD")
+    s.sendall(b"c AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice@example.com\0bad") + b"\r\n")
+    assert read_until_tag(f, b"c")[-1].startswith(b"c NO [AUTHENTICATIONFAILED]")
+    s.sendall(b"d AUTHENTICATE PLAIN\r\n")
+    assert f.readline() == b"+ \r\n"
+    s.sendall(cred + b"\r\n")
+    assert read_until_tag(f, b"d")[-1].startswith(b"d OK [CAPABILITY")
+    s.close()
+    s, f = raw_session(env)
+    s.sendall(b"e AUTHENTICATE PLAIN " + cred + b"\r\n")  # SASL-IR
+    assert read_until_tag(f, b"e")[-1].startswith(b"e OK")
+    s.sendall(b"f AUTHENTICATE XOAUTH2 abc\r\n")
+    assert read_until_tag(f, b"f")[-1].startswith(b"f BAD")  # already authenticated
+    s.close()
+
+
+def test_unknown_mechanism(env):
+    s, f = raw_session(env)
+    s.sendall(b"a AUTHENTICATE CRAM-MD5\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a NO")
+    s.close()
+
+
+def test_imapclient_login_uses_sasl_plain(env):
+    from imapclient import IMAPClient
+
+    c = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=10)
+    c.plain_login("alice@example.com", PASSWORD)
+    info = c.id_({"name": "pytest"})[0]
+    assert dict(zip(info[::2], info[1::2]))[b"name"] == b"TMmail"
+    assert c.namespace().personal == (("", "/"),)
+    c.logout()
+
+
+def test_malformed_commands_get_bad_and_session_continues(env):
+    s, f = raw_session(env)
+    s.sendall(b"a FROBNICATE\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a BAD")
+    s.sendall(b"b NOOP (\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b BAD")
+    s.sendall(b"c\r\n")
+    assert read_until_tag(f, b"c")[-1].startswith(b"c BAD")
+    s.sendall(b"+bad NOOP\r\n")
+    assert f.readline().startswith(b"* BAD")
+    s.sendall(b'd LOGIN "unterminated\r\n')
+    assert read_until_tag(f, b"d")[-1].startswith(b"d BAD")
+    s.sendall(b"e FETCH 1 FLAGS\r\n")
+    assert read_until_tag(f, b"e")[-1].startswith(b"e BAD")
+    s.sendall(b"f NOOP\r\n")
+    assert read_until_tag(f, b"f")[-1].startswith(b"f OK")
+    s.close()
+
+
+def test_line_too_long_gets_bad_and_session_continues(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, imap={"max_line_length": 1000})
+    try:
+        s, f = raw_session(e)
+        s.sendall(b"a NOOP " + b"x" * 5000 + b"\r\nb NOOP\r\n")
+        first = f.readline()
+        assert first.startswith(b"a BAD"), first
+        assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_literal_too_big_sync_and_nonsync(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, imap={"max_literal_size": 1000})
+    try:
+        s, f = raw_session(e)
+        s.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        read_until_tag(f, b"a")
+        # synchronising: refused before the client sends the data
+        s.sendall(b"b APPEND INBOX {5000}\r\n")
+        assert read_until_tag(f, b"b")[-1].startswith(b"b NO [TOOBIG]")
+        # LITERAL+: the announced bytes are read and thrown away, the session goes on
+        s.sendall(b"c APPEND INBOX {3000+}\r\n" + b"y" * 3000 + b"\r\nd NOOP\r\n")
+        assert read_until_tag(f, b"c")[-1].startswith(b"c NO [TOOBIG]")
+        assert read_until_tag(f, b"d")[-1].startswith(b"d OK")
+        # non-APPEND literals are limited by the line length
+        s.sendall(b"e LOGIN {100000+}\r\n" + b"z" * 100000 + b" x\r\nf NOOP\r\n")
+        assert read_until_tag(f, b"e")[-1].startswith(b"e NO [TOOBIG]")
+        assert read_until_tag(f, b"f")[-1].startswith(b"f OK")
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_literal_plus_login(env):
+    s, f = raw_session(env)
+    pw = PASSWORD.encode()
+    s.sendall(b"a LOGIN {17+}\r\nalice@example.com {%d+}\r\n%s\r\n" % (len(pw), pw))
+    lines = read_until_tag(f, b"a")
+    assert not any(line.startswith(b"+") for line in lines)
+    assert lines[-1].startswith(b"a OK")
+    s.close()
+
+
+def test_enable_namespace_id(env):
+    s, f = raw_session(env)
+    s.sendall(b'a ID ("name" "test" "version" "1")\r\n')
+    lines = read_until_tag(f, b"a")
+    assert lines[0].startswith(b'* ID ("name" "TMmail"') and lines[-1].startswith(b"a OK")
+    s.sendall(b"b ID NIL\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+    s.sendall(b'c LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    read_until_tag(f, b"c")
+    s.sendall(b"d ENABLE CONDSTORE\r\n")
+    lines = read_until_tag(f, b"d")
+    assert lines[0] == b"* ENABLED\r\n" and lines[-1].startswith(b"d OK")
+    s.sendall(b"e NAMESPACE\r\n")
+    lines = read_until_tag(f, b"e")
+    assert lines[0] == b'* NAMESPACE (("" "/")) NIL NIL\r\n'
+    s.close()
+
+
+def test_idle_only_done_ends_it(env):
+    s, f = raw_session(env)
+    s.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    read_until_tag(f, b"a")
+    s.sendall(b"b IDLE\r\n")
+    assert f.readline().startswith(b"+ ")
+    s.sendall(b"c NOOP\r\n")  # not DONE: IDLE goes on
+    assert f.readline().startswith(b"* BAD")
+    s.sendall(b"done\r\nd NOOP\r\n")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+    assert read_until_tag(f, b"d")[-1].startswith(b"d OK")
+    s.close()
+
+
+def test_unauthenticated_timeout(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, imap={"idle_timeout_unauthenticated": 0.5})
+    try:
+        s, f = raw_session(e)
+        deadline = time.monotonic() + 10
+        line = f.readline()
+        assert line.startswith(b"* BYE"), line
+        assert f.readline() == b""
+        assert time.monotonic() < deadline
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_connections_per_ip_limit(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, imap={"max_connections_per_ip": 2})
+    try:
+        a = raw_session(e)
+        b = raw_session(e)
+        c = socket.create_connection(("127.0.0.1", e.port), timeout=10)
+        cf = c.makefile("rb")
+        assert cf.readline().startswith(b"* BYE [UNAVAILABLE]")
+        a[1].close()
+        a[0].close()
+        c.close()
+        for _ in range(50):  # a slot frees up once the server saw the close
+            time.sleep(0.05)
+            d = socket.create_connection(("127.0.0.1", e.port), timeout=10)
+            greeting = d.makefile("rb").readline()
+            d.close()
+            if greeting.startswith(b"* OK"):
+                break
+        assert greeting.startswith(b"* OK")
+        b[0].close()
+    finally:
+        stop_imap(reactor_thread, e)
+
+
+def test_logout(env):
+    s, f = raw_session(env)
+    s.sendall(b"a LOGOUT\r\n")
+    lines = read_until_tag(f, b"a")
+    assert lines[0].startswith(b"* BYE") and lines[-1].startswith(b"a OK")
+    assert f.readline() == b""
+    s.close()
+
+
+def test_starttls_twice_is_refused(env):
+    """STARTTLS twice is refused; the session stays usable."""
+    m = imaplib.IMAP4("127.0.0.1", env.port, timeout=10)
+    m.starttls(client_tls())
+    with pytest.raises(imaplib.IMAP4.error, match="TLS is already active"):
+        m._simple_command("STARTTLS")
+    assert m.noop()[0] == "OK"
+    m.logout()

@@ -1,0 +1,428 @@
+"""IMAP commands on mailboxes (RFC 3501 §6.3): SELECT, EXAMINE, CREATE, DELETE, RENAME,
+SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS, APPEND, NAMESPACE (RFC 2342), ENABLE (RFC 5161),
+and the untagged-update plumbing every selected-state command uses.
+
+One job: the mailbox-level commands of a session, as a mixin of
+:class:`tmmail.imap.server.IMAPServer` (``self.account`` is the login's Store).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from calendar import timegm
+from typing import Any
+
+from twisted.internet import defer, task, threads
+
+from tmmail.imap import names
+from tmmail.imap import responses as R
+from tmmail.imap.account import is_store_error, store_error_reply
+from tmmail.imap.encoding import Atom, ParseError, astring, imap_string, utf7_encode
+from tmmail.imap.session import SelectedMailbox
+
+SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
+_KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
+_STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN")
+_DATE = re.compile(
+    rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
+_MONTHS = {m: i for i, m in enumerate(
+    [b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"], 1)}
+
+
+def arg_string(tok: Any, what: str) -> bytes:
+    """An astring argument (atom, quoted or literal), not a list."""
+    if isinstance(tok, list):
+        raise ParseError(f"{what} must be a string, not a list")
+    return bytes(tok)
+
+
+def parse_flags(tok: Any, allow_recent: bool = False) -> list[str]:
+    """A flag or a parenthesised flag list (RFC 3501 §9 flag-list); system flags normalised."""
+    items = tok if isinstance(tok, list) else [tok]
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, list) or not isinstance(item, Atom):
+            raise ParseError("Flags must be atoms")
+        text = bytes(item).decode("ascii", "replace")
+        if text.startswith("\\"):
+            norm = SYSTEM_FLAGS.get(text.lower())
+            if norm is None:
+                if text.lower() == "\\recent":
+                    if allow_recent:
+                        continue
+                    raise ParseError("\\Recent cannot be set by clients")
+                raise ParseError(f"Invalid system flag {text}")
+            out.append(norm)
+        else:
+            if not _KEYWORD.match(text) or "]" in text:
+                raise ParseError("Invalid keyword")
+            out.append(text)
+    return out
+
+
+def parse_date_time(raw: bytes) -> float:
+    """RFC 3501 date-time (``"17-Jul-1996 02:44:25 -0700"``) to epoch seconds."""
+    m = _DATE.match(raw)
+    if not m:
+        raise ParseError("Invalid date-time, expected \"dd-Mon-yyyy hh:mm:ss +zzzz\"")
+    day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
+    month = _MONTHS.get(mon.lower())
+    if month is None:
+        raise ParseError("Invalid month in date-time")
+    try:
+        t = timegm((int(year), month, int(day), int(hh), int(mm), int(ss), 0, 0, 0))
+        time.gmtime(t)
+    except (ValueError, OverflowError):
+        raise ParseError("Invalid date-time") from None
+    offset = (int(zh) * 60 + int(zm)) * 60
+    return float(t - offset if sign == b"+" else t + offset)
+
+
+def encode_name(name: str) -> bytes:
+    return astring(utf7_encode(name))
+
+
+class MailboxCommands:
+    """Mailbox commands; mixed into IMAPServer."""
+
+    account: Any
+    selected: SelectedMailbox | None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def mailbox_arg(self, tok: Any) -> str:
+        try:
+            return names.decode_name(arg_string(tok, "Mailbox name"))
+        except names.BadName as e:
+            raise MailboxNameError(str(e)) from None
+
+    def blocking(self, fn: Any, *args: Any) -> defer.Deferred:
+        """Run a store call that writes or fsyncs in a thread (never on the reactor)."""
+        return threads.deferToThreadPool(self.factory.reactor, self.factory.reactor.getThreadPool(),
+                                         fn, *args)
+
+    def store_call(self, tag: bytes, d: defer.Deferred, trycreate: bool = False) -> defer.Deferred:
+        """Turn a StoreError from ``d`` into the tagged NO; other errors stay failures."""
+
+        def eb(f: Any) -> None:
+            if is_store_error(f.value):
+                self.tagged(tag, store_error_reply(f.value, trycreate))
+                return None
+            return f
+
+        d.addErrback(eb)
+        return d
+
+    def sync_updates(self, expunges: bool = True) -> None:
+        """Queue untagged EXPUNGE/EXISTS/FETCH for changes by others (RFC 3501 §7.4.1)."""
+        if self.selected is None:
+            return
+        lines, invalid = self.selected.updates(expunges)
+        if invalid:
+            self.log.warn("IMAP UIDVALIDITY of {mailbox} changed under {login}; closing session",
+                          mailbox=self.selected.name, login=self.login)
+            self.send(b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed, please reconnect\r\n")
+            self._closing = True
+            self.flush()
+            self.transport.loseConnection()
+            return
+        self._out.extend(lines)
+
+    def push_updates(self) -> None:
+        """Send updates now (IDLE)."""
+        if self._closing or self.selected is None:
+            return
+        try:
+            self.sync_updates(True)
+        except Exception:
+            self.log.failure("IMAP update of {login} failed", login=self.login)
+        self.flush()
+
+    def folder_changed(self) -> None:
+        """A change was made in this process (store.watch): push it to an idling client."""
+        if self.idling and self.selected is not None:
+            self.push_updates()
+
+    def with_updates(self, tag: bytes, name: bytes, expunges: bool = True, refresh: bool = True) -> None:
+        if refresh:
+            self.sync_updates(expunges)
+        self.tagged(tag, R.OK_COMPLETED % name)
+
+    def close_mailbox(self) -> None:
+        self._stop_idle_poll()
+        if self.selected is not None:
+            sel, self.selected = self.selected, None
+            try:
+                sel.close()
+            except Exception:
+                self.log.failure("IMAP closing {mailbox} failed", mailbox=sel.name)
+        if self.state == "selected":
+            self.state = "authenticated"
+
+    def _start_idle_poll(self) -> None:
+        """While idling, re-read the folder about once a second (Dovecot, other processes)."""
+        self._stop_idle_poll()
+        if self.selected is None:
+            return
+        loop = task.LoopingCall(self.push_updates)
+        loop.clock = self.factory.reactor
+        self._poll = loop
+        loop.start(1.0, now=False)
+
+    def _stop_idle_poll(self) -> None:
+        loop = getattr(self, "_poll", None)
+        if loop is not None:
+            self._poll = None
+            if loop.running:
+                loop.stop()
+
+    # -- ENABLE / NAMESPACE ----------------------------------------------------------------
+    def do_ENABLE(self, tag: bytes, args: list) -> None:
+        """RFC 5161: no extension here needs enabling; say so."""
+        if not args:
+            raise ParseError("ENABLE needs capability names")
+        self.untagged(b"ENABLED")
+        self.tagged(tag, R.OK_COMPLETED % b"ENABLE")
+
+    def do_NAMESPACE(self, tag: bytes, args: list) -> None:
+        self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
+        self.with_updates(tag, b"NAMESPACE")
+
+    # -- SELECT / EXAMINE ------------------------------------------------------------------
+    def do_SELECT(self, tag: bytes, args: list) -> Any:
+        return self._select(tag, args, False)
+
+    def do_EXAMINE(self, tag: bytes, args: list) -> Any:
+        return self._select(tag, args, True)
+
+    def _select(self, tag: bytes, args: list, readonly: bool) -> Any:
+        if len(args) != 1:
+            raise ParseError("SELECT/EXAMINE expect one mailbox name")
+        name = self.mailbox_arg(args[0])
+        self.close_mailbox()
+        d = self.blocking(self.account.open, name, readonly)
+
+        def opened(folder: Any) -> None:
+            if self._closing:
+                folder.close()
+                return
+            reactor = self.factory.reactor
+            try:
+                cancel = self.account.watch(name, lambda _n: reactor.callFromThread(self.folder_changed))
+            except Exception:
+                self.log.failure("IMAP watch of {mailbox} failed", mailbox=name)
+                cancel = None
+            sel = SelectedMailbox(folder, name, cancel)
+            self.selected = sel
+            self.state = "selected"
+            perm = list(folder.permanent_flags)
+            flags = [f for f in perm if f != "\\*"]
+            msgs = folder.messages
+            self.untagged(b"FLAGS (" + " ".join(flags).encode("utf-8", "replace") + b")")
+            if readonly:
+                self.untagged(b"OK [PERMANENTFLAGS ()] Read-only mailbox")
+            else:
+                self.untagged(b"OK [PERMANENTFLAGS (" + " ".join(perm).encode("utf-8", "replace")
+                              + b")] Flags permitted")
+            self.untagged(b"%d EXISTS" % len(msgs))
+            self.untagged(b"%d RECENT" % len(folder.recent))
+            for seq, info in enumerate(msgs, 1):
+                if "\\Seen" not in info.flags:
+                    self.untagged(b"OK [UNSEEN %d] First unseen" % seq)
+                    break
+            self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
+            self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
+            word = b"EXAMINE" if readonly else b"SELECT"
+            code = b"READ-ONLY" if readonly else b"READ-WRITE"
+            self.tagged(tag, b"OK [%s] %s completed" % (code, word))
+
+        d.addCallback(opened)
+        return self.store_call(tag, d)
+
+    # -- CREATE / DELETE / RENAME ----------------------------------------------------------
+    def do_CREATE(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("CREATE expects one mailbox name")
+        name = self.mailbox_arg(args[0])
+        if name.endswith(names.SEP) and len(name) > 1:
+            name = name.rstrip(names.SEP)  # RFC 3501 §6.3.3: trailing separator = hierarchy intent
+        if name == "INBOX":
+            self.tagged(tag, R.NO_ALREADYEXISTS)
+            return None
+        d = self.blocking(self.account.create_folder, name)
+        d.addCallback(lambda _: self.with_updates(tag, b"CREATE"))
+        return self.store_call(tag, d)
+
+    def do_DELETE(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("DELETE expects one mailbox name")
+        name = self.mailbox_arg(args[0])
+        if name == "INBOX":
+            self.tagged(tag, R.NO_INBOX_DELETE)
+            return None
+        if self.selected is not None and self.selected.name == name:
+            self.close_mailbox()  # RFC 3501 leaves this open; Dovecot deselects too
+        d = self.blocking(self.account.delete_folder, name)
+        d.addCallback(lambda _: self.with_updates(tag, b"DELETE"))
+        return self.store_call(tag, d)
+
+    def do_RENAME(self, tag: bytes, args: list) -> Any:
+        if len(args) != 2:
+            raise ParseError("RENAME expects two mailbox names")
+        old = self.mailbox_arg(args[0])
+        new = self.mailbox_arg(args[1])
+        if new == "INBOX":
+            self.tagged(tag, R.NO_ALREADYEXISTS)
+            return None
+        d = self.blocking(self.account.rename_folder, old, new)
+        d.addCallback(lambda _: self.with_updates(tag, b"RENAME"))
+        return self.store_call(tag, d)
+
+    # -- SUBSCRIBE / UNSUBSCRIBE -----------------------------------------------------------
+    def do_SUBSCRIBE(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("SUBSCRIBE expects one mailbox name")
+        name = self.mailbox_arg(args[0])
+        d = self.blocking(self.account.subscribe, name)
+        d.addCallback(lambda _: self.with_updates(tag, b"SUBSCRIBE"))
+        return self.store_call(tag, d)
+
+    def do_UNSUBSCRIBE(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("UNSUBSCRIBE expects one mailbox name")
+        name = self.mailbox_arg(args[0])
+        d = self.blocking(self.account.unsubscribe, name)
+        d.addCallback(lambda _: self.with_updates(tag, b"UNSUBSCRIBE"))
+        return self.store_call(tag, d)
+
+    # -- LIST / LSUB -----------------------------------------------------------------------
+    def _list_args(self, args: list) -> tuple[bool, str, list[str]]:
+        """``[(selection)] reference pattern|(patterns) [RETURN (...)]`` (RFC 5258 syntax, leniently)."""
+        subscribed_only = False
+        if args and isinstance(args[0], list):
+            sel_opts = [bytes(o).upper() for o in args[0] if not isinstance(o, list)]
+            subscribed_only = b"SUBSCRIBED" in sel_opts
+            args = args[1:]
+        if len(args) >= 4 and isinstance(args[2], Atom) and args[2].upper() == b"RETURN":
+            args = args[:2]
+        if len(args) != 2:
+            raise ParseError("LIST expects a reference and a mailbox pattern")
+        ref = names.decode_name(arg_string(args[0], "Reference")) if args[0] else ""
+        pats = args[1] if isinstance(args[1], list) else [args[1]]
+        patterns = []
+        for p in pats:
+            raw = arg_string(p, "Pattern")
+            try:
+                patterns.append(names.decode_name(raw) if raw else "")
+            except names.BadName as e:
+                raise ParseError(str(e)) from None
+        return subscribed_only, ref, patterns
+
+    def do_LIST(self, tag: bytes, args: list) -> Any:
+        try:
+            subscribed_only, ref, patterns = self._list_args(args)
+        except names.BadName as e:
+            raise ParseError(str(e)) from None
+        if patterns == [""]:
+            # RFC 3501 §6.3.8: the hierarchy delimiter and root name
+            self.untagged(b'LIST (\\Noselect) "/" ""')
+            self.with_updates(tag, b"LIST")
+            return None
+        regexes = [names.list_pattern(ref, p) for p in patterns]
+        folders = self.account.list_folders()
+        subs = set(self.account.subscriptions()) if subscribed_only else set()
+        for info in folders:
+            if not any(r.match(info.name) for r in regexes):
+                continue
+            attrs = list(info.attributes)
+            if subscribed_only:
+                if info.name not in subs:
+                    continue
+                attrs.append("\\Subscribed")
+            self.untagged(b"LIST (" + " ".join(attrs).encode() + b') "/" ' + encode_name(info.name))
+        self.with_updates(tag, b"LIST")
+        return None
+
+    def do_LSUB(self, tag: bytes, args: list) -> Any:
+        if len(args) != 2:
+            raise ParseError("LSUB expects a reference and a mailbox pattern")
+        ref = names.decode_name(arg_string(args[0], "Reference")) if args[0] else ""
+        raw = arg_string(args[1], "Pattern")
+        pattern = names.decode_name(raw) if raw else ""
+        regex = names.list_pattern(ref, pattern)
+        existing = {f.name: f for f in self.account.list_folders()}
+        for name in self.account.subscriptions():
+            name = names.normalize(name)
+            if not regex.match(name):
+                continue
+            info = existing.get(name)
+            attrs = [] if info is not None and "\\Noselect" not in info.attributes else ["\\Noselect"]
+            self.untagged(b"LSUB (" + " ".join(attrs).encode() + b') "/" ' + encode_name(name))
+        self.with_updates(tag, b"LSUB")
+        return None
+
+    # -- STATUS ----------------------------------------------------------------------------
+    def do_STATUS(self, tag: bytes, args: list) -> Any:
+        if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
+            raise ParseError("STATUS expects a mailbox name and a list of items")
+        name = self.mailbox_arg(args[0])
+        items = []
+        for it in args[1]:
+            if isinstance(it, list) or bytes(it).upper() not in _STATUS_ITEMS:
+                raise ParseError("Unknown STATUS item")
+            items.append(bytes(it).upper())
+        try:
+            st = self.account.status(name)
+        except Exception as e:
+            if is_store_error(e):
+                self.tagged(tag, store_error_reply(e))
+                return None
+            raise
+        values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
+                  b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
+        body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
+        self.untagged(b"STATUS " + encode_name(name) + b" (" + body + b")")
+        self.with_updates(tag, b"STATUS")
+        return None
+
+    # -- APPEND ----------------------------------------------------------------------------
+    def do_APPEND(self, tag: bytes, args: list) -> Any:
+        if len(args) < 2:
+            raise ParseError("APPEND expects a mailbox name and a message literal")
+        name = self.mailbox_arg(args[0])
+        rest = args[1:]
+        flags: list[str] = []
+        date: float | None = None
+        if rest and isinstance(rest[0], list):
+            flags = parse_flags(rest[0], allow_recent=True)
+            rest = rest[1:]
+        if len(rest) == 2:
+            if isinstance(rest[0], list):
+                raise ParseError("APPEND date-time must be a quoted string")
+            date = parse_date_time(bytes(rest[0]))
+            rest = rest[1:]
+        if len(rest) != 1 or isinstance(rest[0], list):
+            raise ParseError("APPEND expects one message literal (MULTIAPPEND is not supported)")
+        data = bytes(rest[0])
+        if not data:
+            self.tagged(tag, b"NO Cannot append an empty message")
+            return None
+        if len(data) > self.settings.max_literal_size:
+            self.tagged(tag, R.NO_TOO_BIG)
+            return None
+        d = self.blocking(self.account.append, name, data, flags, date)
+
+        def done(result: tuple[int, int]) -> None:
+            uidvalidity, uid = result
+            self.sync_updates(True)
+            self.tagged(tag, b"OK [APPENDUID %d %d] APPEND completed" % (uidvalidity, uid))
+
+        d.addCallback(done)
+        return self.store_call(tag, d, trycreate=True)
+
+
+class MailboxNameError(ParseError):
+    """A mailbox name that is not valid modified UTF-7: answered with BAD and the reason."""
+
+
+__all__ = ["MailboxCommands", "parse_flags", "parse_date_time", "encode_name", "imap_string"]

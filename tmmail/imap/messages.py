@@ -1,0 +1,419 @@
+"""IMAP commands on the messages of the selected mailbox (RFC 3501 §6.4): CHECK, CLOSE,
+UNSELECT (RFC 3691), EXPUNGE, UID EXPUNGE (RFC 4315), SEARCH, FETCH, STORE, COPY (COPYUID,
+RFC 4315), MOVE (RFC 6851) and their UID forms.
+
+One job: selected-state commands, as a mixin of :class:`tmmail.imap.server.IMAPServer`.
+Responses for many messages are joined and written in large batches; FETCH of message
+content is streamed in slices so a slow client or a huge mailbox never blocks the reactor
+or fills memory.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from twisted.internet import defer
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from tmmail.imap import responses as R
+from tmmail.imap.account import is_store_error, store_error_reply
+from tmmail.imap.encoding import Atom, ParseError
+from tmmail.imap.fetch import fetch_data, parse_fetch_items, with_flags
+from tmmail.imap.mailboxes import parse_flags
+
+_FAST_ITEMS = frozenset({"UID", "FLAGS"})
+_BATCH_BYTES = 256 * 1024
+_SLICE_SECONDS = 0.02
+
+
+def uid_set(uids: list[int]) -> bytes:
+    """``1:3,7`` for sorted UIDs (COPYUID, RFC 4315 §3)."""
+    out: list[bytes] = []
+    start = prev = None
+    for u in uids:
+        if start is None:
+            start = prev = u
+        elif u == prev + 1:
+            prev = u
+        else:
+            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+            start = prev = u
+    if start is not None:
+        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+    return b",".join(out)
+
+
+def _seq_set(tok: Any) -> Any:
+    from tmmail.imap.search import SequenceSet
+
+    if not isinstance(tok, Atom):
+        raise ParseError("Expected a sequence set")
+    return SequenceSet.parse(bytes(tok))
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """Tells a streaming FETCH when the transport's buffer is full (producer flow control)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.waiting: Any = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.waiting is not None:
+            call, self.waiting = self.waiting, None
+            call()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class MessageCommands:
+    """Selected-state commands; mixed into IMAPServer."""
+
+    # -- simple ----------------------------------------------------------------------------
+    def do_CHECK(self, tag: bytes, args: list) -> None:
+        self.with_updates(tag, b"CHECK")
+
+    def do_UNSELECT(self, tag: bytes, args: list) -> None:
+        self.close_mailbox()
+        self.tagged(tag, R.OK_COMPLETED % b"UNSELECT")
+
+    def do_CLOSE(self, tag: bytes, args: list) -> Any:
+        sel = self.selected
+        if sel.read_only:
+            self.close_mailbox()
+            self.tagged(tag, R.OK_COMPLETED % b"CLOSE")
+            return None
+        # RFC 3501 §6.4.2: expunge silently, then deselect (even if the expunge failed)
+        d = self.blocking(sel.folder.expunge, None)
+
+        def done(_: Any) -> None:
+            self.close_mailbox()
+            self.tagged(tag, R.OK_COMPLETED % b"CLOSE")
+
+        def failed(f: Any) -> None:
+            self.log.failure("IMAP CLOSE expunge failed for {login}", f, login=self.login)
+            self.close_mailbox()
+            self.tagged(tag, R.OK_COMPLETED % b"CLOSE")
+
+        d.addCallbacks(done, failed)
+        return d
+
+    # -- EXPUNGE ---------------------------------------------------------------------------
+    def do_EXPUNGE(self, tag: bytes, args: list) -> Any:
+        if args:
+            raise ParseError("EXPUNGE takes no arguments")
+        return self._expunge(tag, None, b"EXPUNGE")
+
+    def do_UID_EXPUNGE(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("UID EXPUNGE expects a UID set")
+        ss = _seq_set(args[0])
+        sel = self.selected
+        seqs = sel.seqs_for_uids(ss.resolve(sel.max_uid()))
+        uids = [sel.messages[s - 1].uid for s in seqs]
+        return self._expunge(tag, uids, b"UID EXPUNGE")
+
+    def _expunge(self, tag: bytes, uids: list[int] | None, name: bytes) -> Any:
+        sel = self.selected
+        if sel.read_only:
+            self.tagged(tag, R.NO_READ_ONLY)
+            return None
+        self.sync_updates(True)
+        d = self.blocking(sel.folder.expunge, uids)
+
+        def done(gone: list[tuple[int, int]]) -> None:
+            self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in gone)
+            self.sync_updates(True)
+            self.tagged(tag, R.OK_COMPLETED % name)
+
+        d.addCallback(done)
+        return self.store_call(tag, d)
+
+    # -- SEARCH ----------------------------------------------------------------------------
+    def do_SEARCH(self, tag: bytes, args: list) -> Any:
+        return self._search(tag, args, False)
+
+    def do_UID_SEARCH(self, tag: bytes, args: list) -> Any:
+        return self._search(tag, args, True)
+
+    def _search(self, tag: bytes, args: list, uid: bool) -> Any:
+        from tmmail.imap.search import BadCharset, parse_search, search
+
+        if not args:
+            raise ParseError("SEARCH needs search criteria")
+        try:
+            program = parse_search(args)
+        except BadCharset:
+            self.tagged(tag, R.BAD_CHARSET)
+            return None
+        self.sync_updates(uid)
+        sel = self.selected
+        msgs = sel.all_msgs()
+        max_seq = len(msgs)
+        max_uid = sel.max_uid()
+        name = b"UID SEARCH" if uid else b"SEARCH"
+
+        def answer(found: list[Any]) -> None:
+            nums = [m.uid for m in found] if uid else [m.seq for m in found]
+            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + b"\r\n")
+            self.tagged(tag, R.OK_COMPLETED % name)
+
+        if program.needs_content:
+            # reading and decoding every message: off the reactor
+            d = self.blocking(search, program, msgs, max_seq, max_uid)
+            d.addCallback(answer)
+            return self.store_call(tag, d)
+        answer(search(program, msgs, max_seq, max_uid))
+        return None
+
+    # -- FETCH -----------------------------------------------------------------------------
+    def do_FETCH(self, tag: bytes, args: list) -> Any:
+        return self._fetch(tag, args, False)
+
+    def do_UID_FETCH(self, tag: bytes, args: list) -> Any:
+        return self._fetch(tag, args, True)
+
+    def _targets(self, tok: Any, uid: bool) -> list[int]:
+        ss = _seq_set(tok)
+        sel = self.selected
+        if uid:
+            return sel.seqs_for_uids(ss.resolve(sel.max_uid()))
+        return sel.seqs(ss.resolve(sel.exists))
+
+    def _fetch(self, tag: bytes, args: list, uid: bool) -> Any:
+        if len(args) != 2:
+            raise ParseError("FETCH expects a sequence set and fetch items")
+        items = parse_fetch_items(args[1], uid_command=uid)
+        self.sync_updates(uid)
+        seqs = self._targets(args[0], uid)
+        sel = self.selected
+        name = b"UID FETCH" if uid else b"FETCH"
+        if any(i.sets_seen for i in items):
+            items = with_flags(items)
+            if not sel.read_only:
+                msgs = sel.messages
+                unseen = [msgs[s - 1].uid for s in seqs if "\\Seen" not in msgs[s - 1].flags]
+                if unseen:
+                    sel.folder.store_flags(unseen, ["\\Seen"], "add")
+        if all(i.name in _FAST_ITEMS for i in items):
+            self._fetch_fast(seqs, items)
+            self.tagged(tag, R.OK_COMPLETED % name)
+            return None
+        missing: list[int] = []
+        failed: list[int] = []
+        d = self.stream(self._fetch_chunks(seqs, items, missing, failed))
+
+        def done(_: Any) -> None:
+            if failed:
+                self.tagged(tag, R.NO_SERVERBUG)
+            elif missing:
+                self.tagged(tag, R.NO_EXPUNGED)
+            else:
+                self.tagged(tag, R.OK_COMPLETED % name)
+
+        d.addCallback(done)
+        return d
+
+    def _fetch_fast(self, seqs: list[int], items: list[Any]) -> None:
+        """UID/FLAGS only: formatted straight from the index, one write."""
+        sel = self.selected
+        msgs = sel.messages
+        fb = sel.flags_bytes
+        names = [i.name for i in items]
+        out: list[bytes] = []
+        if names == ["FLAGS", "UID"] or names == ["UID", "FLAGS"]:
+            first_uid = names[0] == "UID"
+            for s in seqs:
+                info = msgs[s - 1]
+                if first_uid:
+                    out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
+                else:
+                    out.append(b"* %d FETCH (FLAGS %s UID %d)\r\n" % (s, fb(info), info.uid))
+        else:
+            for s in seqs:
+                info = msgs[s - 1]
+                parts = [b"UID %d" % info.uid if n == "UID" else b"FLAGS " + fb(info) for n in names]
+                out.append(b"* %d FETCH (%s)\r\n" % (s, b" ".join(parts)))
+        self._out.extend(out)
+
+    def _fetch_chunks(self, seqs: list[int], items: list[Any], missing: list[int],
+                      failed: list[int]) -> Iterator[bytes]:
+        sel = self.selected
+        batch: list[bytes] = []
+        size = 0
+        for s in seqs:
+            if self.selected is not sel:
+                return
+            m = sel.msg(s)
+            try:
+                data = fetch_data(items, m)
+            except Exception as e:  # one bad message must not end the session
+                if is_store_error(e):
+                    missing.append(s)
+                else:
+                    self.log.failure("IMAP FETCH of UID {uid} failed for {login}", uid=m.uid,
+                                     login=self.login)
+                    failed.append(s)
+                continue
+            line = b"* %d FETCH (%s)\r\n" % (s, data)
+            batch.append(line)
+            size += len(line)
+            if size >= _BATCH_BYTES:
+                yield b"".join(batch)
+                batch = []
+                size = 0
+        if batch:
+            yield b"".join(batch)
+
+    def stream(self, chunks: Iterator[bytes]) -> defer.Deferred:
+        """Write ``chunks`` in reactor-friendly slices, pausing while the transport is full."""
+        self.flush()
+        d: defer.Deferred = defer.Deferred()
+        gate = _Gate()
+        transport = self.transport
+        transport.registerProducer(gate, True)
+        reactor = self.factory.reactor
+
+        def finish(error: Any = None) -> None:
+            try:
+                transport.unregisterProducer()
+            except Exception:
+                pass
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
+
+        def step() -> None:
+            if self._closing or self.transport is None:
+                finish()
+                return
+            if gate.paused:
+                gate.waiting = step
+                return
+            deadline = time.monotonic() + _SLICE_SECONDS
+            try:
+                for chunk in chunks:
+                    transport.write(chunk)
+                    if gate.paused or time.monotonic() > deadline:
+                        reactor.callLater(0, step)
+                        return
+            except Exception:
+                finish(defer.Failure())
+                return
+            finish()
+
+        step()
+        return d
+
+    # -- STORE -----------------------------------------------------------------------------
+    def do_STORE(self, tag: bytes, args: list) -> Any:
+        return self._store(tag, args, False)
+
+    def do_UID_STORE(self, tag: bytes, args: list) -> Any:
+        return self._store(tag, args, True)
+
+    def _store(self, tag: bytes, args: list, uid: bool) -> Any:
+        if len(args) < 3 or not isinstance(args[1], Atom):
+            raise ParseError("STORE expects a sequence set, an item and flags")
+        item = bytes(args[1]).upper()
+        silent = item.endswith(b".SILENT")
+        if silent:
+            item = item[: -len(b".SILENT")]
+        modes = {b"FLAGS": "set", b"+FLAGS": "add", b"-FLAGS": "remove"}
+        if item not in modes:
+            raise ParseError("STORE item must be FLAGS, +FLAGS or -FLAGS (optionally .SILENT)")
+        flag_tok = args[2] if len(args) == 3 else list(args[2:])
+        flags = parse_flags(flag_tok, allow_recent=True)
+        sel = self.selected
+        if sel.read_only:
+            self.tagged(tag, R.NO_READ_ONLY)
+            return None
+        self.sync_updates(uid)
+        seqs = self._targets(args[0], uid)
+        msgs = sel.messages
+        uids = [msgs[s - 1].uid for s in seqs]
+        name = b"UID STORE" if uid else b"STORE"
+        if uids:
+            try:
+                sel.folder.store_flags(uids, flags, modes[item])
+            except Exception as e:
+                if is_store_error(e):
+                    self.tagged(tag, store_error_reply(e))
+                    return None
+                raise
+        if not silent:
+            msgs = sel.messages
+            fb = sel.flags_bytes
+            out = []
+            for s in seqs:
+                info = msgs[s - 1]
+                if uid:
+                    out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
+                else:
+                    out.append(b"* %d FETCH (FLAGS %s)\r\n" % (s, fb(info)))
+            self._out.extend(out)
+        self.tagged(tag, R.OK_COMPLETED % name)
+        return None
+
+    # -- COPY / MOVE -----------------------------------------------------------------------
+    def do_COPY(self, tag: bytes, args: list) -> Any:
+        return self._copy(tag, args, False, False)
+
+    def do_UID_COPY(self, tag: bytes, args: list) -> Any:
+        return self._copy(tag, args, True, False)
+
+    def do_MOVE(self, tag: bytes, args: list) -> Any:
+        return self._copy(tag, args, False, True)
+
+    def do_UID_MOVE(self, tag: bytes, args: list) -> Any:
+        return self._copy(tag, args, True, True)
+
+    def _copy(self, tag: bytes, args: list, uid: bool, move: bool) -> Any:
+        if len(args) != 2:
+            raise ParseError("COPY/MOVE expect a sequence set and a mailbox name")
+        dest = self.mailbox_arg(args[1])
+        sel = self.selected
+        name = (b"UID " if uid else b"") + (b"MOVE" if move else b"COPY")
+        if move and sel.read_only:
+            self.tagged(tag, R.NO_READ_ONLY)
+            return None
+        self.sync_updates(uid)
+        seqs = self._targets(args[0], uid)
+        msgs = sel.messages
+        uids = [msgs[s - 1].uid for s in seqs]
+        if not uids:
+            self.tagged(tag, R.OK_COMPLETED % name)
+            return None
+        if move:
+            d = self.blocking(sel.folder.move, uids, dest)
+        else:
+            d = self.blocking(sel.folder.copy, uids, dest)
+
+        def done(result: Any) -> None:
+            uidvalidity, pairs = result[0], result[1]
+            code = b""
+            if pairs:
+                src = uid_set([p[0] for p in pairs])
+                dst = uid_set([p[1] for p in pairs])
+                code = b"[COPYUID %d %s %s] " % (uidvalidity, src, dst)
+            if move:
+                if code:
+                    self.untagged(b"OK " + code + b"Moved")
+                self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in result[2])
+                self.sync_updates(True)
+                self.tagged(tag, b"OK " + name + b" completed")
+            else:
+                self.sync_updates(uid)
+                self.tagged(tag, b"OK " + code + name + b" completed")
+
+        d.addCallback(done)
+        return self.store_call(tag, d, trycreate=True)

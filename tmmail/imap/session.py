@@ -1,0 +1,148 @@
+"""A session's selected mailbox: sequence sets, message adapters and untagged updates.
+
+One job: bridge one IMAP session and its :class:`tmmail.store.Folder` view.  The view keeps
+this session's own sequence numbers (RFC 3501 §2.3.1.2); changes by other sessions, Dovecot or
+SMTP delivery reach it only through :meth:`SelectedMailbox.updates`, which the protocol calls
+where RFC 3501 §7.4.1 allows them (``EXPUNGE`` never while answering FETCH, STORE or SEARCH by
+sequence number).  UID ranges are resolved by bisection, never by walking ``1:4294967295``.
+Pure logic (the folder's metadata calls are cheap stats).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from operator import attrgetter
+from typing import Any, Callable, Iterable
+
+from tmmail.imap.fetch import format_flags
+
+_uid = attrgetter("uid")
+
+
+class Msg:
+    """One message as FETCH and SEARCH see it (``fetch.StoredMessage``)."""
+
+    __slots__ = ("seq", "info", "_read", "recent")
+
+    def __init__(self, seq: int, info: Any, read: Callable[[int], bytes], recent: bool) -> None:
+        self.seq = seq
+        self.info = info
+        self._read = read
+        self.recent = recent
+
+    @property
+    def uid(self) -> int:
+        return self.info.uid
+
+    @property
+    def flags(self) -> set[str]:
+        f = set(self.info.flags)
+        if self.recent:
+            f.add("\\Recent")
+        return f
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def internal_date(self) -> float:
+        return self.info.internal_date
+
+    def load(self) -> bytes:
+        return self._read(self.info.uid)
+
+
+class SelectedMailbox:
+    """The selected (or examined) folder of one session."""
+
+    def __init__(self, folder: Any, name: str, cancel_watch: Callable[[], None] | None) -> None:
+        self.folder = folder
+        self.name = name
+        self.read_only = bool(folder.readonly)
+        self._cancel_watch = cancel_watch
+        self._flag_cache: dict[tuple[frozenset[str], bool], bytes] = {}
+
+    def close(self) -> None:
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+            self._cancel_watch = None
+        self.folder.close()
+
+    # -- lookups ---------------------------------------------------------------------------
+    @property
+    def messages(self) -> list[Any]:
+        return self.folder.messages
+
+    @property
+    def exists(self) -> int:
+        return len(self.folder.messages)
+
+    def max_uid(self) -> int:
+        msgs = self.folder.messages
+        return msgs[-1].uid if msgs else 0
+
+    def seqs(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """Sequence numbers in resolved inclusive ``ranges`` (clipped to the mailbox)."""
+        out: list[int] = []
+        n = len(self.folder.messages)
+        for lo, hi in ranges:
+            lo, hi = max(lo, 1), min(hi, n)
+            if lo <= hi:
+                out.extend(range(lo, hi + 1))
+        return out
+
+    def seqs_for_uids(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """Sequence numbers of the UIDs inside ``ranges``: one bisection per range."""
+        msgs = self.folder.messages
+        out: list[int] = []
+        for lo, hi in ranges:
+            i = bisect_left(msgs, lo, key=_uid)
+            j = bisect_left(msgs, hi + 1, key=_uid)
+            out.extend(range(i + 1, j + 1))
+        return out  # ranges come merged and sorted from SequenceSet.resolve
+
+    def msg(self, seq: int) -> Msg:
+        info = self.folder.messages[seq - 1]
+        return Msg(seq, info, self.folder.read, info.uid in self.folder.recent)
+
+    def msgs(self, seqs: Iterable[int]) -> list[Msg]:
+        messages = self.folder.messages
+        recent = self.folder.recent
+        read = self.folder.read
+        return [Msg(s, messages[s - 1], read, messages[s - 1].uid in recent) for s in seqs]
+
+    def all_msgs(self) -> list[Msg]:
+        recent = self.folder.recent
+        read = self.folder.read
+        return [Msg(i, info, read, info.uid in recent) for i, info in enumerate(self.folder.messages, 1)]
+
+    def flags_bytes(self, info: Any) -> bytes:
+        """``(\\Seen ...)`` for a message, \\Recent added for this session; cached per flag set."""
+        recent = info.uid in self.folder.recent
+        key = (info.flags, recent)
+        out = self._flag_cache.get(key)
+        if out is None:
+            flags = set(info.flags)
+            if recent:
+                flags.add("\\Recent")
+            out = format_flags(flags)
+            if len(self._flag_cache) < 4096:
+                self._flag_cache[key] = out
+        return out
+
+    # -- updates ---------------------------------------------------------------------------
+    def updates(self, expunges: bool) -> tuple[list[bytes], bool]:
+        """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``."""
+        ch = self.folder.refresh(expunges)
+        if not ch:
+            return [], False
+        if ch.uidvalidity_changed:
+            return [], True
+        out: list[bytes] = [b"* %d EXPUNGE\r\n" % seq for seq, _uid in ch.expunged]
+        for seq, info in ch.flags:
+            out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
+        if ch.new:
+            out.append(b"* %d EXISTS\r\n" % ch.exists)
+            out.append(b"* %d RECENT\r\n" % ch.recent)
+        return out, False
