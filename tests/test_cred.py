@@ -243,3 +243,48 @@ def test_verification_runs_in_the_reactor_thread_pool(tmp_path: Path, reactor_th
     assert entry.login == "joe@example.com"
     with pytest.raises(LoginFailed):
         reactor_thread.call(auth.authenticate, "joe@example.com", "nope", "127.0.0.1")
+
+
+class ManualRunner:
+    """run_blocking whose checks finish only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        d: Any = defer.Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def finish(self, i: int = 0) -> None:
+        d, f, args = self.pending.pop(i)
+        d.callback(f(*args))
+
+
+def test_at_most_two_password_checks_run_at_once(store: ProviderStore) -> None:
+    runner = ManualRunner()
+    auth = Authenticator(store, SETTINGS, task.Clock(), run_blocking=runner)
+    outcomes = [Outcome(auth.authenticate("joe@example.com", "joe-pw", f"192.0.2.{i}")) for i in range(5)]
+    assert len(runner.pending) == 2
+    for _ in range(5):
+        runner.finish()
+    assert not runner.pending
+    assert all(isinstance(o.result, AuthEntry) for o in outcomes)
+
+
+def test_a_right_guess_finishing_after_a_block_is_refused(store: ProviderStore) -> None:
+    runner = ManualRunner()
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock, run_blocking=runner)
+    right = Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    wrong = [Outcome(auth.authenticate("joe@example.com", f"w{i}", "192.0.2.1")) for i in range(6)]
+    for _ in range(6):
+        runner.finish(len(runner.pending) - 1 if len(runner.pending) > 1 else 0)
+        clock.advance(10)
+    # the right guess (still pending above) completes last, after the block was set
+    runner.finish()
+    clock.advance(10)
+    assert all(o.done for o in wrong)
+    assert right.failed_with(LoginBlocked)

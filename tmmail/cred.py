@@ -167,6 +167,9 @@ class Authenticator:
 
     #: at most this many IPs / accounts are tracked; the oldest are forgotten first
     MAX_TRACKED = 100_000
+    #: password checks running at once (scrypt is CPU- and memory-bound; a login flood must
+    #: not occupy every thread of the pool that spool commits and deliveries also use)
+    MAX_CONCURRENT = 2
 
     def __init__(
         self,
@@ -186,6 +189,7 @@ class Authenticator:
                 def run_blocking(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
                     return defer.maybeDeferred(f, *args)
         self._run = run_blocking
+        self._semaphore = defer.DeferredSemaphore(self.MAX_CONCURRENT)
         self._by_ip: dict[str, _Counter] = {}
         self._by_account: dict[str, _Counter] = {}
 
@@ -292,11 +296,14 @@ class Authenticator:
             elif not mbx.enabled or (po is not None and not po.enabled):
                 reason = "account disabled"
         hashed = entry.password_hash if entry is not None and reason is None else LOCKED_HASH
-        d = self._run(verify_password, password, hashed)
+        d = self._semaphore.run(self._run, verify_password, password, hashed)
 
         def checked(ok: bool) -> Any:
             if ok and reason is None:
                 assert entry is not None
+                if self._is_blocked(key, client_ip, self.reactor.seconds()) is not None:
+                    # a parallel guess triggered the block while this check ran
+                    return defer.fail(LoginBlocked("too many failed logins, try again later"))
                 self._record_success(key, client_ip)
                 log.info("authenticated {login} from {client_ip}", login=entry.login, client_ip=client_ip)
                 return entry
