@@ -169,14 +169,25 @@ def tokenize(data: bytes) -> list[Token]:
 
 
 def _matching_bracket(data: bytes, pos: int) -> int:
-    """Index of the ``]`` closing the ``[`` at ``pos`` (no nesting in IMAP sections), or -1."""
-    j = data.find(b"]", pos + 1)
-    if j < 0:
-        return -1
-    inner = data[pos + 1 : j]
-    if b"\r" in inner or b"\n" in inner or b'"' in inner:
-        return -1
-    return j
+    """Index of the ``]`` closing the ``[`` at ``pos`` (quoted strings inside skipped), or -1."""
+    i = pos + 1
+    n = len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x5D:
+            return i
+        if c in (0x0D, 0x0A, 0x5B):
+            return -1
+        if c == 0x22:
+            i += 1
+            while i < n and data[i] != 0x22:
+                if data[i] == 0x5C:
+                    i += 1
+                elif data[i] in (0x0D, 0x0A):
+                    return -1
+                i += 1
+        i += 1
+    return -1
 
 
 _ATOM_SAFE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~\[]+$")

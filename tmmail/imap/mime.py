@@ -432,14 +432,25 @@ def _tokens(s: bytes) -> list[tuple[str, bytes]]:
         if c in b" \t\r\n":
             i += 1
         elif c == 0x28:
-            j = _skip_cfws(s, i)
-            inner = s[i + 1 : j - 1] if s[j - 1 : j] == b")" else s[i + 1 : j]
-            out.append(("c", inner.replace(b"\\", b"")))
-            i = j
+            depth = 0
+            j = i
+            while j < n:
+                if s[j] == 0x5C:
+                    j += 2
+                    continue
+                if s[j] == 0x28:
+                    depth += 1
+                elif s[j] == 0x29:
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            out.append(("c", s[i + 1 : min(j, n)].replace(b"\\", b"")))
+            i = j + 1
         elif c == 0x22:
             val, i = _read_quoted(s, i)
             out.append(("q", val))
-        elif c in b"<>@,;:.[]":
+        elif c in b"<>@,;:[]":
             if c == 0x5B:  # domain literal
                 j = s.find(b"]", i)
                 j = n - 1 if j < 0 else j
@@ -450,7 +461,7 @@ def _tokens(s: bytes) -> list[tuple[str, bytes]]:
             i += 1
         else:
             j = i
-            while j < n and s[j] not in b" \t\r\n()\"<>@,;:.[]":
+            while j < n and s[j] not in b" \t\r\n()\"<>@,;:[]":
                 j += 1
             out.append(("a", s[i:j]))
             i = j

@@ -1,0 +1,274 @@
+"""MIME part tree robustness (fuzz), parameter/address parsing, and the wire-syntax helpers."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tmmail.imap.encoding import (
+    Atom,
+    ParseError,
+    String,
+    astring,
+    decode_header,
+    imap_string,
+    literal_announcement,
+    rfc2231_value,
+    string_for_humans,
+    tokenize,
+    utf7_decode,
+    utf7_encode,
+)
+from tmmail.imap.fetch import body_structure, envelope, fetch_data, parse_fetch_items
+from tmmail.imap.mime import Message, Part, parse_addresses, parse_params, to_crlf
+
+CORPUS = os.path.join(os.path.dirname(__file__), "mime_corpus")
+
+
+def corpus() -> list[bytes]:
+    out = []
+    for n in sorted(os.listdir(CORPUS)):
+        if n.endswith(".eml"):
+            with open(os.path.join(CORPUS, n), "rb") as f:
+                out.append(f.read())
+    return out
+
+
+def walk(p: Part):
+    yield p
+    for c in p.children:
+        yield from walk(c)
+    if p.message is not None:
+        yield from walk(p.message)
+
+
+def check_invariants(m: Message) -> None:
+    n = len(m.data)
+    for p in walk(m.root):
+        assert 0 <= p.start <= p.body_start <= p.end <= n
+        for c in p.children:
+            assert p.body_start <= c.start and c.end <= p.end
+        if p.message is not None:
+            assert p.body_start <= p.message.start and p.message.end <= p.end
+
+
+ITEMS = parse_fetch_items(tokenize(
+    b"(ENVELOPE BODYSTRUCTURE BODY BODY.PEEK[1] BODY.PEEK[2.1.MIME] BODY.PEEK[HEADER.FIELDS (FROM)]"
+    b" BODY.PEEK[2.HEADER] BODY.PEEK[TEXT]<3.50> RFC822.SIZE)")[0])
+
+
+class Stored:
+    uid = 1
+    seq = 1
+    flags: set[str] = set()
+    internal_date = 0.0
+    size = 0
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def load(self) -> bytes:
+        return self.raw
+
+
+def full_fetch_is_parseable(raw: bytes) -> None:
+    m = Message(raw)
+    check_invariants(m)
+    out = fetch_data(ITEMS, Stored(raw))
+    toks = tokenize(b"(" + out + b")")   # balanced parentheses, valid strings and literals
+    assert len(toks) == 1 and isinstance(toks[0], list)
+
+
+def test_fuzz_random_bytes_never_raise():
+    rng = random.Random(1234)
+    alphabet = b"\r\n\n\n-- :;=\"\\()<>@,abcXYZ\t\x00\xff" + b"Content-Type multipart/mixed boundary"
+    for _ in range(400):
+        size = rng.randint(0, 400)
+        if rng.random() < 0.5:
+            raw = bytes(rng.getrandbits(8) for _ in range(size))
+        else:
+            raw = bytes(rng.choice(alphabet) for _ in range(size))
+        full_fetch_is_parseable(raw)
+
+
+def test_fuzz_mutated_corpus_never_raise():
+    rng = random.Random(99)
+    msgs = corpus()
+    for _ in range(300):
+        raw = bytearray(rng.choice(msgs))
+        for _ in range(rng.randint(1, 8)):
+            op = rng.random()
+            pos = rng.randint(0, len(raw))
+            if op < 0.3:
+                del raw[pos : pos + rng.randint(1, 30)]
+            elif op < 0.6:
+                raw[pos:pos] = rng.choice([b"\n--", b"\n\n", b"\"", b";", b"(", b"\r", b"\n--=-=-=--\n",
+                                           b"Content-Type: message/rfc822\n", b"\xe9", b"{5}"])
+            else:
+                raw = raw[:pos]
+        full_fetch_is_parseable(bytes(raw))
+
+
+def test_deep_nesting_is_bounded():
+    depth = 2000
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n" % (i, i) for i in range(depth))
+    raw = head + b"\ninnermost\n"
+    m = Message(raw)
+    bs = body_structure(m)
+    assert bs.count(b"(") == bs.count(b")")
+    nested = b"Subject: x\nContent-Type: message/rfc822\n\n" * depth + b"body\n"
+    assert envelope(Message(nested)).startswith(b"(NIL")
+    body_structure(Message(nested))
+
+
+def test_many_parts_are_capped():
+    raw = b"Content-Type: multipart/mixed; boundary=x\n\n" + b"--x\n\nA\n" * 20000 + b"--x--\n"
+    m = Message(raw)
+    assert 1000 <= len(m.root.children) <= 5001
+
+
+def test_crlf_normalisation():
+    assert to_crlf(b"a\nb\n") == b"a\r\nb\r\n"
+    assert to_crlf(b"a\r\nb\n") == b"a\r\nb\r\n"
+    assert to_crlf(b"a\r\n\r\n") == b"a\r\n\r\n"
+    assert to_crlf(b"bare\rcr\n") == b"bare\rcr\r\n"
+    for raw in corpus():
+        lf = raw.replace(b"\r\n", b"\n")
+        assert Message(lf).data == Message(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")).data
+        assert body_structure(Message(lf)) == body_structure(Message(to_crlf(lf)))
+
+
+def test_offsets_of_a_multipart():
+    raw = b"Content-Type: multipart/mixed; boundary=q\n\npre\n--q\nX: 1\n\nA\n--q\n\nB\n--q--\nepi\n"
+    m = Message(raw)
+    a, b = m.root.children
+    assert m.data[a.start : a.body_start] == b"X: 1\r\n\r\n"
+    assert m.data[a.body_start : a.end] == b"A"
+    assert m.data[b.body_start : b.end] == b"B"
+    assert a.header("x") == b" 1"
+    assert b.maintype == "text" and b.defaulted
+
+
+@pytest.mark.parametrize("value,want", [
+    (b"; a=1; b=\"x;y\"", [("a", "1"), ("b", "x;y")]),
+    (b"; format=flowed; delsp", [("format", "flowed")]),
+    (b"; a=1; delsp; skipped=1; b=2", [("a", "1"), ("b", "2")]),
+    (b"; Name=\"Report.PDF\"", [("Name", "Report.PDF")]),
+    (b"; a=1; a=2", [("a", "1"), ("a", "2")]),
+    (b"; x=\"unterminated", []),
+    (b"; n*1=b; n*0=a; z=1", [("z", "1"), ("n", "ab")]),
+    (b"; f*=utf-8''%E2%82%AC.pdf", [("f*", "utf-8''%E2%82%AC.pdf")]),
+    (b"; f*0*=utf-8''%E2; f*1=.pdf", [("f*", "utf-8''%E2.pdf")]),
+    (b" (comment) ; a = \"q\\\"uote\" (c)", [("a", 'q"uote')]),
+    (b";;;=;=x;", []),
+])
+def test_parse_params(value, want):
+    assert parse_params(value) == want
+
+
+def addr_tuples(value: bytes):
+    return [(a.name, a.adl, a.mailbox, a.host) for a in parse_addresses(value)]
+
+
+def test_addresses():
+    assert addr_tuples(b'"Doe, J" <j@d.example>, x@y') == [
+        (b"Doe, J", None, b"j", b"d.example"), (None, None, b"x", b"y")]
+    assert addr_tuples(b"undisclosed-recipients:;") == [(None, None, b"undisclosed-recipients", None),
+                                                        (None, None, None, None)]
+    assert addr_tuples(b"a@b (Real Name)") == [(b"Real Name", None, b"a", b"b")]
+    assert addr_tuples(b"<>") == [(None, None, b"MISSING_MAILBOX", b"MISSING_DOMAIN")]
+    assert addr_tuples(b"local") == [(None, None, b"local", b"MISSING_DOMAIN")]
+    assert addr_tuples(b"") == []
+    assert addr_tuples(b"G: a@b, \"c d\" <e@f>") == [
+        (None, None, b"G", None), (None, None, b"a", b"b"), (b"c d", None, b"e", b"f"), (None, None, None, None)]
+    assert addr_tuples(b"Joe Q. Public <jq@example.com>") == [(b"Joe Q. Public", None, b"jq", b"example.com")]
+    assert addr_tuples(b"A.B.  C <x@y>, (c1) d@e (c2) (c3), a@b (nested (c) x)") == [
+        (b"A.B. C", None, b"x", b"y"), (b"c3", None, b"d", b"e"), (b"nested (c) x", None, b"a", b"b")]
+    assert addr_tuples(b"x@[192.0.2.1]") == [(None, None, b"x", b"[192.0.2.1]")]
+
+
+# --- encoding helpers ----------------------------------------------------------------------
+
+
+def test_tokenize_command_with_lists_strings_and_literals():
+    toks = tokenize(b'A1 APPEND "Sent Items" (\\Seen $x) {5}\r\nhello')
+    assert toks == [b"A1", b"APPEND", b"Sent Items", [b"\\Seen", b"$x"], b"hello"]
+    assert isinstance(toks[0], Atom) and isinstance(toks[2], String) and not toks[2].literal
+    assert toks[4].literal
+    toks = tokenize(b'a FETCH 1:*,5 (FLAGS BODY.PEEK[HEADER.FIELDS (From "To")]<0.100>)')
+    assert toks[3] == [b"FLAGS", b'BODY.PEEK[HEADER.FIELDS (From "To")]<0.100>']
+    assert tokenize(b'x "a\\"b\\\\c" {0+}\r\n ~{2}\r\nab') == [b"x", b'a"b\\c', b"", b"ab"]
+    assert tokenize(b"a LIST \"\" %") == [b"a", b"LIST", b"", b"%"]
+    assert tokenize(b"a LIST \"\" [Gmail]/*") == [b"a", b"LIST", b"", b"[Gmail]/*"]
+    assert tokenize(b"a (NIL ())") == [b"a", [b"NIL", []]]
+
+
+@pytest.mark.parametrize("bad", [
+    b'a "unterminated', b"a (x", b"a x)", b"a {5}\r\nabc", b"a {x}\r\n", b'a "bad\\q"', b"a {3}abc",
+    b"a \x01", b'a "cr\r"',
+])
+def test_tokenize_errors(bad):
+    with pytest.raises(ParseError):
+        tokenize(bad)
+
+
+def test_literal_announcement():
+    assert literal_announcement(b"a APPEND INBOX {310}") == (310, False)
+    assert literal_announcement(b"a APPEND INBOX (\\Seen) {5+}") == (5, True)
+    assert literal_announcement(b"a APPEND INBOX ~{5}") == (5, False)
+    assert literal_announcement(b"a LOGIN x y") is None
+    assert literal_announcement(b"a SEARCH SUBJECT x{5}") is None
+    assert literal_announcement(b"{99999999999999999}") is None
+
+
+def test_imap_string_quoting():
+    assert imap_string(None) == b"NIL"
+    assert imap_string("plain") == b'"plain"'
+    assert imap_string(b'a"b\\c') == b'"a\\"b\\\\c"'
+    assert imap_string("caf\u00e9") == b"{5}\r\ncaf\xc3\xa9"
+    assert imap_string(b"two\r\nlines") == b"{10}\r\ntwo\r\nlines"
+    assert imap_string(b"") == b'""'
+    assert astring("INBOX") == b"INBOX"
+    assert astring("Sent Items") == b'"Sent Items"'
+    assert astring("NIL") == b'"NIL"'
+    assert astring("") == b'""'
+    assert string_for_humans(b"a\r\n  b\tc") == b"{5}\r\na b c"
+    assert string_for_humans(b"ok") == b'"ok"'
+    assert string_for_humans(b"  ") == b'""'
+
+
+@pytest.mark.parametrize("name,enc", [
+    ("INBOX", b"INBOX"), ("Entw\u00fcrfe", b"Entw&APw-rfe"), ("a&b", b"a&-b"),
+    ("\u263a!", b"&Jjo-!"), ("\u65e5\u672c\u8a9e", b"&ZeVnLIqe-"), ("Gel\u00f6schte Objekte", b"Gel&APY-schte Objekte"),
+    ("\U0001f600", b"&2D3eAA-"),
+])
+def test_utf7_roundtrip(name, enc):
+    assert utf7_encode(name) == enc
+    assert utf7_decode(enc) == name
+
+
+@pytest.mark.parametrize("bad", [b"&Jjo", b"&A-", b"a\xffb", b"&AGE-"])
+def test_utf7_invalid(bad):
+    with pytest.raises(ParseError):
+        utf7_decode(bad)
+
+
+def test_decode_header():
+    assert decode_header(b"=?UTF-8?Q?Gr=C3=BC=C3=9Fe?= =?UTF-8?B?IOKAkw==?=") == "Gr\u00fc\u00dfe \u2013"
+    assert decode_header(b"=?iso-8859-1?q?Andr=E9?= <a@b>") == "Andr\u00e9 <a@b>"
+    assert decode_header(b"plain\r\n folded") == "plain folded"
+    assert decode_header(b"=?utf-8?b?w6Q=?=\r\n =?utf-8?b?w7Y=?=") == "\u00e4\u00f6"
+    assert decode_header(b"=?bogus-charset?q?abc?=") == "abc"
+    assert decode_header(b"=?utf-8?q?broken") == "=?utf-8?q?broken"
+    assert decode_header("J\u00fcrgen".encode()) == "J\u00fcrgen"
+    assert decode_header(b"\xe9t\xe9") == "\u00e9t\u00e9"
+    # a multi-byte character split across two encoded words
+    assert decode_header(b"=?utf-8?q?=C3?= =?utf-8?q?=A4?=") == "\u00e4"
+
+
+def test_rfc2231_value():
+    assert rfc2231_value("utf-8''Rechnung%20M%C3%A4rz.pdf") == "Rechnung M\u00e4rz.pdf"
+    assert rfc2231_value("iso-8859-1'de'%DCbersicht") == "\u00dcbersicht"
+    assert rfc2231_value("no-quotes%20here") == "no-quotes here"
