@@ -7,12 +7,25 @@ Messages are stored with LF line endings, as Dovecot does; ``,S=`` is the file s
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import socket
 import time
+from typing import Callable, Iterable
 
 SPECIAL_FOLDERS = ("Sent", "Drafts", "Trash", "Junk", "Archive")
+
+#: Maildir info flag letters (cr.yp.to/proto/maildir.html) <-> IMAP system flags (RFC 3501 §2.3.2).
+#: ``P`` (passed) has no IMAP flag; it is kept in the name but not shown.
+LETTER_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
+FLAG_LETTERS = {v.lower(): k for k, v in LETTER_FLAGS.items()}
+KEYWORD_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+KEYWORDS_FILE = "dovecot-keywords"
+UIDVALIDITY_FILE = "dovecot-uidvalidity"
+
+#: in-process change hooks: folder directory (realpath) -> callbacks(folder_dir)
+_watchers: dict[str, list[Callable[[str], None]]] = {}
 
 _counter = itertools.count(1)
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
@@ -40,8 +53,9 @@ def create(maildir: str, folders: tuple[str, ...] = SPECIAL_FOLDERS) -> None:
             open(marker, "wb").close()
     subs = os.path.join(maildir, "subscriptions")
     if not os.path.exists(subs):
+        # Dovecot 2.3 format: "V<TAB>2", an empty line, then one name a line, levels TAB-separated
         with open(subs, "w") as f:
-            f.write("".join(name + "\n" for name in folders))
+            f.write("V\t2\n\n" + "".join(name + "\n" for name in folders))
 
 
 def unique_base() -> str:
@@ -58,7 +72,7 @@ def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None
     The file is written to ``tmp/``, fsynced, renamed into ``new/`` and the directory is fsynced,
     so once this returns the message survives a crash.  ``src_path`` holds LF-terminated lines.
     """
-    root = os.path.join(maildir, "." + folder) if folder else maildir
+    root = folder_dir(maildir, folder)
     base = unique_base()
     tmp = os.path.join(root, "tmp", base)
     size = 0
@@ -91,7 +105,184 @@ def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None
     name = f"{base},S={size},W={size + lines}"
     os.rename(tmp, os.path.join(root, "new", name))
     fsync_dir(os.path.join(root, "new"))
+    notify(root)
     return name
+
+
+def folder_dir(maildir: str, folder: str | None) -> str:
+    """The directory of a folder given by its store name (``"Work/Projects"``; None = INBOX)."""
+    if not folder or folder.upper() == "INBOX":
+        return maildir
+    from tmmail.store_names import folder_to_dir
+
+    return os.path.join(maildir, folder_to_dir(folder))
+
+
+# -- file names: base, sizes, flags ------------------------------------------------------------
+
+
+def split_name(filename: str) -> tuple[str, str]:
+    """(base, flag letters) of ``base:2,FLAGS``; letters empty if there is no ``:2,`` info."""
+    base, sep, info = filename.partition(":")
+    if sep and info.startswith("2,"):
+        return base, info[2:]
+    return base, ""
+
+
+def make_name(base: str, letters: str) -> str:
+    """The ``cur/`` file name for ``base`` with these flag letters (sorted: upper case, then a-z)."""
+    return f"{base}:2,{sort_letters(letters)}"
+
+
+def sort_letters(letters: str) -> str:
+    return "".join(sorted(set(letters)))
+
+
+def sizes_from_base(base: str) -> tuple[int | None, int | None]:
+    """(``S=`` file size, ``W=`` CRLF size) from a name's ``,S=``/``,W=`` fields."""
+    s = w = None
+    for part in base.split(",")[1:]:
+        if part.startswith("S=") and part[2:].isdigit():
+            s = int(part[2:])
+        elif part.startswith("W=") and part[2:].isdigit():
+            w = int(part[2:])
+    return s, w
+
+
+def name_time(base: str) -> float | None:
+    """The delivery time encoded at the start of a Maildir unique name (``sec.``)."""
+    head = base.split(".", 1)[0]
+    return float(head) if head.isdigit() else None
+
+
+def crlf_size(path: str) -> int:
+    """Size of the file with LF turned into CRLF (RFC822.SIZE) by reading it once."""
+    size = lines = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            size += len(chunk)
+            lines += chunk.count(b"\n") - chunk.count(b"\r\n")
+    return size + lines
+
+
+# -- dovecot-keywords ---------------------------------------------------------------------------
+
+
+def read_keywords(folder: str) -> list[str]:
+    """Keyword names by letter index (``dovecot-keywords``: ``<index> <name>`` lines)."""
+    names: list[str] = []
+    try:
+        with open(os.path.join(folder, KEYWORDS_FILE), "rb") as f:
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return names
+    for line in data.splitlines():
+        idx, _, name = line.partition(" ")
+        if not idx.isdigit() or not name:
+            continue
+        i = int(idx)
+        if i >= len(KEYWORD_LETTERS):
+            continue
+        while len(names) <= i:
+            names.append("")
+        names[i] = name
+    return names
+
+
+def add_keywords(folder: str, wanted: Iterable[str]) -> list[str]:
+    """Make sure every keyword in ``wanted`` has a letter; returns the new index list.
+
+    Locked with ``dovecot-keywords.lock`` and replaced by rename, as Dovecot's maildir-keywords.c
+    does.  Raises OverflowError when the 26 letters are used up.  Matching is case-insensitive
+    (RFC 3501 §2.3.2: keywords are atoms compared without case).
+    """
+    from tmmail.uidlist import DotLock
+
+    with DotLock(os.path.join(folder, KEYWORDS_FILE)) as lock:
+        names = read_keywords(folder)
+        known = {n.lower() for n in names if n}
+        changed = False
+        for kw in wanted:
+            if kw.lower() in known:
+                continue
+            try:
+                slot = names.index("")
+            except ValueError:
+                slot = len(names)
+            if slot >= len(KEYWORD_LETTERS):
+                raise OverflowError("no more keyword letters (26 per folder)")
+            if slot == len(names):
+                names.append(kw)
+            else:
+                names[slot] = kw
+            known.add(kw.lower())
+            changed = True
+        if changed:
+            data = "".join(f"{i} {n}\n" for i, n in enumerate(names) if n)
+            lock.commit(data.encode("utf-8"), durable=False)
+        return names
+
+
+# -- UIDVALIDITY --------------------------------------------------------------------------------
+
+
+def allocate_uidvalidity(maildir: str) -> int:
+    """A UIDVALIDITY never used before in this Maildir (RFC 3501 §2.3.1.1).
+
+    Dovecot keeps the next value in hex in ``dovecot-uidvalidity``; we follow it (under flock) and
+    use the current time when it is lower, so deleting and re-creating a folder changes it.
+    """
+    path = os.path.join(maildir, UIDVALIDITY_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.read(fd, 64).decode("ascii", "replace").strip()
+        try:
+            stored = int(raw, 16)
+        except ValueError:
+            stored = 0
+        value = max(int(time.time()), stored)
+        value = min(value, 0xFFFFFFFF)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%08x" % min(value + 1, 0xFFFFFFFF))
+        return value
+    finally:
+        os.close(fd)
+
+
+# -- in-process change notification --------------------------------------------------------------
+
+
+def watch(folder: str, callback: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``callback(folder)`` whenever this process changes ``folder``; returns a cancel function."""
+    key = os.path.realpath(folder)
+    _watchers.setdefault(key, []).append(callback)
+
+    def cancel() -> None:
+        lst = _watchers.get(key, [])
+        if callback in lst:
+            lst.remove(callback)
+        if not lst:
+            _watchers.pop(key, None)
+
+    return cancel
+
+
+def notify(folder: str) -> None:
+    """Tell this process's watchers of ``folder`` that it changed (never raises)."""
+    if not _watchers:
+        return
+    for callback in list(_watchers.get(os.path.realpath(folder), ())):
+        try:
+            callback(folder)
+        except Exception:  # a broken watcher must not break delivery
+            from twisted.logger import Logger
+
+            Logger().failure("store watcher failed for {folder}", folder=folder)
 
 
 def mailbox_path(postoffices_dir: str, postoffice: str, mailbox: str) -> str:

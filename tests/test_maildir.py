@@ -1,0 +1,83 @@
+"""Maildir++ files: delivery, names, flags, keywords, UIDVALIDITY, folder-name encoding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tmmail import maildir, store_names
+
+
+def test_create_is_idempotent_and_complete(tmp_path):
+    root = str(tmp_path / "Maildir")
+    maildir.create(root)
+    maildir.create(root)
+    for sub in ("cur", "new", "tmp"):
+        assert os.path.isdir(os.path.join(root, sub))
+        for folder in maildir.SPECIAL_FOLDERS:
+            assert os.path.isdir(os.path.join(root, "." + folder, sub))
+    assert os.path.exists(os.path.join(root, ".Trash", "maildirfolder"))
+
+
+def test_deliver_names_sizes_and_folders(tmp_path):
+    root = str(tmp_path / "Maildir")
+    maildir.create(root, folders=("Junk",))
+    src = tmp_path / "m"
+    src.write_bytes(b"a\nb\n")
+    name = maildir.deliver(root, str(src), prefix=b"X: y\n")
+    assert name.endswith(",S=9,W=12")
+    with open(os.path.join(root, "new", name), "rb") as f:
+        assert f.read() == b"X: y\na\nb\n"
+    assert maildir.sizes_from_base(name) == (9, 12)
+    junk = maildir.deliver(root, str(src), folder="Junk")
+    assert os.path.exists(os.path.join(root, ".Junk", "new", junk))
+    assert not os.listdir(os.path.join(root, "tmp"))
+
+
+def test_name_helpers():
+    assert maildir.split_name("123.M1P2.h,S=5:2,RS") == ("123.M1P2.h,S=5", "RS")
+    assert maildir.split_name("123.M1P2.h") == ("123.M1P2.h", "")
+    assert maildir.make_name("b", "aSRbS") == "b:2,RSab"
+    assert maildir.sizes_from_base("1.M2.host,S=7") == (7, None)
+    assert maildir.name_time("1700000000.M1P2.h") == 1700000000.0
+
+
+def test_keywords_file(tmp_path):
+    folder = str(tmp_path)
+    assert maildir.read_keywords(folder) == []
+    assert maildir.add_keywords(folder, ["$Junk", "Work"]) == ["$Junk", "Work"]
+    assert maildir.add_keywords(folder, ["work", "Later"]) == ["$Junk", "Work", "Later"]
+    assert (tmp_path / "dovecot-keywords").read_text() == "0 $Junk\n1 Work\n2 Later\n"
+    with pytest.raises(OverflowError):
+        maildir.add_keywords(folder, [f"k{i}" for i in range(30)])
+
+
+def test_uidvalidity_never_repeats(tmp_path):
+    values = [maildir.allocate_uidvalidity(str(tmp_path)) for _ in range(5)]
+    assert values == sorted(set(values))
+    # Dovecot's file: next value in hex
+    assert int((tmp_path / "dovecot-uidvalidity").read_text(), 16) == values[-1] + 1
+
+
+@pytest.mark.parametrize("text,encoded", [
+    ("Sent", "Sent"), ("Café", "Caf&AOk-"), ("A&B", "A&-B"), ("日本語", "&ZeVnLIqe-"),
+    ("~peter/mail/台北/日本語", "~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+])
+def test_modified_utf7(text, encoded):
+    assert store_names.utf7_encode(text) == encoded
+    assert store_names.utf7_decode(encoded) == text
+
+
+@pytest.mark.parametrize("bad", ["&", "&Jjo", "&AGE-", "&;;-", "é"])
+def test_modified_utf7_malformed(bad):
+    with pytest.raises(store_names.InvalidName):
+        store_names.utf7_decode(bad)
+
+
+def test_folder_dir_mapping():
+    assert store_names.folder_to_dir("Work/Projects") == ".Work.Projects"
+    assert store_names.dir_to_folder(".Work.Projects") == "Work/Projects"
+    assert store_names.dir_to_folder(".Caf&AOk-") == "Café"
+    for not_folder in ("..", ".", "..DOVECOT-TRASHED", ".a..b", ".x."):
+        assert store_names.dir_to_folder(not_folder) is None

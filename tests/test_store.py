@@ -1,0 +1,382 @@
+"""The Maildir++ store: folders, UIDs, flags and keywords, views and refresh, copy/move, append."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from tmmail import maildir, store, uidlist
+from tmmail.store import (FolderExists, InvalidName, KeywordLimit, NoSuchFolder, NoSuchMessage,
+                          Store, StoreError)
+
+MSG = b"From: a@example.com\nSubject: hi\n\nline one\nline two\n"
+
+
+@pytest.fixture
+def md(tmp_path):
+    root = str(tmp_path / "Maildir")
+    maildir.create(root)
+    return root
+
+
+def deliver(root: str, data: bytes = MSG, folder: str | None = None) -> str:
+    src = os.path.join(os.path.dirname(root), "src.eml")
+    with open(src, "wb") as f:
+        f.write(data)
+    return maildir.deliver(root, src, folder=folder)
+
+
+def names(st: Store) -> dict[str, tuple[str, ...]]:
+    return {f.name: f.attributes for f in st.list_folders()}
+
+
+# -- folders --------------------------------------------------------------------------------------
+
+
+def test_new_mailbox_has_special_use_folders(md):
+    listed = names(Store(md))
+    assert list(listed)[0] == "INBOX"
+    for name, attr in [("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
+                       ("Junk", "\\Junk"), ("Archive", "\\Archive")]:
+        assert attr in listed[name]
+    assert Store(md).subscriptions() == ["Sent", "Drafts", "Trash", "Junk", "Archive"]
+
+
+def test_create_nested_and_unicode_folders_on_disk_as_dovecot(md):
+    st = Store(md)
+    st.create_folder("Work/Projects")
+    st.create_folder("Café")
+    assert os.path.isdir(os.path.join(md, ".Work.Projects", "cur"))
+    assert os.path.isdir(os.path.join(md, ".Work", "cur"))  # parent created too
+    assert os.path.isdir(os.path.join(md, ".Caf&AOk-", "new"))
+    assert os.path.exists(os.path.join(md, ".Caf&AOk-", "maildirfolder"))
+    listed = names(st)
+    assert "\\HasChildren" in listed["Work"]
+    assert "\\HasNoChildren" in listed["Work/Projects"]
+    assert "Café" in listed
+    with pytest.raises(FolderExists):
+        st.create_folder("Work/Projects")
+    with pytest.raises(FolderExists):
+        st.create_folder("inbox")
+
+
+def test_implied_parent_is_noselect(md):
+    # Dovecot (or a user) may create only the child directory
+    os.makedirs(os.path.join(md, ".A.B", "cur"))
+    listed = names(Store(md))
+    assert listed["A"] == ("\\Noselect", "\\HasChildren")
+    with pytest.raises(NoSuchFolder):
+        Store(md).open("A")
+
+
+@pytest.mark.parametrize("bad", [
+    "", "a//b", "/a", "a/", "..", "a/../b", "../../etc", "a.b", ".hidden", "x\x00y", "tab\there",
+    "new\nline", "del\x7f", "star*", "per%cent", "back\\slash", "a/" * 20 + "a", "x" * 300,
+])
+def test_name_validation_refuses_attacks(md, bad):
+    st = Store(md)
+    with pytest.raises(InvalidName):
+        st.create_folder(bad)
+    # nothing was created outside the Maildir, nothing odd inside it
+    assert sorted(os.listdir(os.path.dirname(md))) == ["Maildir"]
+
+
+def test_delete_folder_keeps_children_and_refuses_inbox(md):
+    st = Store(md)
+    st.create_folder("A/B")
+    deliver(md, folder="A")
+    st.delete_folder("A")
+    assert not os.path.exists(os.path.join(md, ".A"))
+    assert os.path.isdir(os.path.join(md, ".A.B", "cur"))
+    assert names(st)["A"][0] == "\\Noselect"
+    with pytest.raises(NoSuchFolder):
+        st.delete_folder("A")
+    with pytest.raises(InvalidName):
+        st.delete_folder("INBOX")
+    # re-created folder gets a new UIDVALIDITY
+    st.create_folder("A")
+    assert st.status("A").messages == 0
+
+
+def test_recreated_folder_has_new_uidvalidity(md):
+    st = Store(md)
+    st.create_folder("X")
+    first = st.status("X").uidvalidity
+    st.delete_folder("X")
+    st.create_folder("X")
+    assert st.status("X").uidvalidity > first
+
+
+def test_rename_moves_children_and_subscriptions(md):
+    st = Store(md)
+    st.create_folder("Work/Projects")
+    st.subscribe("Work/Projects")
+    uv, uid = st.append("Work/Projects", MSG)
+    st.rename_folder("Work", "Job/Old")
+    listed = names(st)
+    assert "Work" not in listed and "Work/Projects" not in listed
+    assert "Job/Old/Projects" in listed
+    assert "Job/Old/Projects" in st.subscriptions()
+    status = st.status("Job/Old/Projects")
+    assert (status.messages, status.uidvalidity) == (1, uv)  # UIDs survive a rename
+    with pytest.raises(FolderExists):
+        st.rename_folder("Sent", "Trash")
+    with pytest.raises(NoSuchFolder):
+        st.rename_folder("Nope", "Other")
+
+
+def test_rename_inbox_moves_messages_and_keeps_inbox(md):
+    st = Store(md)
+    deliver(md)
+    deliver(md)
+    st.rename_folder("INBOX", "Saved")
+    assert st.status("INBOX").messages == 0
+    saved = st.open("Saved")
+    assert len(saved.messages) == 2
+    assert saved.read(saved.messages[0].uid) == MSG
+
+
+def test_subscriptions_file_is_dovecot_v2(md):
+    st = Store(md)
+    st.create_folder("Work/Projects")
+    st.subscribe("Work/Projects")
+    st.subscribe("Café")  # allowed for names that do not exist
+    st.unsubscribe("Junk")
+    with open(os.path.join(md, "subscriptions"), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"V\t2\n\n")
+    assert b"Work\tProjects\n" in data and b"Caf&AOk-\n" in data and b"Junk" not in data
+    assert st.subscriptions() == ["Sent", "Drafts", "Trash", "Archive", "Work/Projects", "Café"]
+
+
+# -- UIDs, flags, keywords ----------------------------------------------------------------------
+
+
+def test_uids_are_stable_across_new_to_cur_and_flag_renames(md):
+    deliver(md)
+    deliver(md)
+    st = Store(md)
+    pop_view = st.open("INBOX", readonly=True)
+    before = {m.base: m.uid for m in pop_view.messages}
+    assert all(m.subdir == "new" for m in pop_view.messages)
+    imap = st.open("INBOX")  # moves new -> cur
+    assert all(m.subdir == "cur" for m in imap.messages)
+    imap.store_flags([1, 2], ["\\Seen"], "add")
+    store._indexes.clear()  # a fresh process
+    again = Store(md).open("INBOX", readonly=True)
+    assert {m.base: m.uid for m in again.messages} == before
+    assert all(m.flags == {"\\Seen"} for m in again.messages)
+
+
+def test_flags_and_keywords_are_dovecot_compatible_file_names(md):
+    st = Store(md)
+    uv, uid = st.append("INBOX", MSG)
+    f = st.open("INBOX")
+    changed = f.store_flags([uid], ["\\Seen", "\\Answered", "$Junk", "NonJunk"], "add")
+    assert [seq for seq, _ in changed] == [1]
+    assert changed[0][1].flags == {"\\Seen", "\\Answered", "$Junk", "NonJunk"}
+    [name] = os.listdir(os.path.join(md, "cur"))
+    assert name.endswith(":2,RSab")
+    with open(os.path.join(md, "dovecot-keywords")) as kf:
+        assert kf.read() == "0 $Junk\n1 NonJunk\n"
+    f.store_flags([uid], ["$junk", "\\Answered"], "remove")  # keywords are case-insensitive
+    assert f.messages[0].flags == {"\\Seen", "NonJunk"}
+    assert os.listdir(os.path.join(md, "cur"))[0].endswith(":2,Sb")
+    f.store_flags([uid], ["\\Flagged", "\\Draft"], "set")
+    assert f.messages[0].flags == {"\\Flagged", "\\Draft"}
+    assert os.listdir(os.path.join(md, "cur"))[0].endswith(":2,DF")
+    assert f.store_flags([uid], ["\\Flagged"], "add") == []  # no change, nothing reported
+    with pytest.raises(StoreError):
+        f.store_flags([uid], ["\\Bogus"], "add")
+
+
+def test_unknown_letters_like_passed_are_kept(md):
+    st = Store(md)
+    st.append("INBOX", MSG)
+    cur = os.path.join(md, "cur")
+    [name] = os.listdir(cur)
+    os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":")[0] + ":2,PS"))
+    f = st.open("INBOX")
+    assert f.messages[0].flags == {"\\Seen"}
+    f.store_flags([f.messages[0].uid], [], "set")
+    assert os.listdir(cur)[0].endswith(":2,P")
+
+
+def test_keyword_limit(md):
+    st = Store(md)
+    uv, uid = st.append("INBOX", MSG)
+    f = st.open("INBOX")
+    f.store_flags([uid], [f"kw{i}" for i in range(26)], "add")
+    assert "\\*" not in f.permanent_flags
+    with pytest.raises(KeywordLimit):
+        f.store_flags([uid], ["one-too-many"], "add")
+
+
+def test_size_and_internal_date(md):
+    st = Store(md)
+    uv, uid = st.append("Sent", MSG.replace(b"\n", b"\r\n"), ["\\Seen"], internal_date=1_000_000_000)
+    f = st.open("Sent")
+    info = f.messages[0]
+    assert info.size == len(MSG) + MSG.count(b"\n")  # RFC822.SIZE of the CRLF form
+    assert info.internal_date == 1_000_000_000
+    assert f.read(uid) == MSG  # stored with LF
+    assert info.flags == {"\\Seen"}
+
+
+def test_size_computed_when_name_has_no_w(md):
+    name = "1700000000.M1P1.otherhost"
+    with open(os.path.join(md, "new", name), "wb") as out:
+        out.write(b"a\nb\r\nc\n")
+    f = Store(md).open("INBOX", readonly=True)
+    assert f.messages[0].size == 9
+
+
+# -- views and refresh ----------------------------------------------------------------------------
+
+
+def test_refresh_reports_new_flags_and_expunges_of_other_sessions(md):
+    st = Store(md)
+    for _ in range(3):
+        st.append("INBOX", MSG)
+    a = st.open("INBOX")
+    b = st.open("INBOX")
+    assert not b.refresh()
+    a.store_flags([2], ["\\Deleted", "\\Seen"], "add")
+    a.store_flags([3], ["\\Deleted"], "add")
+    deliver(md)
+    assert a.expunge() == [(3, 3), (2, 2)]  # descending: send EXPUNGE 3, then EXPUNGE 2
+    changes = b.refresh()
+    assert changes.expunged == [(3, 3), (2, 2)]
+    assert [m.uid for m in changes.new] == [4]
+    assert changes.exists == 2
+    assert [m.uid for m in b.messages] == [1, 4]
+    assert not b.refresh()
+    assert [m.uid for m in a.refresh().new] == [4]  # a learns of the delivery only now
+    a.store_flags([1], ["\\Flagged"], "add")
+    changes = b.refresh()
+    assert [(seq, m.uid, m.flags) for seq, m in changes.flags] == [(1, 1, frozenset({"\\Flagged"}))]
+    # a's own change is not reported back to a
+    assert not a.refresh()
+
+
+def test_refresh_without_expunges_keeps_sequence_numbers(md):
+    st = Store(md)
+    for _ in range(2):
+        st.append("INBOX", MSG)
+    a, b = st.open("INBOX"), st.open("INBOX")
+    a.store_flags([1], ["\\Deleted"], "add")
+    a.expunge()
+    changes = b.refresh(expunges=False)
+    assert changes.expunged == [] and len(b.messages) == 2
+    with pytest.raises(NoSuchMessage):
+        b.read(1)
+    assert b.read(2) == MSG
+    assert b.refresh().expunged == [(1, 1)]
+    assert [m.uid for m in b.messages] == [2]
+
+
+def test_changes_by_other_process_are_seen(md):
+    st = Store(md)
+    st.append("INBOX", MSG)
+    view = st.open("INBOX")
+
+    def other() -> None:
+        store._indexes.clear()
+        o = Store(md).open("INBOX")
+        o.store_flags([1], ["\\Seen"], "add")
+        Store(md).append("INBOX", MSG)
+
+    p = multiprocessing.get_context("fork").Process(target=other)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    changes = view.refresh()
+    assert [m.uid for m in changes.new] == [2]
+    assert [(s, m.flags) for s, m in changes.flags] == [(1, frozenset({"\\Seen"}))]
+
+
+def test_recent_belongs_to_one_session(md):
+    deliver(md)
+    st = Store(md)
+    assert st.status("INBOX").recent == 1
+    ro = st.open("INBOX", readonly=True)
+    assert ro.recent == set()
+    first = st.open("INBOX")
+    second = st.open("INBOX")
+    assert first.recent == {1} and second.recent == set()
+    deliver(md)
+    c = second.refresh()
+    assert c.recent == 1 and second.recent == {2}
+    assert first.refresh().recent == 1 and first.recent == {1}
+    assert st.status("INBOX").recent == 0
+
+
+def test_watch_is_called_on_delivery_and_changes(md):
+    st = Store(md)
+    seen: list[str] = []
+    cancel = st.watch("INBOX", seen.append)
+    deliver(md)
+    f = st.open("INBOX")
+    f.store_flags([1], ["\\Seen"])
+    assert seen == ["INBOX", "INBOX"]
+    cancel()
+    deliver(md)
+    assert len(seen) == 2
+
+
+# -- copy, move, append ---------------------------------------------------------------------------
+
+
+def test_copy_and_move_return_new_uids(md):
+    st = Store(md)
+    for _ in range(3):
+        st.append("INBOX", MSG, ["$Work"])
+    f = st.open("INBOX")
+    uv, pairs = f.copy([1, 3], "Archive")
+    assert uv == st.status("Archive").uidvalidity
+    assert pairs == [(1, 1), (3, 2)]
+    arch = st.open("Archive")
+    assert [m.flags for m in arch.messages] == [frozenset({"$Work"})] * 2
+    assert arch.read(1) == MSG
+    assert len(f.messages) == 3
+    uv, pairs, expunged = f.move([2, 3], "Trash")
+    assert pairs == [(2, 1), (3, 2)]
+    assert expunged == [(3, 3), (2, 2)]
+    assert [m.uid for m in f.messages] == [1]
+    assert st.status("Trash").messages == 2 and st.status("INBOX").messages == 1
+    with pytest.raises(NoSuchFolder):
+        f.copy([1], "Nope")
+
+
+def test_append_is_durable_with_uid_and_visible_to_open_views(md):
+    st = Store(md)
+    view = st.open("Drafts")
+    uv, uid = st.append("Drafts", b"Subject: draft\r\n\r\nx\r\n", ["\\Draft"])
+    assert (uv, uid) == (view.uidvalidity, 1)
+    assert uidlist.read(os.path.join(md, ".Drafts")).nextuid == 2
+    assert not os.listdir(os.path.join(md, ".Drafts", "tmp"))
+    c = view.refresh()
+    assert [(m.uid, m.flags) for m in c.new] == [(1, frozenset({"\\Draft"}))]
+
+
+def _appender(root: str, n: int) -> None:
+    store._indexes.clear()
+    st = Store(root)
+    for _ in range(n):
+        st.append("INBOX", MSG)
+
+
+def test_concurrent_processes_appending_get_distinct_uids(md):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_appender, args=(md, 15)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store._indexes.clear()
+    f = Store(md).open("INBOX", readonly=True)
+    assert [m.uid for m in f.messages] == list(range(1, 61))
+    assert len({m.base for m in f.messages}) == 60

@@ -1,0 +1,307 @@
+"""The per-folder message index shared by every session of one process.
+
+One job: know, cheaply, which messages a Maildir folder holds (UID, base name, current file
+name, flags) without reading or stat-ing message files.
+
+* A refresh first ``stat()``s ``new/``, ``cur/``, ``dovecot-uidlist`` and ``dovecot-keywords``.
+  If none changed (and the directories were not modified within the last two seconds, where
+  the file system's coarse timestamps cannot be trusted), nothing else happens.
+* Otherwise ``new/`` then ``cur/`` are listed (in that order, so a concurrent ``new/`` -> ``cur/``
+  rename is never missed); unchanged names reuse their MessageInfo objects.  A known message
+  missing from a listing is looked for in a second listing before it counts as gone (``readdir``
+  may miss an entry renamed while it runs).
+* Names without a UID get one under ``dovecot-uidlist.lock`` (tmmail.uidlist).
+* Sizes come from ``,W=`` in the name (computed once by reading the file otherwise); the
+  internal date is the file mtime, stat()ed on first use only.
+
+Thread-safe (one RLock per folder); blocking file-system calls (fast: listdir, a few stats).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterable
+
+from tmmail import maildir, uidlist
+from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
+
+#: directory mtimes younger than this may hide a later change in the same timestamp tick
+UNTRUSTED_SECONDS = 2.0
+
+
+class FolderGone(Exception):
+    """The folder directory no longer exists."""
+
+
+class MessageInfo:
+    """One message as the index knows it; immutable except for lazily cached size/date."""
+
+    __slots__ = ("uid", "base", "name", "subdir", "letters", "flags", "folder", "_size", "_date")
+
+    def __init__(self, uid: int, base: str, name: str, subdir: str, letters: str,
+                 flags: frozenset[str], folder: str) -> None:
+        self.uid = uid
+        self.base = base
+        self.name = name
+        self.subdir = subdir
+        self.letters = letters
+        self.flags = flags
+        self.folder = folder
+        self._size: int | None = None
+        self._date: float | None = None
+
+    @property
+    def filename(self) -> str:
+        """Full path as last seen (may go stale when another session renames it)."""
+        return os.path.join(self.folder, self.subdir, self.name)
+
+    @property
+    def size(self) -> int:
+        """RFC822.SIZE: octets with CRLF line endings (``,W=``; else read once)."""
+        if self._size is None:
+            _, w = maildir.sizes_from_base(self.base)
+            if w is None:
+                try:
+                    w = maildir.crlf_size(self.filename)
+                except OSError:
+                    w = 0
+            self._size = w
+        return self._size
+
+    @property
+    def internal_date(self) -> float:
+        """INTERNALDATE (epoch seconds): the file mtime, as Dovecot keeps it."""
+        if self._date is None:
+            try:
+                self._date = os.stat(self.filename).st_mtime
+            except OSError:
+                self._date = maildir.name_time(self.base) or 0.0
+        return self._date
+
+    @property
+    def seen(self) -> bool:
+        return "S" in self.letters
+
+    def __repr__(self) -> str:
+        return f"MessageInfo(uid={self.uid}, name={self.subdir}/{self.name!r})"
+
+
+def flags_of(letters: str, keywords: list[str]) -> frozenset[str]:
+    out = []
+    for ch in letters:
+        flag = LETTER_FLAGS.get(ch)
+        if flag:
+            out.append(flag)
+        elif "a" <= ch <= "z":
+            i = ord(ch) - 97
+            if i < len(keywords) and keywords[i]:
+                out.append(keywords[i])
+    return frozenset(out)
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class FolderIndex:
+    """The shared, cached view of one folder directory (INBOX root or ``.Name``)."""
+
+    def __init__(self, path: str, root: str) -> None:
+        self.path = path
+        self.root = root
+        self.lock = threading.RLock()
+        self.by_base: dict[str, MessageInfo] = {}
+        self.by_uid: dict[int, MessageInfo] = {}
+        self.keywords: list[str] = []
+        self.uidvalidity = 0
+        self.nextuid = 1
+        #: bumped on every change; views compare it to skip work
+        self.version = 0
+        self.exists = True
+        self._stamp: tuple | None = None
+        self._ul: uidlist.UidList | None = None
+        self._ul_stamp: tuple | None = None
+        self._kw_stamp: tuple | None = None
+        self._sorted: list[MessageInfo] | None = None
+        self._counts: tuple[int, int] | None = None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def messages(self) -> list[MessageInfo]:
+        """All messages in UID order (cached per version; do not modify)."""
+        with self.lock:
+            if self._sorted is None:
+                self._sorted = sorted(self.by_uid.values(), key=lambda m: m.uid)
+            return self._sorted
+
+    def counts(self) -> tuple[int, int]:
+        """(messages in new/, messages without \\Seen)."""
+        with self.lock:
+            if self._counts is None:
+                new = unseen = 0
+                for m in self.by_uid.values():
+                    if m.subdir == "new":
+                        new += 1
+                    if "S" not in m.letters:
+                        unseen += 1
+                self._counts = (new, unseen)
+            return self._counts
+
+    def _stamps(self) -> tuple:
+        new = _stat_key(os.path.join(self.path, "new"))
+        cur = _stat_key(os.path.join(self.path, "cur"))
+        if cur is None:
+            raise FolderGone(self.path)
+        return (new, cur, uidlist.stamp(self.path), _stat_key(os.path.join(self.path, maildir.KEYWORDS_FILE)))
+
+    def _trusted(self, stamp: tuple) -> bool:
+        now_ns = time.time_ns()
+        for part in stamp[:2]:
+            if part is not None and now_ns - part[0] < UNTRUSTED_SECONDS * 1e9:
+                return False
+        return True
+
+    def sync(self, force: bool = False) -> bool:
+        """Bring the index up to date with the disk; True if anything changed."""
+        with self.lock:
+            try:
+                stamp = self._stamps()
+            except FolderGone:
+                if self.by_uid or self.exists:
+                    self.exists = False
+                    self._set({})
+                    return True
+                return False
+            self.exists = True
+            if not force and stamp == self._stamp and self._trusted(stamp):
+                return False
+            return self._scan(stamp)
+
+    def _listing(self) -> dict[str, tuple[str, str]]:
+        found: dict[str, tuple[str, str]] = {}
+        for subdir in ("new", "cur"):
+            try:
+                names = os.listdir(os.path.join(self.path, subdir))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith("."):
+                    continue
+                base = uidlist.base_name(name)
+                found[base] = (subdir, name)
+        return found
+
+    def _scan(self, stamp: tuple) -> bool:
+        listing = self._listing()
+        missing_known = [b for b in self.by_base if b not in listing]
+        if missing_known:
+            # readdir() may miss an entry renamed while it runs: look again before calling it gone
+            second = self._listing()
+            for base in missing_known:
+                if base not in second and base in listing:
+                    second[base] = listing[base]
+            gone_twice = {b for b in missing_known if b not in second}
+            listing = second
+        else:
+            gone_twice = set()
+        if stamp[3] != self._kw_stamp:
+            keywords = maildir.read_keywords(self.path)
+            self._kw_stamp = stamp[3]
+        else:
+            keywords = self.keywords
+        if self._ul is None or stamp[2] != self._ul_stamp:
+            self._ul = uidlist.read(self.path)
+            self._ul_stamp = stamp[2]
+        ul = self._ul
+        unassigned = [b for b in listing if ul is None or b not in ul.records]
+        if unassigned or ul is None:
+            unassigned.sort(key=lambda b: (maildir.name_time(b) or 0.0, b))
+            forget = {b for b in gone_twice if ul is not None and b in ul.records}
+            ul = uidlist.update(self.path, unassigned,
+                                uidvalidity=lambda: maildir.allocate_uidvalidity(self.root), forget=forget)
+            self._ul = ul
+            self._ul_stamp = uidlist.stamp(self.path)
+            stamp = (stamp[0], stamp[1], self._ul_stamp, stamp[3])
+        self._stamp = stamp
+        records = ul.records
+        rebuild = keywords != self.keywords or ul.uidvalidity != self.uidvalidity
+        self.keywords = keywords
+        new_by_base: dict[str, MessageInfo] = {}
+        old = self.by_base
+        for base, (subdir, name) in listing.items():
+            rec = records.get(base)
+            if rec is None:
+                continue  # appeared after the uidlist was read: next sync
+            prev = old.get(base)
+            if prev is not None and not rebuild and prev.name == name and prev.subdir == subdir and prev.uid == rec.uid:
+                new_by_base[base] = prev
+                continue
+            letters = maildir.split_name(name)[1] if subdir == "cur" else ""
+            info = MessageInfo(rec.uid, base, name, subdir, letters, flags_of(letters, keywords), self.path)
+            if prev is not None and prev.uid == rec.uid:
+                info._size, info._date = prev._size, prev._date
+            new_by_base[base] = info
+        changed = (rebuild or len(new_by_base) != len(old)
+                   or any(old.get(b) is not m for b, m in new_by_base.items()))
+        self.uidvalidity = ul.uidvalidity
+        self.nextuid = ul.nextuid
+        if changed:
+            self._set(new_by_base)
+        return changed
+
+    def _set(self, by_base: dict[str, MessageInfo]) -> None:
+        self.by_base = by_base
+        self.by_uid = {m.uid: m for m in by_base.values()}
+        self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._sorted = None
+        self._counts = None
+
+    # -- patching after our own changes -----------------------------------------------------------
+
+    def make_info(self, uid: int, base: str, name: str, subdir: str, letters: str) -> MessageInfo:
+        return MessageInfo(uid, base, name, subdir, letters, flags_of(letters, self.keywords), self.path)
+
+    def replace(self, info: MessageInfo, name: str, subdir: str, letters: str) -> MessageInfo:
+        with self.lock:
+            new = self.make_info(info.uid, info.base, name, subdir, letters)
+            new._size, new._date = info._size, info._date
+            if self.by_base.get(info.base) is not None:
+                self.by_base[info.base] = new
+                self.by_uid[info.uid] = new
+                self._changed()
+            return new
+
+    def remove(self, infos: Iterable[MessageInfo]) -> None:
+        with self.lock:
+            removed = False
+            for info in infos:
+                if self.by_base.pop(info.base, None) is not None:
+                    self.by_uid.pop(info.uid, None)
+                    removed = True
+            if removed:
+                self._changed()
+
+    def refresh_keywords(self) -> None:
+        with self.lock:
+            self.keywords = maildir.read_keywords(self.path)
+            self._kw_stamp = _stat_key(os.path.join(self.path, maildir.KEYWORDS_FILE))
+
+    def locate(self, info: MessageInfo) -> MessageInfo | None:
+        """The current entry for ``info``'s message after a rescan (it may have been renamed)."""
+        with self.lock:
+            self.sync(force=True)
+            return self.by_base.get(info.base)
+
+
+def keyword_letters(keywords: list[str]) -> dict[str, str]:
+    """lower-case keyword -> its letter."""
+    return {kw.lower(): KEYWORD_LETTERS[i] for i, kw in enumerate(keywords) if kw}
