@@ -614,7 +614,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise CLIError(f"{self.prog}: {message}")
+        raise CLIError(f"{message} (see: {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
