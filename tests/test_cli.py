@@ -194,6 +194,18 @@ def test_settings_template_lists_every_setting_with_its_default() -> None:
         assert not missing, f"tmmail.toml template does not mention [{name}] {sorted(missing)}"
 
 
+def test_configuration_reference_documents_every_setting() -> None:
+    """docs/configuration.md has a table row for every setting, under its section."""
+    text = (REPO / "docs" / "configuration.md").read_text()
+    for name, cls in config._SECTIONS.items():
+        m = re.search(rf"^### \[{name}\]\n(.*?)(?=^#)", text, re.S | re.M)
+        assert m, f"docs/configuration.md has no [{name}] section"
+        for f in fields(cls):
+            assert f"| `{f.name}` |" in m.group(1), f"docs/configuration.md does not document {name}.{f.name}"
+    for fname in TABLES.values():
+        assert f"### {fname}" in text
+
+
 # -- post offices and domains ------------------------------------------------------------
 
 
