@@ -288,3 +288,16 @@ def test_a_right_guess_finishing_after_a_block_is_refused(store: ProviderStore) 
     clock.advance(10)
     assert all(o.done for o in wrong)
     assert right.failed_with(LoginBlocked)
+
+
+def test_ipv6_clients_are_throttled_per_64_network(store: ProviderStore) -> None:
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    for i in range(6):  # rotating through addresses of one /64 does not help
+        Outcome(auth.authenticate(f"user{i}@example.com", "x", f"2001:db8:1:2::{i + 1:x}"))
+        clock.advance(10)
+    assert Outcome(auth.authenticate("ann@example.com", "ann-pw", "2001:db8:1:2:ffff::1")).failed_with(LoginBlocked)
+    assert isinstance(Outcome(auth.authenticate("ann@example.com", "ann-pw", "2001:db8:1:3::1")).result, AuthEntry)
+    assert auth.failures(client_ip="::ffff:192.0.2.1") == 0
+    Outcome(auth.authenticate("joe@example.com", "x", "::ffff:192.0.2.1"))
+    assert auth.failures(client_ip="192.0.2.1") == 1  # IPv4-mapped is the same client

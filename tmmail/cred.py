@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -151,6 +152,20 @@ class _Counter:
         return sum(self.failures.values())
 
 
+def ip_key(client_ip: str) -> str:
+    """Throttling key for a client: the IPv4 address, or the IPv6 /64 (one subscriber's
+    network: rotating through its addresses must not reset the counter)."""
+    try:
+        addr = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return client_ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 def _printable(text: str, limit: int = 256) -> str:
     """Log-safe form of user input: no control characters (no forged log lines)."""
     text = text[:limit]
@@ -263,7 +278,7 @@ class Authenticator:
         if login is not None:
             c = self._counter(self._by_account, login.lower(), now)
         else:
-            c = self._counter(self._by_ip, client_ip or "", now)
+            c = self._counter(self._by_ip, ip_key(client_ip or ""), now)
         return c.total if c is not None else 0
 
     # -- the check ---------------------------------------------------------------------
@@ -271,8 +286,9 @@ class Authenticator:
     def authenticate(self, login: str, password: str, client_ip: str) -> defer.Deferred[AuthEntry]:
         """Deferred firing with the AuthEntry, or failing with LoginFailed / LoginBlocked."""
         key = login.strip().lower()
+        ip = ip_key(client_ip)
         now = self.reactor.seconds()
-        blocked = self._is_blocked(key, client_ip, now)
+        blocked = self._is_blocked(key, ip, now)
         if blocked is not None:
             log.warn(
                 "authentication refused for {login} from {client_ip}: {what} temporarily blocked",
@@ -301,20 +317,20 @@ class Authenticator:
         def checked(ok: bool) -> Any:
             if ok and reason is None:
                 assert entry is not None
-                if self._is_blocked(key, client_ip, self.reactor.seconds()) is not None:
+                if self._is_blocked(key, ip, self.reactor.seconds()) is not None:
                     # a parallel guess triggered the block while this check ran
                     return defer.fail(LoginBlocked("too many failed logins, try again later"))
-                self._record_success(key, client_ip)
+                self._record_success(key, ip)
                 log.info("authenticated {login} from {client_ip}", login=entry.login, client_ip=client_ip)
                 return entry
-            return self._fail(key, login, client_ip, reason or "wrong password")
+            return self._fail(key, login, ip, client_ip, reason or "wrong password")
 
         d.addCallback(checked)
         return d
 
-    def _fail(self, key: str, login: str, client_ip: str, reason: str) -> defer.Deferred[AuthEntry]:
+    def _fail(self, key: str, login: str, ip: str, client_ip: str, reason: str) -> defer.Deferred[AuthEntry]:
         now = self.reactor.seconds()
-        failures = self._record_failure(key, client_ip, now)
+        failures = self._record_failure(key, ip, now)
         delay = self.delay_for(failures)
         log.warn(
             "authentication failure for {login} from {client_ip}: {reason} (failure {failures}, delay {delay} s)",
