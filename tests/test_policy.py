@@ -223,7 +223,8 @@ def test_authenticated_sender_refused_for_foreign_address(snap, address):
     d = sender(snap, address, "alice@example.com")
     assert d.verdict.reply.startswith("553 5.7.1")
     # the reply names the addresses that are allowed
-    assert "alice.smith@example.com" in d.verdict.reply and "info@example.com" in d.verdict.reply
+    for allowed in ("alice@example.com", "alice.smith@example.com", "info@example.com", "sales@example.com"):
+        assert allowed in d.verdict.reply
 
 
 def test_catch_all_mask_does_not_grant_addresses(snap):

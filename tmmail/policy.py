@@ -130,6 +130,22 @@ def explicit_senders(snap: Any, auth: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def allowed_senders(snap: Any, auth: Any, resolve: Resolver, limit: int = 20) -> tuple[str, ...]:
+    """The addresses to name in a refusal: the listed ones plus aliases reaching the mailbox
+    through other aliases (resolved), at most ``limit``."""
+    out = list(explicit_senders(snap, auth))
+    for entry in snap.address_map:
+        if len(out) >= limit:
+            break
+        if entry.is_mask or not entry.source.upper().startswith("[SMTP:"):
+            continue
+        address = entry.source[6:-1].lower()
+        if address not in out and any(d.scheme == "SMTP" for d in entry.destinations):
+            if may_send_as(snap, auth, address, resolve):
+                out.append(address)
+    return tuple(out[:limit])
+
+
 def primary_sender(snap: Any, auth: Any) -> str:
     """The primary outgoing address: the SENDERS.tab primary entry, else the login."""
     key = (auth.postoffice.upper(), auth.mailbox.upper())
@@ -203,7 +219,6 @@ def check_sender(
             _refuse(R.S554_SENDER_BLACKLISTED.format(address=sender), "sender domain blacklisted")
         )
     if auth is not None:
-        allowed = explicit_senders(snap, auth)
         mode = sender_policy_of(snap, auth)
         primary = primary_sender(snap, auth)
         from_policy = FromPolicy(
@@ -217,7 +232,9 @@ def check_sender(
             return SenderDecision(ACCEPT, primary, from_policy, rewritten=True)
         return SenderDecision(
             _refuse(
-                R.S553_SENDER_NOT_OWNED.format(address=sender, login=auth.login, allowed=", ".join(allowed)),
+                R.S553_SENDER_NOT_OWNED.format(
+                    address=sender, login=auth.login, allowed=", ".join(allowed_senders(snap, auth, resolve))
+                ),
                 "sender address not owned",
             )
         )

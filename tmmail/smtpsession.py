@@ -767,7 +767,8 @@ class SMTPSession(Protocol):
         if sink.error == BARE_NEWLINE:
             return R.S550_BARE_NEWLINE
         if sink.error == FROM_NOT_OWNED and self.auth is not None:
-            allowed = ", ".join(policy.explicit_senders(self.factory.store.current(), self.auth))
+            snap = self.factory.store.current()
+            allowed = ", ".join(policy.allowed_senders(snap, self.auth, self.factory.resolve))
             return R.S553_FROM_NOT_OWNED.format(login=self.auth.login, allowed=allowed)
         if sink.error == STORAGE:
             log.error("spool write failed: {error}", error=sink.error_detail)
