@@ -17,6 +17,7 @@ not ASCII use the ``utf-8`` address type of RFC 6533 §3.
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Sequence
@@ -47,6 +48,11 @@ class RecipientReport:
     last_attempt: float | None = None
     #: for delayed: when we give up
     will_retry_until: float | None = None
+
+
+def xtext_decode(text: str) -> str:
+    """Undo RFC 3461 §4 xtext (``+2B`` -> ``+``): ORCPT values are reported decoded (§6.3)."""
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,457 @@
+"""The runner end to end on a real spool and real Maildirs, with the real reactor in a thread.
+
+Crash tests leave the spool in the state a crash would and start a fresh runner on it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import time
+from typing import Any, Callable
+
+import pytest
+from twisted.internet import defer, reactor
+
+from tmmail import config
+from tmmail.connectors.postoffice import PostOfficeConnector
+from tmmail.envelope import DELIVERED, Envelope
+from tmmail.errors import PermanentError, TransientError
+from tmmail.providers import ProviderStore
+from tmmail.runner import Runner
+from tmmail.spool import ACTIVE, BADMAIL, CORRUPT, DEFERRED, INCOMING, Spool
+
+MSG = b"From: alice@example.com\nSubject: test\nMessage-ID: <t1@example.com>\n\nhello\n"
+
+MAILBOXES = [
+    "ACME\tALICE\t1\t0",
+    "ACME\tADMIN\t1\t0",
+    "ACME\tBOB\t1\t0",
+    "ACME\tPOSTMASTER\t1\t0",
+]
+
+
+class FakeSMTP:
+    """Stands in for the outbound connector: records calls, answers from ``answer``."""
+
+    scheme = "SMTP"
+
+    def __init__(self, answer: Callable[[str], Any] = lambda rcpt: None) -> None:
+        self.answer = answer
+        self.calls: list[list[str]] = []
+
+    def batch_key(self, target: Any) -> str:
+        return target.value.rsplit("@", 1)[1]
+
+    def deliver(self, envelope: Any, items: Any, message_path: str) -> Any:
+        assert open(message_path, "rb").read() == MSG
+        self.calls.append([t.value for _, t in items])
+        return defer.succeed([self.answer(t.value) for _, t in items])
+
+
+class World:
+    def __init__(self, tmp_path, reactor_thread, mailboxes=MAILBOXES, maps=(), smtp=None, **queue: Any) -> None:
+        cfg = tmp_path / "config"
+        cfg.mkdir(exist_ok=True)
+        (cfg / "DOMAINS.tab").write_text("example.com\tACME\t1\n")
+        (cfg / "POSTOFFICE.tab").write_text("ACME\t1\n")
+        (cfg / "MAILBOX.tab").write_text("".join(r + "\n" for r in mailboxes))
+        (cfg / "ADDRESS-MAP.tab").write_text("".join(r + "\n" for r in maps))
+        q = {"scan_interval": 0.05, "retry_initial": 60.0, "retry_max": 600.0, "io_threads": 2,
+             "postmaster": "postmaster@example.com"}
+        q.update(queue)
+        self.settings = config.parse(
+            {"server": {"hostname": "mx.example.com", "state_dir": str(tmp_path), "config_dir": str(cfg)},
+             "queue": q}
+        )
+        self.rt = reactor_thread
+        self.store = ProviderStore(str(cfg))
+        self.spool = Spool(self.settings.spool_dir)
+        self.po = self.settings.postoffices_dir
+        self.smtp = smtp
+        self.runner: Runner | None = None
+
+    def start(self) -> Runner:
+        conns: list[Any] = [PostOfficeConnector(self.settings, self.store, reactor)]
+        if self.smtp is not None:
+            conns.append(self.smtp)
+        self.runner = Runner(self.settings, self.spool, self.store, conns, reactor)
+        self.rt.call(self.runner.start)
+        return self.runner
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.rt.call(self.runner.stop, 10.0)
+            self.runner = None
+
+    def send(self, rcpts: list[str], sender: str = "alice@example.com", data: bytes = MSG, **kw: Any) -> str:
+        w = self.spool.open_message()
+        w.write(data)
+        w.commit(Envelope.new(queue_id=w.id, sender=sender, recipients=rcpts, **kw))
+        if self.runner is not None:
+            self.runner.wake(w.id)
+        return w.id
+
+    def mails(self, mbx: str) -> list[bytes]:
+        new = os.path.join(self.po, "ACME", mbx, "Maildir", "new")
+        if not os.path.isdir(new):
+            return []
+        return [open(os.path.join(new, n), "rb").read() for n in sorted(os.listdir(new))]
+
+    def ids(self, state: str) -> list[str]:
+        return self.spool.list(state)
+
+    def settled(self) -> bool:
+        return not self.ids(INCOMING) and not self.ids(ACTIVE)
+
+    def idle(self) -> None:
+        """Wait until nothing is in incoming/ or active/ and the runner is idle (bounded)."""
+        wait_for(lambda: self.settled() and self.rt.call(self.runner.when_idle, 5.0) is None and self.settled())
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def parse(raw: bytes) -> Any:
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def dsn_fields(raw: bytes) -> list[dict[str, str]]:
+    msg = parse(raw)
+    status = msg.get_payload()[1]
+    return [dict(g.items()) for g in status.get_payload()]
+
+
+@pytest.fixture
+def make(tmp_path, reactor_thread):
+    worlds: list[World] = []
+
+    def factory(**kw: Any) -> World:
+        w = World(tmp_path, reactor_thread, **kw)
+        worlds.append(w)
+        return w
+
+    yield factory
+    for w in worlds:
+        w.stop()
+
+
+# -- plain delivery --------------------------------------------------------------------------
+
+
+def test_local_delivery_and_message_removed(make) -> None:
+    w = make(maps=["[SMTP:sales@example.com]\t[SF:ACME/BOB]"])
+    w.start()
+    w.send(["admin@example.com", "Sales@example.com", "bob@example.com"])
+    wait_for(lambda: w.mails("ADMIN") and w.mails("BOB"))
+    w.idle()
+    assert w.mails("ADMIN")[0].endswith(MSG)
+    # the alias and the mailbox itself land in the same mailbox: one copy, not two
+    (bob,) = w.mails("BOB")
+    assert bob.split(b"\n")[1] in (b"Delivered-To: Sales@example.com", b"Delivered-To: bob@example.com")
+    for state in (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT):
+        assert w.ids(state) == []
+    assert w.mails("ALICE") == []  # no report without NOTIFY=SUCCESS
+
+
+def test_success_notice_when_asked(make) -> None:
+    w = make()
+    w.start()
+    w.send(["bob@example.com"], rcpt_params={"bob@example.com": {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;bob@example.com"}},
+           mail_params={"ENVID": "E1"})
+    wait_for(lambda: w.mails("ALICE"))
+    w.idle()
+    (report,) = w.mails("ALICE")
+    assert b"Return-Path: <>" in report
+    per_msg, rcpt = dsn_fields(report)
+    assert per_msg["Original-Envelope-Id"] == "E1"
+    assert rcpt["Action"] == "delivered" and rcpt["Original-Recipient"] == "rfc822; bob@example.com"
+
+
+# -- bad mail ----------------------------------------------------------------------------
+
+
+def test_unknown_recipient_goes_to_badmail_with_ndr(make) -> None:
+    w = make()
+    w.start()
+    qid = w.send(["nobody@example.com", "bob@example.com"])
+    wait_for(lambda: w.mails("ALICE") and w.ids(BADMAIL))
+    w.idle()
+    assert len(w.mails("BOB")) == 1
+    assert w.ids(BADMAIL) == [qid]
+    assert open(w.spool.message_path(BADMAIL, qid), "rb").read() == MSG
+    (ndr,) = w.mails("ALICE")
+    msg = parse(ndr)
+    assert msg["Auto-Submitted"] == "auto-replied" and "Undelivered" in msg["Subject"]
+    _, rcpt = dsn_fields(ndr)
+    assert rcpt["Final-Recipient"] == "rfc822;nobody@example.com"
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.1.1"
+    assert rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+
+
+def test_notify_never_suppresses_ndr(make) -> None:
+    w = make()
+    w.start()
+    w.send(["nobody@example.com"], rcpt_params={"nobody@example.com": {"NOTIFY": "NEVER"}})
+    wait_for(lambda: w.ids(BADMAIL))
+    w.idle()
+    assert w.mails("ALICE") == [] and w.ids(INCOMING) == []
+
+
+def test_null_sender_never_notified_postmaster_once(make) -> None:
+    w = make()
+    w.start()
+    w.send(["nobody@example.com"], sender="")
+    wait_for(lambda: w.mails("POSTMASTER"))
+    w.idle()
+    (copy,) = w.mails("POSTMASTER")
+    assert parse(copy)["Subject"].startswith("Postmaster Copy")
+    assert w.mails("ALICE") == []
+    assert len(w.ids(BADMAIL)) == 1
+
+
+def test_failing_report_does_not_loop(make) -> None:
+    # no postmaster mailbox: the NDR to an unknown sender fails, the postmaster copy fails too
+    w = make(mailboxes=["ACME\tBOB\t1\t0"])
+    w.start()
+    w.send(["nobody@example.com"], sender="ghost@example.com")
+    wait_for(lambda: len(w.ids(BADMAIL)) == 3)
+    w.idle()
+    time.sleep(0.3)  # several more scans: nothing new appears
+    w.idle()
+    assert len(w.ids(BADMAIL)) == 3  # original, the NDR, the postmaster copy of the NDR
+    origins = sorted(w.spool.load(BADMAIL, q).origin for q in w.ids(BADMAIL))
+    assert origins == ["dsn", "postmaster", "smtp"]
+    assert w.ids(DEFERRED) == [] and w.ids(INCOMING) == []
+
+
+# -- deferral, retry, expiry ---------------------------------------------------------------
+
+
+def test_quota_defers_then_delivers_after_space_is_freed(make) -> None:
+    w = make(mailboxes=MAILBOXES + ["ACME\tSMALL\t1\t200"])
+    w.start()
+    filler = b"Subject: big\n\n" + b"x" * 100 + b"\n"
+    w.send(["small@example.com"], data=filler)
+    wait_for(lambda: w.mails("SMALL"))
+    w.idle()
+    qid = w.send(["small@example.com"])
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    env = w.spool.load(DEFERRED, qid)
+    r = env.recipients[0]
+    assert r.state == "deferred" and r.last_reply.startswith("452 4.2.2") and r.attempts == 1
+    assert r.next_attempt >= time.time() + 30  # back-off saved: retry_initial 60 s
+    assert w.runner.queue_size() == 1
+    # the user makes room; an admin flushes the queue
+    new = os.path.join(w.po, "ACME", "SMALL", "Maildir", "new")
+    for n in os.listdir(new):
+        os.unlink(os.path.join(new, n))
+    w.runner.flush()
+    wait_for(lambda: len(w.mails("SMALL")) == 1 and not w.ids(DEFERRED))
+    w.idle()
+    assert w.mails("SMALL")[0].endswith(MSG)
+    assert w.mails("ALICE") == []
+
+
+def test_over_quota_until_lifetime_bounces(make) -> None:
+    w = make(mailboxes=MAILBOXES + ["ACME\tSMALL\t1\t200"], retry_initial=0.1, retry_max=0.2, lifetime=0.6,
+             delay_notice_after=0.0)
+    w.start()
+    small = b"Subject: s\n\n" + b"y" * 20 + b"\n"
+    w.send(["small@example.com"], data=small)
+    wait_for(lambda: w.mails("SMALL"))
+    w.idle()
+    w.send(["small@example.com"])
+    wait_for(lambda: w.mails("ALICE"), timeout=15)
+    w.idle()
+    (ndr,) = w.mails("ALICE")
+    _, rcpt = dsn_fields(ndr)
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "4.2.2"
+    assert "452 4.2.2" in rcpt["Diagnostic-Code"]
+    assert w.ids(DEFERRED) == [] and w.ids(BADMAIL) == []
+    assert len(w.mails("SMALL")) == 1
+
+
+def test_remote_without_connector_deferred_local_delivered(make) -> None:
+    w = make()
+    w.start()
+    qid = w.send(["bob@example.com", "far@remote.example"])
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    w.idle()
+    assert len(w.mails("BOB")) == 1
+    env = w.spool.load(DEFERRED, qid)
+    bob, far = env.recipients
+    assert bob.state == DELIVERED and bob.target == "[SF:ACME/BOB]"
+    assert far.state == "deferred" and far.target == "[SMTP:far@remote.example]"
+    assert far.last_reply.startswith("451 4.4.0")
+
+
+def test_remote_batches_and_outcomes(make) -> None:
+    answers = {"a@one.example": None, "b@one.example": PermanentError(550, "5.1.1", "no"),
+               "c@two.example": TransientError(421, "4.4.2", "later")}
+    smtp = FakeSMTP(lambda rcpt: answers[rcpt])
+    w = make(smtp=smtp)
+    w.start()
+    qid = w.send(["a@one.example", "b@one.example", "c@two.example"])
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    w.idle()
+    assert sorted(map(sorted, smtp.calls)) == [["a@one.example", "b@one.example"], ["c@two.example"]]
+    states = {r.address: r.state for r in w.spool.load(DEFERRED, qid).recipients}
+    assert states == {"a@one.example": "delivered", "b@one.example": "failed", "c@two.example": "deferred"}
+    assert w.mails("ALICE") == []  # the failure is reported once the message is done
+    # the last recipient gets through on the next try: one report, for b only
+    answers["c@two.example"] = None
+    w.runner.flush()
+    wait_for(lambda: w.mails("ALICE") and not w.ids(DEFERRED))
+    w.idle()
+    assert [c for c in smtp.calls if "a@one.example" in c] == [["a@one.example", "b@one.example"]]
+    (ndr,) = w.mails("ALICE")
+    rcpts = dsn_fields(ndr)[1:]
+    assert [(f["Final-Recipient"], f["Action"]) for f in rcpts] == [("rfc822;b@one.example", "failed")]
+
+
+def test_broken_connector_defers(make) -> None:
+    class Broken(FakeSMTP):
+        def deliver(self, envelope: Any, items: Any, message_path: str) -> Any:
+            raise RuntimeError("bug")
+
+    w = make(smtp=Broken())
+    w.start()
+    qid = w.send(["x@remote.example"])
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    assert w.spool.load(DEFERRED, qid).recipients[0].last_reply.startswith("451 4.3.0")
+
+
+def test_delay_notice_sent_once(make) -> None:
+    smtp = FakeSMTP(lambda rcpt: TransientError(451, "4.4.1", "no answer"))
+    w = make(smtp=smtp, retry_initial=0.1, retry_max=0.1, delay_notice_after=0.2)
+    w.start()
+    qid = w.send(["x@remote.example"])
+    wait_for(lambda: w.mails("ALICE"), timeout=10)
+    wait_for(lambda: len(smtp.calls) >= 6, timeout=10)
+    w.idle()
+    (notice,) = w.mails("ALICE")
+    assert "Delayed" in parse(notice)["Subject"]
+    _, rcpt = dsn_fields(notice)
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.4.1" and "Will-Retry-Until" in rcpt
+    assert qid in w.ids(DEFERRED) + w.ids(ACTIVE)
+
+
+# -- crash recovery ----------------------------------------------------------------------------
+
+
+def queued(w: World, rcpts: list[str], state: str = INCOMING, prepare: Callable[[Envelope], None] | None = None) -> str:
+    qid = w.send(rcpts)
+    if state != INCOMING:
+        w.spool.move(qid, INCOMING, state)
+    if prepare is not None:
+        env = w.spool.load(state, qid)
+        prepare(env)
+        w.spool.save(state, env)
+    return qid
+
+
+def test_recovers_partial_multi_recipient_delivery(make) -> None:
+    w = make()
+
+    def half_done(env: Envelope) -> None:
+        # crash after ADMIN's outcome was saved, while BOB was still to be tried
+        env.recipients[0].target = "[SF:ACME/ADMIN]"
+        env.recipients[0].state = DELIVERED
+        env.recipients[0].attempts = 1
+        env.recipients[1].target = "[SF:ACME/BOB]"
+
+    queued(w, ["admin@example.com", "bob@example.com"], ACTIVE, half_done)
+    w.start()
+    wait_for(lambda: w.mails("BOB"))
+    w.idle()
+    assert w.mails("ADMIN") == []  # not delivered a second time
+    assert len(w.mails("BOB")) == 1
+    assert w.ids(ACTIVE) == [] and w.ids(DEFERRED) == []
+
+
+def test_attempt_in_progress_at_crash_is_not_retried_at_once(make) -> None:
+    smtp = FakeSMTP()
+    w = make(smtp=smtp)
+
+    def attempting(env: Envelope) -> None:
+        r = env.recipients[0]
+        r.target, r.attempts, r.last_attempt, r.next_attempt = "[SMTP:x@remote.example]", 1, time.time(), time.time() + 60
+
+    qid = queued(w, ["x@remote.example"], ACTIVE, attempting)
+    w.start()
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    w.idle()
+    assert smtp.calls == []
+
+
+@pytest.mark.parametrize("src,dst", [(INCOMING, ACTIVE), (ACTIVE, DEFERRED), (DEFERRED, ACTIVE)])
+def test_half_moves_delivered_exactly_once(make, src: str, dst: str) -> None:
+    w = make()
+    qid = queued(w, ["admin@example.com"], src)
+    os.rename(w.spool.path(src, qid, ".eml"), w.spool.path(dst, qid, ".eml"))  # crash between renames
+    w.start()
+    wait_for(lambda: w.mails("ADMIN"))
+    w.idle()
+    time.sleep(0.2)
+    assert len(w.mails("ADMIN")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, CORRUPT))
+
+
+def test_crash_before_removal_does_not_redeliver(make) -> None:
+    w = make()
+
+    def all_done(env: Envelope) -> None:
+        env.recipients[0].target, env.recipients[0].state = "[SF:ACME/ADMIN]", DELIVERED
+
+    qid = queued(w, ["admin@example.com"], ACTIVE, all_done)
+    w.start()
+    wait_for(lambda: not w.ids(ACTIVE))
+    w.idle()
+    assert w.mails("ADMIN") == [] and w.ids(qid and DEFERRED) == [] and w.ids(BADMAIL) == []
+
+
+def test_deferred_loaded_once_into_heap(make) -> None:
+    smtp = FakeSMTP()
+    w = make(smtp=smtp)
+    later = []
+    for _ in range(5):
+        later.append(queued(w, ["x@remote.example"], DEFERRED, lambda env: setattr(env.recipients[0], "next_attempt", time.time() + 3600)))
+    due = queued(w, ["y@remote.example"], DEFERRED)
+    listed: list[str] = []
+    orig = w.spool.list
+
+    def spy(state: str) -> list[str]:
+        listed.append(state)
+        return orig(state)
+
+    w.spool.list = spy  # type: ignore[method-assign]
+    runner = w.start()
+    wait_for(lambda: smtp.calls == [["y@remote.example"]])
+    w.idle()
+    assert DEFERRED in listed  # read at start
+    listed.clear()
+    time.sleep(0.3)  # a few ticks
+    assert DEFERRED not in listed  # never rescanned
+    assert listed.count(INCOMING) > 2
+    assert runner.queue_size() == 5
+    assert due not in orig(DEFERRED) and sorted(orig(DEFERRED)) == sorted(later)
+
+
+def test_unreadable_envelope_goes_to_corrupt(make) -> None:
+    w = make()
+    qid = w.send(["admin@example.com"])
+    with open(w.spool.path(INCOMING, qid, ".env"), "wb") as f:
+        f.write(b"{not json")
+    w.start()
+    wait_for(lambda: w.ids(CORRUPT) == [qid])
+    w.idle()
+    assert w.mails("ADMIN") == []
+    assert sorted(os.listdir(os.path.join(w.spool.root, CORRUPT))) == [qid + ".eml", qid + ".env"]

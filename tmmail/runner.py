@@ -1,0 +1,538 @@
+"""The queue runner: takes messages from the spool, routes them, hands them to connectors.
+
+For each message: incoming/ (or a due deferred/ one) -> active/, every pending recipient is
+resolved (tmmail.router), due recipients are grouped by connector and batch key, their next
+attempt time is saved *before* the attempt (so a crash never hammers a peer), each batch is
+delivered, each outcome is saved as it arrives, and then the message is either finished
+(reports sent, removed or kept in badmail/) or moved to deferred/ with its next due time in
+an in-memory heap, so deferred/ is read once at start and never rescanned.
+
+Only the runner decides what a failure means (ARCHITECTURE convention 4): PermanentError ->
+failed; TransientError -> deferred with back-off (tmmail.schedule) until the queue lifetime,
+then failed.  Reports follow RFC 3461/3464 (tmmail.dsn); nothing is reported to ``<>``; a
+report that cannot be delivered goes to the postmaster once, and a postmaster copy that fails
+stays in badmail/.
+
+Blocking work (renames, fsyncs, reading envelopes) runs in a dedicated thread pool of
+``settings.queue.io_threads``; the reactor thread only routes and bookkeeps.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import replace
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from tmmail import dsn, schedule
+from tmmail.address import AddressError, InternalAddress
+from tmmail.envelope import (
+    DEFERRED as R_DEFERRED,
+    DELIVERED as R_DELIVERED,
+    FAILED as R_FAILED,
+    ORIGIN_DSN,
+    ORIGIN_POSTMASTER,
+    Envelope,
+    EnvelopeError,
+    Recipient,
+)
+from tmmail.errors import DeliveryError, PermanentError, TransientError
+from tmmail.router import UNKNOWN_LOCAL, resolve
+from tmmail.spool import ACTIVE, BADMAIL, DEFERRED, INCOMING, Spool
+
+log = Logger(namespace="tmmail.runner")
+
+#: replies the runner itself produces (RFC 3463 enhanced codes)
+R_DELIVERED_OK = "250 2.0.0 Delivered"
+E_UNKNOWN_USER = (550, "5.1.1", "Recipient address unknown")
+E_NO_CONNECTOR = (451, "4.4.0", "No connector for this destination yet, will retry")
+E_INTERNAL = (451, "4.3.0", "Internal error during delivery, will retry")
+E_BAD_TARGET = (550, "5.1.2", "Unusable routing target")
+
+
+def _as_dict(connectors: Any) -> dict[str, Any]:
+    if isinstance(connectors, dict):
+        return {k.upper(): v for k, v in connectors.items()}
+    return {c.scheme.upper(): c for c in connectors}
+
+
+class Runner:
+    """Moves mail through the spool; ``start``/``stop`` from the service, ``wake`` from SMTP."""
+
+    def __init__(
+        self,
+        settings: Any,
+        spool: Spool,
+        provider_store: Any,
+        connectors: Iterable[Any] | dict[str, Any],
+        reactor: Any,
+        threadpool: ThreadPool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = settings.queue
+        self.hostname = settings.server.hostname
+        self.spool = spool
+        self.store = provider_store
+        self.connectors = _as_dict(connectors)
+        self.reactor = reactor
+        self._own_pool = threadpool is None
+        self.pool = threadpool or ThreadPool(1, max(1, self.queue.io_threads), name="tmmail-runner")
+        #: messages handled at once (each may have several batches out)
+        self.max_active = max(4, self.queue.io_threads * 4)
+        pm = self.queue.postmaster
+        self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
+
+        self._ready: deque[tuple[str, str]] = deque()
+        self._queued: set[str] = set()
+        self._inflight = 0
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._running = False
+        self._started: defer.Deferred | None = None
+        self._scanning = False
+        self._rescan = False
+        self._wake_pending = False
+        self._loop: task.LoopingCall | None = None
+        self._idle_waiters: list[defer.Deferred] = []
+        self._locks: dict[str, defer.DeferredLock] = {}
+        #: flushed messages: every recipient not final is tried, whatever its back-off says
+        self._forced: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Recover the spool, load deferred/ into the heap, start the clock."""
+        if self._own_pool:
+            self.pool.start()
+        self._running = True
+        self._started = self._io(self._recover)
+        self._started.addCallback(self._recovered)
+        self._started.addErrback(lambda f: log.failure("spool recovery failed", f))
+        return self._started
+
+    def _recover(self) -> tuple[dict[str, list[str]], list[tuple[float, str]]]:
+        found = self.spool.recover()
+        due = []
+        for qid, env in self.spool.iter_envelopes(DEFERRED):
+            if env is None:
+                self.spool.to_corrupt(qid, DEFERRED)
+                continue
+            when = env.next_due()
+            due.append((0.0 if when is None else when, qid))
+        return found, due
+
+    def _recovered(self, result: tuple[dict[str, list[str]], list[tuple[float, str]]]) -> None:
+        found, due = result
+        for qid in found[ACTIVE]:
+            self._enqueue(qid, ACTIVE)
+        for qid in found[INCOMING]:
+            self._enqueue(qid, INCOMING)
+        for when, qid in due:
+            self._push(qid, when)
+        log.info(
+            "queue recovered: {active} active, {incoming} incoming, {deferred} deferred",
+            active=len(found[ACTIVE]), incoming=len(found[INCOMING]), deferred=len(due),
+        )
+        if self._running:
+            self._loop = task.LoopingCall(self._tick)
+            self._loop.clock = self.reactor
+            self._loop.start(self.queue.scan_interval, now=True).addErrback(
+                lambda f: log.failure("runner clock stopped", f)
+            )
+
+    def stop(self, timeout: float = 30.0) -> defer.Deferred:
+        """Stop taking work; wait (up to ``timeout``) for messages in flight, stop the pool.
+
+        Whatever is still in active/ after that is recovered on the next start.
+        """
+        self._running = False
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d = self.when_idle(timeout)
+
+        def stopped(_: Any) -> None:
+            if self._own_pool and self.pool.started:
+                self.pool.stop()
+
+        d.addBoth(stopped)
+        return d
+
+    def wake(self, queue_id: str | None = None) -> None:
+        """New mail in incoming/ (``queue_id`` is informational): scan soon.  Any thread."""
+        self.reactor.callFromThread(self._wake)
+
+    def _wake(self) -> None:
+        if self._wake_pending or not self._running:
+            return
+        self._wake_pending = True
+
+        def go() -> None:
+            self._wake_pending = False
+            self._scan_incoming()
+
+        self.reactor.callLater(0, go)
+
+    def flush(self) -> None:
+        """Make every deferred message due now (``tmmail queue flush``)."""
+        self.reactor.callFromThread(self._flush)
+
+    def _flush(self) -> None:
+        for qid in list(self._due):
+            self._forced.add(qid)
+            self._push(qid, 0.0)
+        self._tick()
+
+    def when_idle(self, timeout: float | None = None) -> defer.Deferred:
+        """A Deferred fired when nothing is being processed or waiting to be (tests, stop)."""
+        d: defer.Deferred = defer.Deferred()
+        if self._idle():
+            d.callback(None)
+            return d
+        self._idle_waiters.append(d)
+        if timeout is not None:
+            call = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
+            d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def queue_size(self) -> int:
+        """Messages deferred in the heap (cheap; for stats and the admin command)."""
+        return len(self._due)
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        return self._inflight == 0 and not self._scanning and (not self._ready or not self._running)
+
+    def _check_idle(self) -> None:
+        if self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    def _io(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def _push(self, qid: str, when: float) -> None:
+        self._due[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+
+    def _enqueue(self, qid: str, state: str) -> None:
+        if qid in self._queued:
+            return
+        self._queued.add(qid)
+        self._ready.append((qid, state))
+
+    def _tick(self) -> None:
+        self._scan_incoming()
+        now = self.reactor.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            when, qid = heapq.heappop(self._heap)
+            if self._due.get(qid) != when:
+                continue  # stale entry (rescheduled by flush)
+            del self._due[qid]
+            self._enqueue(qid, DEFERRED)
+        self._pump()
+
+    def _scan_incoming(self) -> None:
+        if not self._running:
+            return
+        if self._scanning:
+            self._rescan = True
+            return
+        self._scanning = True
+        d = self._io(self.spool.list, INCOMING)
+
+        def listed(ids: list[str]) -> None:
+            for qid in ids:
+                self._enqueue(qid, INCOMING)
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                log.failure("cannot list incoming/", result)
+            self._scanning = False
+            self._pump()
+            if self._rescan:
+                self._rescan = False
+                self._scan_incoming()
+            self._check_idle()
+
+        d.addCallback(listed)
+        d.addBoth(done)
+
+    def _pump(self) -> None:
+        while self._ready and self._inflight < self.max_active and self._running:
+            qid, state = self._ready.popleft()
+            self._inflight += 1
+            d = self._process(qid, state)
+            d.addErrback(lambda f, qid=qid: log.failure("{queue_id}: processing failed", f, queue_id=qid))
+            d.addBoth(self._finished_one, qid)
+        self._check_idle()
+
+    def _finished_one(self, _: Any, qid: str) -> None:
+        self._inflight -= 1
+        self._queued.discard(qid)
+        self._locks.pop(qid, None)
+        self._pump()
+
+    # -- one message ------------------------------------------------------------------------
+
+    def _activate(self, qid: str, src: str) -> Envelope | None:
+        try:
+            self.spool.move(qid, src, ACTIVE)
+        except FileNotFoundError:
+            return None  # already handled (a second scan saw it) or removed by an admin
+        try:
+            return self.spool.load(ACTIVE, qid)
+        except FileNotFoundError:
+            return None
+        except EnvelopeError as e:
+            log.error("{queue_id}: unreadable envelope: {error}", queue_id=qid, error=e)
+            self.spool.to_corrupt(qid, ACTIVE)
+            return None
+
+    @defer.inlineCallbacks
+    def _process(self, qid: str, src: str) -> Any:
+        env = yield self._io(self._activate, qid, src)
+        if env is None:
+            return
+        now = self.reactor.seconds()
+        forced = qid in self._forced
+        self._forced.discard(qid)
+        self._route(env)
+        due = [r for r in env.recipients if not r.final and (forced or r.next_attempt <= now)]
+        if due:
+            batches: dict[tuple[str, str], list[tuple[Recipient, InternalAddress]]] = {}
+            immediate: list[tuple[Recipient, DeliveryError]] = []
+            for r in due:
+                try:
+                    target = InternalAddress.parse(r.target)
+                except AddressError:
+                    immediate.append((r, PermanentError(*E_BAD_TARGET)))
+                    continue
+                conn = self.connectors.get(target.scheme)
+                if conn is None:
+                    immediate.append((r, TransientError(*E_NO_CONNECTOR)))
+                    continue
+                batches.setdefault((target.scheme, conn.batch_key(target)), []).append((r, target))
+            for r in due:
+                r.attempts += 1
+                r.last_attempt = now
+                r.next_attempt = schedule.clamp_to_expiry(
+                    schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue
+                )
+            yield self._save(env)
+            for r, err in immediate:
+                self._apply(env, r, err, now)
+            path = self.spool.message_path(ACTIVE, qid)
+            work = [self._deliver_batch(env, scheme, items, path) for (scheme, _), items in batches.items()]
+            yield defer.DeferredList(work, consumeErrors=True)
+        yield self._finish(env)
+
+    def _route(self, env: Envelope) -> None:
+        """Resolve recipients without a target; a recipient with several targets is split."""
+        if all(r.target or r.final for r in env.recipients):
+            return
+        snap = self.store.current()
+        out: list[Recipient] = []
+        for r in env.recipients:
+            if r.target or r.final:
+                out.append(r)
+                continue
+            address = r.address if "@" in r.address else f"{r.address}@{self.hostname}"
+            res = resolve(snap, address)
+            if res.kind == UNKNOWN_LOCAL or not res.targets:
+                r.state = R_FAILED
+                r.bad = True
+                code, enh, text = E_UNKNOWN_USER
+                r.last_reply = f"{code} {enh} <{r.address}>: {text}" + (f" ({res.reason})" if res.reason else "")
+                log.info("{queue_id}: {recipient} resolves nowhere: {reason}",
+                         queue_id=env.queue_id, recipient=r.address, reason=res.reason)
+                out.append(r)
+                continue
+            for i, target in enumerate(res.targets):
+                rr = r if i == 0 else replace(r)
+                rr.target = str(target)
+                out.append(rr)
+            log.debug("{queue_id}: {recipient} -> {targets} ({kind})", queue_id=env.queue_id,
+                      recipient=r.address, targets=" ".join(map(str, res.targets)), kind=res.kind)
+        env.recipients = out
+
+    @defer.inlineCallbacks
+    def _deliver_batch(self, env: Envelope, scheme: str, items: list[tuple[Recipient, InternalAddress]], path: str) -> Any:
+        conn = self.connectors[scheme]
+        try:
+            outcomes = yield defer.maybeDeferred(conn.deliver, env, items, path)
+            outcomes = list(outcomes)
+            if len(outcomes) != len(items):
+                raise ValueError(f"connector {scheme} gave {len(outcomes)} outcomes for {len(items)} items")
+        except Exception as e:
+            log.failure("{queue_id}: connector {scheme} failed", Failure(e), queue_id=env.queue_id, scheme=scheme)
+            outcomes = [TransientError(*E_INTERNAL)] * len(items)
+        now = self.reactor.seconds()
+        for (r, _), outcome in zip(items, outcomes):
+            if outcome is not None and not isinstance(outcome, DeliveryError):
+                log.error("{queue_id}: connector {scheme} returned {outcome!r}", queue_id=env.queue_id,
+                          scheme=scheme, outcome=outcome)
+                outcome = TransientError(*E_INTERNAL)
+            self._apply(env, r, outcome, now)
+        yield self._save(env)
+
+    def _apply(self, env: Envelope, r: Recipient, outcome: DeliveryError | None, now: float) -> None:
+        r.remote_mta = str(getattr(outcome, "remote_mta", "") or "")
+        if outcome is None:
+            r.state = R_DELIVERED
+            r.last_reply = R_DELIVERED_OK
+        elif outcome.permanent:
+            r.state = R_FAILED
+            r.last_reply = outcome.reply()
+        elif schedule.expired(env.arrival, now, self.queue):
+            r.state = R_FAILED
+            r.last_reply = outcome.reply()
+        else:
+            r.state = R_DEFERRED
+            r.last_reply = outcome.reply()
+        log.info("{queue_id}: {recipient} via {target}: {state} ({reply})", queue_id=env.queue_id,
+                 recipient=r.address, target=r.target, state=r.state, reply=r.last_reply)
+
+    def _save(self, env: Envelope) -> defer.Deferred:
+        """Save the envelope; saves of one message are serialised and take the newest state."""
+        lock = self._locks.setdefault(env.queue_id, defer.DeferredLock())
+
+        def write(_: Any) -> defer.Deferred:
+            return self._io(self.spool.save_bytes, ACTIVE, env.queue_id, env.to_bytes())
+
+        d = lock.acquire()
+        d.addCallback(write)
+        d.addBoth(lambda r: (lock.release(), r)[1])
+        return d
+
+    # -- finishing --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _finish(self, env: Envelope) -> Any:
+        now = self.reactor.seconds()
+        qid = env.queue_id
+        reports: list[tuple[str, list[dsn.RecipientReport], bool]] = []
+        delayed = [
+            r for r in env.recipients
+            if r.state == R_DEFERRED and env.sender and r.wants("DELAY")
+            and schedule.delay_notice_due(env.arrival, now, r.delay_notified, self.queue)
+        ]
+        if delayed:
+            until = schedule.expires_at(env.arrival, self.queue)
+            reports.append((env.sender, [self._report(r, dsn.DELAYED, until) for r in delayed], False))
+            for r in delayed:
+                r.delay_notified = now
+        if env.done:
+            failed = [r for r in env.recipients if r.state == R_FAILED and not r.reported]
+            succeeded = [r for r in env.recipients if r.state == R_DELIVERED and not r.reported and r.wants("SUCCESS")]
+            if env.sender:
+                rows = [self._report(r, dsn.FAILED) for r in failed if r.wants("FAILURE")]
+                rows += [self._report(r, dsn.DELIVERED) for r in succeeded]
+                if rows:
+                    reports.append((env.sender, rows, False))
+            elif failed and env.origin != ORIGIN_POSTMASTER:
+                # a report (or other <> mail) that failed: the postmaster hears of it, once
+                reports.append((self.postmaster, [self._report(r, dsn.FAILED) for r in failed], True))
+            for r in failed + succeeded:
+                r.reported = True
+        keep = any(r.bad for r in env.recipients) or (
+            not env.sender and env.origin == ORIGIN_POSTMASTER and any(r.state == R_FAILED for r in env.recipients)
+        )
+        data = env.to_bytes()
+        done = env.done
+        when = env.next_due()
+        yield self._io(self._finish_blocking, env, data, reports, done, keep)
+        if done:
+            log.info("{queue_id}: finished{where}", queue_id=qid, where=" (kept in badmail/)" if keep else "")
+        else:
+            self._push(qid, when if when is not None else now)
+
+    def _report(self, r: Recipient, action: str, until: float | None = None) -> dsn.RecipientReport:
+        status = "2.0.0" if action == dsn.DELIVERED else dsn.reply_status(r.last_reply, action == dsn.FAILED)
+        address = r.address if "@" in r.address else f"{r.address}@{self.hostname}"
+        return dsn.RecipientReport(
+            final_recipient=address,
+            action=action,
+            status=status,
+            original_recipient=dsn.xtext_decode(r.orcpt) if r.orcpt else None,
+            diagnostic=r.last_reply if action != dsn.DELIVERED else None,
+            remote_mta=r.remote_mta or None,
+            last_attempt=r.last_attempt or None,
+            will_retry_until=until,
+        )
+
+    def _finish_blocking(
+        self,
+        env: Envelope,
+        data: bytes,
+        reports: list[tuple[str, list[dsn.RecipientReport], bool]],
+        done: bool,
+        keep: bool,
+    ) -> None:
+        """Queue reports, save the envelope (marking them sent), then remove/keep/defer.
+
+        A crash after a report is queued but before the envelope is saved sends that report
+        again on recovery: a duplicate notice, never a lost one.
+        """
+        qid = env.queue_id
+        for to, rows, postmaster in reports:
+            try:
+                self._queue_report(env, to, rows, postmaster)
+            except OSError as e:
+                log.error("{queue_id}: cannot queue report to {to}: {error}", queue_id=qid, to=to, error=e)
+        self.spool.save_bytes(ACTIVE, qid, data)
+        if done:
+            if keep:
+                self.spool.move(qid, ACTIVE, BADMAIL)
+            else:
+                self.spool.remove(qid, ACTIVE)
+        else:
+            self.spool.move(qid, ACTIVE, DEFERRED)
+        if reports:
+            self.reactor.callFromThread(self._wake)
+
+    def _queue_report(self, env: Envelope, to: str, rows: list[dsn.RecipientReport], postmaster: bool) -> None:
+        limit = self.queue.dsn_max_return
+        with open(self.spool.message_path(ACTIVE, env.queue_id), "rb") as f:
+            original = f.read(limit + 1)
+        complete = len(original) <= limit
+        now = self.reactor.seconds()
+        report = dsn.build_report(
+            hostname=self.hostname,
+            to=to,
+            recipients=rows,
+            original=original,
+            arrival=env.arrival,
+            now=now,
+            envid=env.envid,
+            ret=env.ret,
+            max_return=limit,
+            original_complete=complete,
+            queue_id=env.queue_id,
+            received_from=env.helo or None,
+            postmaster=postmaster,
+        )
+        params: dict[str, Any] = {}
+        if any(b > 127 for b in report):
+            params["BODY"] = "8BITMIME"
+        if not to.isascii():
+            params["SMTPUTF8"] = True
+        origin = ORIGIN_POSTMASTER if postmaster else ORIGIN_DSN
+        new = self.spool.add(
+            lambda new_id: Envelope.new(
+                queue_id=new_id, sender="", recipients=[to], helo=self.hostname, client_ip="",
+                protocol="LOCAL", mail_params=params, arrival=now, origin=origin,
+            ),
+            report,
+        )
+        log.info("{queue_id}: report ({actions}) to {to} queued as {report_id}", queue_id=env.queue_id,
+                 actions=",".join(sorted({r.action for r in rows})), to=to, report_id=new.queue_id)
+
