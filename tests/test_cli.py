@@ -404,6 +404,36 @@ def test_console_script_uses_tmmail_config_and_default_path(site: Path, tmp_path
     assert p.returncode == 2 and "not found" in p.stderr and p.stderr.count("\n") == 1
 
 
+def test_concurrent_admin_commands_lose_no_update(site: Path) -> None:
+    """Read-modify-write of a table is serialised (flock), so parallel commands lose nothing."""
+    import threading
+
+    ok(site, "mailbox", "add", "joe@example.com")
+    errors: list[str] = []
+
+    def worker(n: int) -> None:
+        for i in range(5):
+            rc, _, err = run(site, "alias", "add", f"a{n}-{i}@example.com", "joe@example.com")
+            if rc:
+                errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    snap = ProviderStore(str(site.parent / "config")).current()
+    assert len(snap.address_map) == 1 + 6 * 5
+
+
+def test_init_with_an_ip_address_as_hostname(tmp_path: Path) -> None:
+    ok(None, "init", str(tmp_path / "ip"), "--hostname", "127.0.0.1")
+    cert = x509.load_pem_x509_certificate((tmp_path / "ip" / "tls" / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
 def test_optional_command_modules(tmp_path: Path, site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkg = tmp_path / "plugins"
     pkg.mkdir()
