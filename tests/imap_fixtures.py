@@ -120,10 +120,6 @@ def start_imap(reactor_thread: Any, tmp_path: Any, role: str = "imap", imap: dic
         listen_factory: Any = TLSMemoryBIOFactory(tls, False, factory)
     else:
         listen_factory = factory
-    try:
-        import tmmail.store  # noqa: F401
-    except Exception:  # TEMPORARY until the store lands: protocol tests need no mailbox
-        factory.open_account = lambda entry: object()
     port = reactor_thread.listen(listen_factory)
     return IMAPEnv(root, settings, factory, port.getHost().port, port, tls)
 

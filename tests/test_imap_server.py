@@ -1,0 +1,384 @@
+"""IMAP server on the real Maildir++ store, driven by imaplib and imapclient over real sockets:
+SELECT/EXAMINE, FETCH, STORE, SEARCH, COPY/MOVE (UIDPLUS), APPEND, EXPUNGE, CLOSE, UNSELECT,
+CREATE/DELETE/RENAME, LIST/LSUB (special-use, children), STATUS, SUBSCRIBE, and bad names."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import time
+
+import pytest
+from imapclient import IMAPClient
+
+from tests.imap_fixtures import PASSWORD, raw_session, read_until_tag, start_imap, stop_imap
+from tmmail import maildir
+
+
+@pytest.fixture
+def env(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path)
+    yield e
+    stop_imap(reactor_thread, e)
+
+
+def message(n: int, subject: str | None = None, body: str | None = None) -> bytes:
+    subject = subject or f"message {n}"
+    body = body or f"Body of message {n}.\nSecond line.\n"
+    return (f"From: Sender {n} <sender{n}@example.org>\nTo: alice@example.com\n"
+            f"Subject: {subject}\nMessage-ID: <m{n}@example.org>\n"
+            f"Date: Mon, 2 Nov 2026 10:00:0{n % 10} +0000\n\n{body}").encode()
+
+
+def deliver(env, data: bytes, folder: str | None = None, tmp_name: str = "msg") -> str:
+    """Put a message in the mailbox the way SMTP delivery does."""
+    src = os.path.join(env.root, tmp_name + ".eml")
+    with open(src, "wb") as f:
+        f.write(data)
+    return maildir.deliver(env.maildir(), src, folder=folder)
+
+
+def client(env) -> IMAPClient:
+    c = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
+    c.login("alice@example.com", PASSWORD)
+    return c
+
+
+def login_raw(env):
+    s, f = raw_session(env)
+    s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
+    return s, f
+
+
+def cmd(s, f, tag: bytes, line: bytes) -> list[bytes]:
+    s.sendall(tag + b" " + line + b"\r\n")
+    return read_until_tag(f, tag)
+
+
+# -- SELECT / EXAMINE -------------------------------------------------------------------------
+
+
+def test_select_and_examine_report_everything(env):
+    for n in range(1, 4):
+        deliver(env, message(n))
+    s, f = login_raw(env)
+    lines = cmd(s, f, b"a", b"SELECT INBOX")
+    text = b"".join(lines).decode()
+    assert "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft" in text
+    assert re.search(r"\* OK \[PERMANENTFLAGS \([^)]*\\\*\)\]", text)
+    assert "* 3 EXISTS" in text and "* 3 RECENT" in text
+    assert "* OK [UNSEEN 1]" in text
+    assert re.search(r"\* OK \[UIDVALIDITY \d+\]", text)
+    assert "* OK [UIDNEXT 4]" in text
+    assert lines[-1].startswith(b"a OK [READ-WRITE]")
+    # a second session sees the messages, no longer \Recent
+    s2, f2 = login_raw(env)
+    text2 = b"".join(cmd(s2, f2, b"b", b"EXAMINE inbox")).decode()
+    assert "* 3 EXISTS" in text2 and "* 0 RECENT" in text2
+    assert "[PERMANENTFLAGS ()]" in text2 and "b OK [READ-ONLY]" in text2
+    # EXAMINE never sets \Seen
+    cmd(s2, f2, b"c", b"FETCH 1 BODY[]")
+    assert b"\\Seen" not in b"".join(cmd(s2, f2, b"d", b"FETCH 1 FLAGS"))
+    assert cmd(s2, f2, b"e", b"STORE 1 +FLAGS (\\Seen)")[-1].startswith(b"e NO")
+    assert cmd(s, f, b"x", b"SELECT Nonexistent")[-1].startswith(b"x NO [NONEXISTENT]")
+    # a failed SELECT leaves no mailbox selected
+    assert cmd(s, f, b"y", b"FETCH 1 FLAGS")[-1].startswith(b"y BAD")
+    s.close()
+    s2.close()
+
+
+# -- FETCH ------------------------------------------------------------------------------------
+
+
+def test_fetch_items_and_seen(env):
+    deliver(env, message(1, subject="Hello =?utf-8?q?W=C3=B6rld?="))
+    c = client(env)
+    c.select_folder("INBOX")
+    r = c.fetch([1], ["UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE",
+                      "BODY.PEEK[HEADER.FIELDS (SUBJECT)]", "BODY.PEEK[]<0.10>"])[1]
+    raw = message(1, subject="Hello =?utf-8?q?W=C3=B6rld?=").replace(b"\n", b"\r\n")
+    assert r[b"RFC822.SIZE"] == len(raw)
+    assert r[b"BODY[HEADER.FIELDS (SUBJECT)]"] == b"Subject: Hello =?utf-8?q?W=C3=B6rld?=\r\n\r\n"
+    assert r[b"BODY[]<0>"] == raw[:10]
+    assert r[b"ENVELOPE"].subject == b"Hello =?utf-8?q?W=C3=B6rld?="
+    assert r[b"BODYSTRUCTURE"][0] == b"text"
+    assert b"\\Seen" not in r[b"FLAGS"]
+    # a non-PEEK body fetch sets \Seen and reports FLAGS in the same response
+    r = c.fetch([1], ["BODY[TEXT]"])[1]
+    assert r[b"BODY[TEXT]"] == b"Body of message 1.\r\nSecond line.\r\n"
+    assert b"\\Seen" in r[b"FLAGS"]
+    assert b"\\Seen" in c.get_flags([1])[1]
+    # byte-exact RFC822
+    assert c.fetch([1], ["RFC822"])[1][b"RFC822"] == raw
+    c.logout()
+
+
+def test_uid_fetch_huge_range_and_star(env):
+    for n in range(1, 4):
+        deliver(env, message(n))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    t0 = time.monotonic()
+    lines = cmd(s, f, b"b", b"UID FETCH 1:4294967295 (FLAGS)")
+    assert time.monotonic() - t0 < 2
+    assert [ln.split()[1] for ln in lines[:-1]] == [b"1", b"2", b"3"]
+    assert b"UID 3" in lines[2]
+    # n:* with n beyond the last UID still returns the last message (RFC 3501 §6.4.8)
+    lines = cmd(s, f, b"c", b"UID FETCH 100:* (FLAGS)")
+    assert len(lines) == 2 and b"UID 3" in lines[0]
+    lines = cmd(s, f, b"d", b"FETCH 2:* (UID)")
+    assert len(lines) == 3
+    assert cmd(s, f, b"e", b"FETCH x (UID)")[-1].startswith(b"e BAD")
+    assert cmd(s, f, b"g", b"FETCH 1 (NOSUCHITEM)")[-1].startswith(b"g BAD")
+    s.close()
+
+
+# -- STORE ------------------------------------------------------------------------------------
+
+
+def test_store_flags_keywords_and_silent(env):
+    for n in range(1, 4):
+        deliver(env, message(n))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    lines = cmd(s, f, b"b", b"STORE 1:2 +FLAGS (\\Flagged $Label1)")
+    assert len(lines) == 3
+    assert b"\\Flagged" in lines[0] and b"$Label1" in lines[0] and lines[-1].startswith(b"b OK")
+    lines = cmd(s, f, b"c", b"UID STORE 2 -FLAGS.SILENT (\\Flagged)")
+    assert lines == [b"c OK UID STORE completed\r\n"]
+    lines = cmd(s, f, b"d", b"UID STORE 3 FLAGS (\\Answered \\Draft)")
+    assert re.match(rb"\* 3 FETCH \(UID 3 FLAGS \(\\Answered \\Draft( \\Recent)?\)\)", lines[0]), lines
+    assert cmd(s, f, b"e", b"STORE 1 +FLAGS (\\Bogus)")[-1].startswith(b"e BAD")
+    assert cmd(s, f, b"g", b"STORE 1 XFLAGS (\\Seen)")[-1].startswith(b"g BAD")
+    flags = b"".join(cmd(s, f, b"h", b"FETCH 1:3 (FLAGS)"))
+    assert flags.count(b"$Label1") == 2 and flags.count(b"\\Flagged") == 1
+    # the keyword is now part of FLAGS/PERMANENTFLAGS of a new SELECT
+    assert b"$Label1" in cmd(s, f, b"i", b"SELECT INBOX")[0]
+    s.close()
+    # flags live in the file names (Dovecot-compatible)
+    names = sorted(os.listdir(os.path.join(env.maildir(), "cur")))
+    assert any(n.endswith(":2,DR") for n in names), names
+
+
+# -- SEARCH -----------------------------------------------------------------------------------
+
+
+def test_search(env):
+    deliver(env, message(1, subject="alpha"))
+    deliver(env, message(2, subject="Grüße aus Köln"))
+    deliver(env, message(3, subject="gamma", body="needle in the body\n"))
+    c = client(env)
+    c.select_folder("INBOX")
+    c.add_flags([1], [b"\\Seen"])
+    assert c.search(["UNSEEN"]) == [2, 3]
+    assert c.search(["SEEN"]) == [1]
+    assert c.search(["BODY", "needle"]) == [3]
+    assert c.search(["SUBJECT", "grüße"], charset="UTF-8") == [2]
+    assert c.search(["UID", "2:*", "NOT", "SEEN"]) == [2, 3]
+    c.logout()
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    assert cmd(s, f, b"b", b"UID SEARCH UNSEEN") == [b"* SEARCH 2 3\r\n", b"b OK UID SEARCH completed\r\n"]
+    assert cmd(s, f, b"c", b"SEARCH CHARSET KOI8-R ALL")[-1].startswith(b"c NO [BADCHARSET")
+    assert cmd(s, f, b"d", b"SEARCH FROBNICATE")[-1].startswith(b"d BAD")
+    assert cmd(s, f, b"e", b"SEARCH SUBJECT nothing-matches")[0] == b"* SEARCH\r\n"
+    s.close()
+
+
+# -- COPY / MOVE ------------------------------------------------------------------------------
+
+
+def test_copy_and_move_report_copyuid(env):
+    for n in range(1, 5):
+        deliver(env, message(n))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", b"".join(cmd(s, f, b"st", b"STATUS Trash (UIDVALIDITY)"))).group(1))
+    lines = cmd(s, f, b"b", b"COPY 1:2 Trash")
+    assert lines[-1] == b"b OK [COPYUID %d 1:2 1:2] COPY completed\r\n" % uidvalidity
+    lines = cmd(s, f, b"c", b"UID MOVE 3 Trash")
+    assert lines[0] == b"* OK [COPYUID %d 3 3] Moved\r\n" % uidvalidity
+    assert lines[1] == b"* 3 EXPUNGE\r\n"
+    assert lines[-1].startswith(b"c OK")
+    lines = cmd(s, f, b"d", b"MOVE 1 Trash")
+    assert lines[1] == b"* 1 EXPUNGE\r\n"
+    assert cmd(s, f, b"e", b"COPY 1 Missing")[-1].startswith(b"e NO [TRYCREATE]")
+    assert cmd(s, f, b"g", b"UID COPY 999 Trash")[-1].startswith(b"g OK")
+    text = b"".join(cmd(s, f, b"h", b"STATUS Trash (MESSAGES)"))
+    assert b"MESSAGES 4" in text
+    text = b"".join(cmd(s, f, b"i", b"STATUS INBOX (MESSAGES)"))
+    assert b"MESSAGES 2" in text
+    s.close()
+
+
+# -- APPEND -----------------------------------------------------------------------------------
+
+
+def test_append_uidplus_flags_date_and_limits(reactor_thread, tmp_path):
+    env = start_imap(reactor_thread, tmp_path, imap={"max_literal_size": 10000})
+    try:
+        c = client(env)
+        msg = message(7)
+        r = c.append("Drafts", msg, flags=[b"\\Draft", b"$Work"],
+                     msg_time=__import__("datetime").datetime(2020, 5, 17, 12, 30, 0,
+                                                              tzinfo=__import__("datetime").timezone.utc))
+        m = re.search(rb"\[APPENDUID (\d+) (\d+)\]", r)
+        assert m, r
+        c.select_folder("Drafts")
+        got = c.fetch([int(m.group(2))], ["FLAGS", "INTERNALDATE", "BODY.PEEK[]"])[int(m.group(2))]
+        assert set(got[b"FLAGS"]) >= {b"\\Draft", b"$Work"}
+        assert got[b"INTERNALDATE"].timestamp() == 1589718600
+        assert got[b"BODY[]"] == msg.replace(b"\n", b"\r\n")
+        with pytest.raises(IMAPClient.Error, match="TRYCREATE"):
+            c.append("NoSuchFolder", msg)
+        c.logout()
+        s, f = login_raw(env)
+        # LITERAL+: no continuation, stored as received
+        body = b"Subject: plus\r\n\r\nhi\r\n"
+        s.sendall(b"a APPEND INBOX (\\Seen) {%d+}\r\n%s\r\n" % (len(body), body))
+        lines = read_until_tag(f, b"a")
+        assert lines[-1].startswith(b"a OK [APPENDUID")
+        assert cmd(s, f, b"b", b"APPEND INBOX {20000}")[-1].startswith(b"b NO [TOOBIG]")
+        assert cmd(s, f, b"c", b'APPEND INBOX "bad date" {3+}\r\nabc')[-1].startswith(b"c BAD")
+        s.close()
+    finally:
+        stop_imap(reactor_thread, env)
+
+
+# -- EXPUNGE / CLOSE / UNSELECT ---------------------------------------------------------------
+
+
+def test_expunge_uid_expunge_close_unselect(env):
+    for n in range(1, 7):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    cmd(s, f, b"b", b"STORE 1:6 +FLAGS.SILENT (\\Deleted)")
+    lines = cmd(s, f, b"c", b"UID EXPUNGE 2,4")
+    assert lines[:-1] == [b"* 4 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"]
+    cmd(s, f, b"d", b"STORE 1 -FLAGS.SILENT (\\Deleted)")
+    lines = cmd(s, f, b"e", b"EXPUNGE")
+    assert lines[:-1] == [b"* 4 EXPUNGE\r\n", b"* 3 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"]
+    assert b"* 1 EXISTS" in b"".join(cmd(s, f, b"g", b"SELECT INBOX"))
+    cmd(s, f, b"h", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+    assert cmd(s, f, b"i", b"UNSELECT") == [b"i OK UNSELECT completed\r\n"]
+    assert b"* 1 EXISTS" in b"".join(cmd(s, f, b"j", b"SELECT INBOX"))
+    lines = cmd(s, f, b"k", b"CLOSE")
+    assert lines == [b"k OK CLOSE completed\r\n"]  # silent expunge
+    assert b"* 0 EXISTS" in b"".join(cmd(s, f, b"l", b"EXAMINE INBOX"))
+    assert cmd(s, f, b"m", b"EXPUNGE")[-1].startswith(b"m NO [READ-ONLY]")
+    s.close()
+
+
+# -- folders ----------------------------------------------------------------------------------
+
+
+def test_list_special_use_children_and_patterns(env):
+    c = client(env)
+    c.create_folder("Work/Projects")
+    c.create_folder("Reisen & Pläne")
+    folders = {name: flags for flags, delim, name in c.list_folders()}
+    assert delim_ok(c)
+    assert set(folders) >= {"INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive", "Work",
+                            "Work/Projects", "Reisen & Pläne"}
+    assert b"\\Sent" in folders["Sent"] and b"\\Trash" in folders["Trash"]
+    assert b"\\Junk" in folders["Junk"] and b"\\Drafts" in folders["Drafts"]
+    assert b"\\HasChildren" in folders["Work"]
+    assert b"\\HasNoChildren" in folders["Work/Projects"]
+    top = {name for _f, _d, name in c.list_folders("", "%")}
+    assert "Work" in top and "Work/Projects" not in top
+    assert {name for _f, _d, name in c.list_folders("Work/", "%")} == {"Work/Projects"}
+    assert {name for _f, _d, name in c.list_folders("", "inbox")} == {"INBOX"}
+    c.logout()
+    s, f = login_raw(env)
+    assert cmd(s, f, b"a", b'LIST "" ""')[0] == b'* LIST (\\Noselect) "/" ""\r\n'
+    lines = cmd(s, f, b"b", b'LIST "" "Reisen*"')
+    assert lines[0] == b'* LIST (\\HasNoChildren) "/" "Reisen &- Pl&AOQ-ne"\r\n'
+    lines = cmd(s, f, b"c", b'LIST (SPECIAL-USE) "" "*" RETURN (SPECIAL-USE)')
+    assert lines[-1].startswith(b"c OK")
+    s.close()
+
+
+def delim_ok(c) -> bool:
+    return all(d == b"/" for _f, d, _n in c.list_folders())
+
+
+def test_create_delete_rename_and_bad_names(env):
+    s, f = login_raw(env)
+    assert cmd(s, f, b"a", b"CREATE Projects/2026/")[-1].startswith(b"a OK")
+    assert cmd(s, f, b"b", b"CREATE Projects")[-1].startswith(b"b NO [ALREADYEXISTS]")
+    assert cmd(s, f, b"c", b"CREATE INBOX")[-1].startswith(b"c NO")
+    for i, bad in enumerate([b'"a..b"', b'"with.dot"', b'"a//b"', b'"&Jjo"', b'"star*"']):
+        line = cmd(s, f, b"bad%d" % i, b"CREATE " + bad)[-1]
+        assert line.startswith(b"bad%d NO" % i), (bad, line)
+        assert len(line) > 15  # a reason is given
+    assert cmd(s, f, b"d", b"RENAME Projects Archive2")[-1].startswith(b"d OK")
+    names = b"".join(cmd(s, f, b"e", b'LIST "" "*"'))
+    assert b"Archive2/2026" in names and b"Projects" not in names
+    assert cmd(s, f, b"g", b"RENAME Nope Other")[-1].startswith(b"g NO [NONEXISTENT]")
+    assert cmd(s, f, b"h", b"RENAME Archive2 Sent")[-1].startswith(b"h NO [ALREADYEXISTS]")
+    assert cmd(s, f, b"i", b"DELETE INBOX")[-1].startswith(b"i NO")
+    assert cmd(s, f, b"j", b"DELETE Archive2/2026")[-1].startswith(b"j OK")
+    assert cmd(s, f, b"k", b"DELETE Archive2/2026")[-1].startswith(b"k NO [NONEXISTENT]")
+    s.close()
+
+
+def test_rename_inbox_moves_messages(env):
+    for n in range(1, 3):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    s, f = login_raw(env)
+    assert cmd(s, f, b"a", b"RENAME INBOX Old-Inbox")[-1].startswith(b"a OK")
+    assert b"MESSAGES 2" in b"".join(cmd(s, f, b"b", b'STATUS "Old-Inbox" (MESSAGES)'))
+    assert b"MESSAGES 0" in b"".join(cmd(s, f, b"c", b"STATUS INBOX (MESSAGES)"))
+    s.close()
+
+
+def test_subscribe_lsub_status(env):
+    deliver(env, message(1))
+    c = client(env)
+    c.create_folder("News")
+    c.subscribe_folder("News")
+    c.subscribe_folder("Ghost")  # allowed for a missing name
+    subs = {name for _f, _d, name in c.list_sub_folders()}
+    assert {"News", "Ghost", "Sent"} <= subs
+    c.unsubscribe_folder("News")
+    assert "News" not in {name for _f, _d, name in c.list_sub_folders()}
+    st = c.folder_status("INBOX", ["MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"])
+    assert st[b"MESSAGES"] == 1 and st[b"UNSEEN"] == 1 and st[b"UIDNEXT"] == 2
+    assert st[b"UIDVALIDITY"] > 0
+    with pytest.raises(IMAPClient.Error):
+        c.folder_status("Nope", ["MESSAGES"])
+    c.logout()
+
+
+def test_pipelined_commands_are_answered_in_order(env):
+    for n in range(1, 3):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    s, f = login_raw(env)
+    s.sendall(b"a SELECT INBOX\r\nb FETCH 1:* (UID)\r\nc STORE 1 +FLAGS (\\Seen)\r\nd NOOP\r\n")
+    tags = []
+    for _ in range(200):
+        line = f.readline()
+        if not line.startswith(b"*"):
+            tags.append(line.split()[0])
+            if line.startswith(b"d "):
+                break
+    assert tags == [b"a", b"b", b"c", b"d"]
+    s.close()
+
+
+def test_imaplib_full_session(env):
+    deliver(env, message(1))
+    m = imaplib.IMAP4("127.0.0.1", env.port, timeout=20)
+    m.login("alice@example.com", PASSWORD)
+    typ, data = m.select("INBOX")
+    assert typ == "OK" and data == [b"1"]
+    typ, data = m.fetch("1", "(RFC822.HEADER)")
+    assert typ == "OK" and b"Subject: message 1" in data[0][1]
+    assert m.store("1", "+FLAGS", "\\Flagged")[0] == "OK"
+    assert m.search(None, "FLAGGED") == ("OK", [b"1"])
+    assert m.check()[0] == "OK"
+    assert m.close()[0] == "OK"
+    assert m.logout()[0] == "BYE"
