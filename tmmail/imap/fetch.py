@@ -188,11 +188,12 @@ def _as_datetime(value: datetime | float | int) -> datetime:
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value
-    return datetime.fromtimestamp(float(value), timezone.utc)
+    # an epoch (Maildir mtime) is shown in the server's local time, as Dovecot does
+    return datetime.fromtimestamp(float(value)).astimezone()
 
 
 def format_internal_date(value: datetime | float) -> bytes:
-    """``"17-Jul-1996 02:44:25 -0700"`` (RFC 3501 date-time)."""
+    """``"17-Jul-1996 02:44:25 -0700"`` (RFC 3501 date-time); naive datetimes are UTC."""
     dt = _as_datetime(value)
     off = dt.utcoffset() or timedelta(0)
     mins = int(off.total_seconds() // 60)
