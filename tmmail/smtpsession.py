@@ -61,9 +61,16 @@ _TRANSACTION_VERBS = frozenset(("MAIL", "RCPT", "DATA", "BDAT", "QUIT"))
 
 
 def _printable(text: str, limit: int = 200) -> str:
-    """Log- and header-safe form of client input."""
+    """Log-safe form of client input: no control characters (no forged log lines)."""
     text = text[:limit]
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _helo_name(text: str) -> str:
+    """The HELO/EHLO argument as it may appear in a Received: header: printable ASCII, no
+    parentheses or semicolons (which would change the header's structure), at most 255."""
+    word = text.split(" ", 1)[0][:255]
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "();" else "?" for c in word)
 
 
 @dataclass
@@ -375,7 +382,7 @@ class SMTPSession(Protocol):
         if not arg:
             return R.S501_SYNTAX.format(usage="EHLO hostname")
         self._reset_transaction()
-        self.helo = _printable(arg.split(" ", 1)[0], 255)
+        self.helo = _helo_name(arg)
         self.esmtp = True
         lines = [f"250 {self.host} Hello [{self.client_ip}]"] + ["250 " + e for e in self._extensions()]
         self._reply_lines(lines)
@@ -385,7 +392,7 @@ class SMTPSession(Protocol):
         if not arg:
             return R.S501_SYNTAX.format(usage="HELO hostname")
         self._reset_transaction()
-        self.helo = _printable(arg.split(" ", 1)[0], 255)
+        self.helo = _helo_name(arg)
         self.esmtp = False
         return f"250 {self.host}"
 
