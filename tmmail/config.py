@@ -280,12 +280,16 @@ def load(path: str) -> Settings:
 
 
 def with_listeners(settings: Settings, overrides: dict[str, list[str]]) -> Settings:
-    """Settings whose listeners for the given roles are replaced (command-line options win)."""
-    listen = dict(settings.listen)
-    for role, endpoints in overrides.items():
-        if endpoints:
-            listen[role] = tuple(endpoints)
-    return replace(settings, listen=listen)
+    """Settings whose listeners come from the command line, if any listener option was given.
+
+    As with ``twistd web --listen``, listeners named on the command line replace the configured
+    ones *entirely*: ``--smtp tcp:2525`` alone runs only that listener, so a test or a second
+    instance never binds ports it did not ask for.
+    """
+    given = {role: tuple(endpoints) for role, endpoints in overrides.items() if endpoints}
+    if not given:
+        return settings
+    return replace(settings, listen=given)
 
 
 def default_path() -> str:

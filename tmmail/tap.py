@@ -1,7 +1,7 @@
 """``twistd tmmail`` options and service wiring: the one place that touches listeners and TLS.
 
 Listener options take Twisted endpoint strings and may be repeated, as ``twistd web --listen``
-does; given on the command line they replace the configured endpoints of that role.  For the
+does; when any is given on the command line, they replace all configured listeners.  For the
 implicit-TLS roles a ``tcp:`` endpoint is wrapped in TLS by the server with the configured (and
 reloadable) certificate; an ``ssl:`` endpoint is used as given.
 """
@@ -30,8 +30,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run TMmail. Settings come from --config (default: $TMMAIL_CONFIG or ./var/tmmail.toml); "
-        "listener options take Twisted endpoint strings, may be repeated, and replace the "
-        "configured listeners of that role (e.g. --smtp tcp:2525:interface=127.0.0.1)."
+        "listener options take Twisted endpoint strings and may be repeated; when any is given, "
+        "the command line defines all listeners and [listen] in the file is ignored "
+        "(e.g. --smtp tcp:2525:interface=127.0.0.1 --pop3 tcp:2110:interface=127.0.0.1)."
     )
     optParameters = [["config", "c", None, "path to tmmail.toml"]]
 
