@@ -301,3 +301,29 @@ def test_ipv6_clients_are_throttled_per_64_network(store: ProviderStore) -> None
     assert auth.failures(client_ip="::ffff:192.0.2.1") == 0
     Outcome(auth.authenticate("joe@example.com", "x", "::ffff:192.0.2.1"))
     assert auth.failures(client_ip="192.0.2.1") == 1  # IPv4-mapped is the same client
+
+
+def test_successful_checks_are_cached_until_expiry_or_password_change(store: ProviderStore, tmp_path: Path) -> None:
+    runner = ManualRunner()
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock, run_blocking=runner, cache_seconds=300)
+    first = Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    runner.finish()
+    assert isinstance(first.result, AuthEntry)
+    again = Outcome(auth.authenticate("JOE@example.com", "joe-pw", "192.0.2.2"))
+    assert isinstance(again.result, AuthEntry) and not runner.pending  # no second scrypt run
+    wrong = Outcome(auth.authenticate("joe@example.com", "joe-pw ", "192.0.2.1"))
+    assert len(runner.pending) == 1  # a different password is really checked
+    runner.finish()
+    assert wrong.failed_with(LoginFailed)
+    clock.advance(301)
+    Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    assert len(runner.pending) == 1  # expired
+    runner.finish()
+    # a new password in AUTH.tab: the old one is not accepted from the cache
+    (tmp_path / "AUTH.tab").write_text(f"joe@example.com\tACME/joe\t{hash_password('new-pw', **FAST)}\n")
+    store.reload()
+    old = Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.1"))
+    assert len(runner.pending) == 1
+    runner.finish()
+    assert old.failed_with(LoginFailed)

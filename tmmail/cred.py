@@ -178,6 +178,11 @@ class Authenticator:
     ``reactor`` must provide ``IReactorTime`` (``callLater``, ``seconds``); if it also provides
     ``IReactorThreads`` password checks run in its thread pool, else inline (``task.Clock``).
     ``run_blocking(f, *args) -> Deferred`` overrides how the check is run.
+
+    Successful checks are remembered for ``cache_seconds`` (as Dovecot's auth cache does), so a
+    client that opens several connections or polls every minute costs one scrypt run, not one
+    per login.  The cache holds an HMAC (per-process random key) of the password and the
+    stored hash, never the password; a changed password or AUTH row misses it.
     """
 
     #: at most this many IPs / accounts are tracked; the oldest are forgotten first
@@ -192,8 +197,12 @@ class Authenticator:
         settings: AuthSettings,
         reactor: Any,
         run_blocking: Callable[..., defer.Deferred[Any]] | None = None,
+        cache_seconds: float = 300.0,
     ) -> None:
         self.store = store
+        self.cache_seconds = cache_seconds
+        self._cache_key = os.urandom(32)
+        self._cache: dict[str, tuple[float, bytes]] = {}
         self.settings = settings
         self.reactor = reactor
         if run_blocking is None:
@@ -312,7 +321,12 @@ class Authenticator:
             elif not mbx.enabled or (po is not None and not po.enabled):
                 reason = "account disabled"
         hashed = entry.password_hash if entry is not None and reason is None else LOCKED_HASH
-        d = self._semaphore.run(self._run, verify_password, password, hashed)
+        token = self._cache_token(key, password, hashed)
+        cached = self._cache.get(key)
+        if reason is None and cached is not None and now < cached[0] and hmac.compare_digest(cached[1], token):
+            d: defer.Deferred[bool] = defer.succeed(True)
+        else:
+            d = self._semaphore.run(self._run, verify_password, password, hashed)
 
         def checked(ok: bool) -> Any:
             if ok and reason is None:
@@ -321,12 +335,28 @@ class Authenticator:
                     # a parallel guess triggered the block while this check ran
                     return defer.fail(LoginBlocked("too many failed logins, try again later"))
                 self._record_success(key, ip)
+                self._remember(key, token)
                 log.info("authenticated {login} from {client_ip}", login=entry.login, client_ip=client_ip)
                 return entry
             return self._fail(key, login, ip, client_ip, reason or "wrong password")
 
         d.addCallback(checked)
         return d
+
+    def _cache_token(self, key: str, password: str, hashed: str) -> bytes:
+        data = "\0".join((key, hashed, password)).encode("utf-8", "surrogatepass")
+        return hmac.new(self._cache_key, data, hashlib.sha256).digest()
+
+    def _remember(self, key: str, token: bytes) -> None:
+        if self.cache_seconds <= 0:
+            return
+        now = self.reactor.seconds()
+        if len(self._cache) >= 10_000:
+            for k in [k for k, (until, _) in self._cache.items() if until <= now]:
+                del self._cache[k]
+            if len(self._cache) >= 10_000:
+                self._cache.clear()
+        self._cache[key] = (now + self.cache_seconds, token)
 
     def _fail(self, key: str, login: str, ip: str, client_ip: str, reason: str) -> defer.Deferred[AuthEntry]:
         now = self.reactor.seconds()
