@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -48,7 +48,7 @@ class ReloadingContextFactory:
         with open(self.key, "rb") as f:
             key_pem = f.read()
         cert = ssl.Certificate.loadPEM(cert_pem)
-        key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
         chain = [ssl.Certificate.loadPEM(p).original for p in _extra_pems(cert_pem)]
         options = ssl.CertificateOptions(
             privateKey=key.original,
