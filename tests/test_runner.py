@@ -455,3 +455,14 @@ def test_unreadable_envelope_goes_to_corrupt(make) -> None:
     w.idle()
     assert w.mails("ADMIN") == []
     assert sorted(os.listdir(os.path.join(w.spool.root, CORRUPT))) == [qid + ".eml", qid + ".env"]
+
+
+def test_success_notice_for_remote_is_relayed(make) -> None:
+    w = make(smtp=FakeSMTP())
+    w.start()
+    w.send(["x@remote.example"], rcpt_params={"x@remote.example": {"NOTIFY": "SUCCESS,FAILURE"}})
+    wait_for(lambda: w.mails("ALICE"))
+    w.idle()
+    (report,) = w.mails("ALICE")
+    _, rcpt = dsn_fields(report)
+    assert rcpt["Action"] == "relayed" and rcpt["Final-Recipient"] == "rfc822;x@remote.example"

@@ -435,7 +435,11 @@ class Runner:
             succeeded = [r for r in env.recipients if r.state == R_DELIVERED and not r.reported and r.wants("SUCCESS")]
             if env.sender:
                 rows = [self._report(r, dsn.FAILED) for r in failed if r.wants("FAILURE")]
-                rows += [self._report(r, dsn.DELIVERED) for r in succeeded]
+                # RFC 3464 §2.3.3: "relayed" when it left us for an MTA that may not report
+                rows += [
+                    self._report(r, dsn.DELIVERED if r.target.upper().startswith("[SF:") else dsn.RELAYED)
+                    for r in succeeded
+                ]
                 if rows:
                     reports.append((env.sender, rows, False))
             elif failed and env.origin != ORIGIN_POSTMASTER:
@@ -456,14 +460,17 @@ class Runner:
             self._push(qid, when if when is not None else now)
 
     def _report(self, r: Recipient, action: str, until: float | None = None) -> dsn.RecipientReport:
-        status = "2.0.0" if action == dsn.DELIVERED else dsn.reply_status(r.last_reply, action == dsn.FAILED)
+        if action in (dsn.DELIVERED, dsn.RELAYED):
+            status = "2.0.0"
+        else:
+            status = dsn.reply_status(r.last_reply, action == dsn.FAILED)
         address = r.address if "@" in r.address else f"{r.address}@{self.hostname}"
         return dsn.RecipientReport(
             final_recipient=address,
             action=action,
             status=status,
             original_recipient=dsn.xtext_decode(r.orcpt) if r.orcpt else None,
-            diagnostic=r.last_reply if action != dsn.DELIVERED else None,
+            diagnostic=r.last_reply if action not in (dsn.DELIVERED, dsn.RELAYED) else None,
             remote_mta=r.remote_mta or None,
             last_attempt=r.last_attempt or None,
             will_retry_until=until,
