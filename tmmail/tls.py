@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import time
 
-from OpenSSL import SSL, crypto
-from twisted.internet import ssl
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 from twisted.logger import Logger
 
-_MIN_VERSION = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_MIN_VERSION = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+#: forward-secret AEAD suites only (TLS 1.3 suites are always on)
+_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS"
 
 
 def _stamp(path: str) -> tuple[int, int, int]:
@@ -22,6 +25,7 @@ def _stamp(path: str) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+@implementer(IOpenSSLContextFactory)
 class ReloadingContextFactory:
     """An old-style Twisted context factory (``getContext``) that follows the files on disk."""
 
@@ -43,20 +47,14 @@ class ReloadingContextFactory:
 
     def _load(self) -> None:
         stamps = (_stamp(self.certificate), _stamp(self.key))
-        with open(self.certificate, "rb") as f:
-            cert_pem = f.read()
-        with open(self.key, "rb") as f:
-            key_pem = f.read()
-        cert = ssl.Certificate.loadPEM(cert_pem)
-        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
-        chain = [ssl.Certificate.loadPEM(p).original for p in _extra_pems(cert_pem)]
-        options = ssl.CertificateOptions(
-            privateKey=key.original,
-            certificate=cert.original,
-            extraCertChain=chain or None,
-            raiseMinimumTo=_MIN_VERSION[self.min_version],
-        )
-        self._context = options.getContext()
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(_MIN_VERSION[self.min_version])
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+        ctx.set_cipher_list(_CIPHERS)
+        ctx.use_certificate_chain_file(self.certificate)  # the chain may follow the certificate
+        ctx.use_privatekey_file(self.key)
+        ctx.check_privatekey()
+        self._context = ctx
         self._stamps = stamps
         self.log.info("TLS certificate loaded from {path}", path=self.certificate)
 
@@ -80,10 +78,3 @@ class ReloadingContextFactory:
                     self.reload()
         assert self._context is not None
         return self._context
-
-
-def _extra_pems(pem: bytes) -> list[bytes]:
-    """The intermediate certificates that follow the first one in a PEM bundle."""
-    marker = b"-----BEGIN CERTIFICATE-----"
-    parts = pem.split(marker)
-    return [marker + p for p in parts[2:]] if len(parts) > 2 else []
