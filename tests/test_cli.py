@@ -281,6 +281,7 @@ def test_mailbox_without_password_cannot_log_in(site: Path) -> None:
         (("mailbox", "passwd", "nobody@example.com", "--password-stdin"), "pw\n", "no login"),
         (("mailbox", "passwd", "joe@example.com"), "pw\n", "--password-stdin"),
         (("mailbox", "remove", "nobody@example.com"), "", "no mailbox"),
+        (("mailbox", "remove", "alias@example.com"), "", "alias remove"),  # an alias is not the mailbox
         (("mailbox", "frobnicate"), "", "invalid choice"),
         (("alias", "add", "x@unknown.example", "joe@example.com"), "", "not hosted"),
         (("alias", "add", "x@example.com", "[SF:NOPE/joe]"), "", "no post office"),
@@ -293,6 +294,7 @@ def test_mailbox_without_password_cannot_log_in(site: Path) -> None:
 )
 def test_bad_input_changes_nothing(site: Path, args: tuple[str, ...], stdin: str, fragment: str) -> None:
     ok(site, "mailbox", "add", "joe@example.com", "--password-stdin", stdin="pw\n")
+    ok(site, "alias", "add", "alias@example.com", "[SF:EXAMPLE/joe]")
     before = snapshot_files(site.parent)
     err = refused(site, *args, stdin=stdin)
     assert fragment in err

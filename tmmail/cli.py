@@ -142,20 +142,21 @@ def _rows(snap: Providers, table: str) -> list[tuple[str, ...]]:
 
 
 def _find_mailbox(snap: Providers, text: str) -> tuple[Any, Mailbox]:
-    """The mailbox an address belongs to: its AUTH login, else its ADDRESS-MAP [SF:] entry."""
+    """The mailbox whose own address ``text`` is: its AUTH login, else the mailbox named like
+    the local part in the domain's post office.  Aliases do not count, so ``mailbox remove
+    sales@...`` cannot remove the mailbox an alias happens to point at."""
     address = _address(text)
     entry = snap.auth_entry(address.key)
     if entry is not None:
         mbx = snap.mailbox(entry.postoffice, entry.mailbox)
         if mbx is not None:
             return address, mbx
-    for m in snap.map_exact(str(address)):
-        for dest in m.destinations:
-            if dest.scheme == "SF":
-                mbx = snap.mailbox(dest.postoffice, dest.name)
-                if mbx is not None:
-                    return address, mbx
-    raise CLIError(f"no mailbox for {text}")
+    domain = snap.domain(address.domain)
+    if domain is not None:
+        mbx = snap.mailbox(domain.postoffice, address.local)
+        if mbx is not None:
+            return address, mbx
+    raise CLIError(f"no mailbox {address} (aliases are removed with: tmmail alias remove)")
 
 
 def _sf(mbx: Mailbox) -> str:
