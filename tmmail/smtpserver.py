@@ -2,8 +2,10 @@
 
 ``SMTPFactory`` holds what every connection of one listener shares (settings, providers,
 spool, authenticator, TLS, connection counts, rate limiter); the per-connection state machine
-is :class:`tmmail.smtpsession.SMTPSession`.  Decisions are in tmmail.policy; reply texts in
-tmmail.smtpreplies; message content handling in tmmail.smtpdata.
+is :class:`tmmail.smtpsession.SMTPSession` (input loop, basic commands, STARTTLS) with its
+parts tmmail.smtpauth (AUTH) and tmmail.smtptransaction (MAIL/RCPT/DATA/BDAT, spool commit).
+Decisions are in tmmail.policy; reply texts in tmmail.smtpreplies; argument parsing in
+tmmail.smtppath; message content handling in tmmail.smtpdata.
 
 Roles (RFC 5321 MX, RFC 6409 submission, RFC 8314 implicit TLS):
 
