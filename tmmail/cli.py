@@ -40,6 +40,7 @@ from tmmail.address import AddressError, InternalAddress, is_mask, normalize_dom
 from tmmail.errors import ConfigError
 from tmmail.providers import (
     LOCKED_PASSWORD,
+    AuthEntry,
     NAME_RE,
     Mailbox,
     ProviderStore,
@@ -414,29 +415,40 @@ def cmd_mailbox_remove(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _addresses_of(snap: Providers, mbx: Mailbox) -> list[str]:
-    out = []
+def _mailbox_addresses(snap: Providers) -> dict[tuple[str, str], list[str]]:
+    """(PO, MAILBOX) upper-case -> the exact addresses mapped to it, own address first."""
+    out: dict[tuple[str, str], list[str]] = {}
     for m in snap.address_map:
-        if not m.is_mask and any(_is_sf_of(str(d), mbx) for d in m.destinations):
-            out.append(m.source_address.value)
+        if m.is_mask:
+            continue
+        source = m.source_address
+        for dest in m.destinations:
+            if dest.scheme == "SF":
+                key = (dest.postoffice.upper(), dest.name.upper())
+                own = source.scheme == "SMTP" and source.value.rpartition("@")[0].upper() == key[1]
+                addresses = out.setdefault(key, [])
+                if own:
+                    addresses.insert(0, source.value)
+                else:
+                    addresses.append(source.value)
     return out
 
 
 def cmd_mailbox_list(args: argparse.Namespace, ctx: Context) -> int:
     snap = ctx.store.reload()
-    logins: dict[tuple[str, str], list[str]] = {}
+    logins: dict[tuple[str, str], list[AuthEntry]] = {}
     for a in snap.auth.values():
-        logins.setdefault((a.postoffice.upper(), a.mailbox.upper()), []).append(a.login if a.can_login else "")
-    for mbx in sorted(snap.mailboxes.values(), key=lambda m: (m.postoffice.upper(), m.name.upper())):
-        addresses = _addresses_of(snap, mbx)
-        key = addresses[0] if addresses else f"{mbx.postoffice}/{mbx.name}"
-        has_password = any(logins.get((mbx.postoffice.upper(), mbx.name.upper()), []))
+        logins.setdefault((a.postoffice.upper(), a.mailbox.upper()), []).append(a)
+    addresses = _mailbox_addresses(snap)
+    for key, mbx in sorted(snap.mailboxes.items()):
+        mine = logins.get(key, [])
+        names = addresses.get(key) or [a.login for a in mine] or [f"{mbx.postoffice}/{mbx.name}"]
         ctx.out(
-            key,
+            names[0],
             f"{mbx.postoffice}/{mbx.name}",
             "enabled" if mbx.enabled else "disabled",
             f"quota={mbx.quota}",
-            "password=" + ("set" if has_password else "none"),
+            "password=" + ("set" if any(a.can_login for a in mine) else "none"),
         )
     return 0
 
