@@ -277,14 +277,13 @@ def _header_chunks(data: bytes, start: int, end: int) -> list[tuple[bytes | None
 def _section_bytes(msg: Message, item: FetchItem) -> bytes | None:
     """Bytes of one BODY[section] (RFC 3501 §6.4.5), or None when the part does not exist."""
     data = msg.data
-    root = msg.root
     text = item.text
     if not item.parts:
-        ent = root
+        ent = msg.head
         if text == "":
             return data
     else:
-        part = _resolve(root, item.parts)
+        part = _resolve(msg.root, item.parts)
         if part is None:
             return None
         if text == "":
@@ -444,7 +443,7 @@ def _envelope(data: bytes, ent: Part) -> bytes:
 
 def envelope(msg: Message) -> bytes:
     """ENVELOPE value (RFC 3501 §7.4.2): raw unfolded header values, parsed address lists."""
-    return _envelope(msg.data, msg.root)
+    return _envelope(msg.data, msg.head)
 
 
 # --- FETCH response ------------------------------------------------------------------------
@@ -493,10 +492,10 @@ def fetch_data(items: list[FetchItem], msg: StoredMessage) -> bytes:
             out.append(b"RFC822 " + _literal(message().data))
         elif name == "RFC822.HEADER":
             m = message()
-            out.append(b"RFC822.HEADER " + _literal(m.data[m.root.start : m.root.body_start]))
+            out.append(b"RFC822.HEADER " + _literal(m.data[m.head.start : m.head.body_start]))
         elif name == "RFC822.TEXT":
             m = message()
-            out.append(b"RFC822.TEXT " + _literal(m.data[m.root.body_start : m.root.end]))
+            out.append(b"RFC822.TEXT " + _literal(m.data[m.head.body_start : m.head.end]))
         else:
             out.append(_body_item(message(), item))
     return b" ".join(out)

@@ -76,11 +76,13 @@ class Part:
 
     def header(self, name: str) -> bytes | None:
         """The first value of header ``name`` (case-insensitive), raw with folding, or None."""
-        lname = name.lower()
-        for n, v in self.headers:
-            if n.lower() == lname:
-                return v
-        return None
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = {}
+            for n, v in self.headers:
+                index.setdefault(n.lower(), v)
+            self.__dict__["_index"] = index
+        return index.get(name.lower())
 
     def header_all(self, name: str) -> list[bytes]:
         lname = name.lower()
@@ -104,6 +106,7 @@ class Message:
     def __init__(self, raw: bytes) -> None:
         self.data = to_crlf(raw)
         self._root: Part | None = None
+        self._head: Part | None = None
 
     @property
     def size(self) -> int:
@@ -114,6 +117,20 @@ class Message:
         if self._root is None:
             self._root = _Parser(self.data).parse()
         return self._root
+
+    @property
+    def head(self) -> Part:
+        """The top-level entity with its header fields only (no MIME walk): cheap for
+        BODY[HEADER...], BODY[TEXT], RFC822.* and ENVELOPE on big messages."""
+        if self._root is not None:
+            return self._root
+        if self._head is None:
+            data = self.data
+            hdr_end, body_start, _blank = _header_end(data, 0, len(data))
+            part = Part(0, body_start, len(data), parse_header_block(data[:hdr_end]))
+            part.fields_end = hdr_end
+            self._head = part
+        return self._head
 
 
 # --- header block --------------------------------------------------------------------------
@@ -133,35 +150,30 @@ def _header_end(data: bytes, start: int, end: int) -> tuple[int, int, bool]:
     return idx + 2, idx + 4, True
 
 
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
 def parse_header_block(block: bytes) -> list[tuple[str, bytes]]:
     """Split a header block into (name, raw value) pairs; values keep their folding.
 
-    Lines without a colon are skipped (they cannot be matched by any field name); continuation
-    lines before the first field are ignored.
+    Lines without a colon (or with an invalid field name) are skipped; continuation lines
+    before the first field are ignored.
     """
     fields: list[tuple[str, bytes]] = []
-    name: str | None = None
-    value = bytearray()
+    match = _FIELD.match
     for line in block.split(b"\r\n"):
         if not line:
             continue
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                value.extend(b"\r\n" + line)
+        first = line[0]
+        if first == 0x20 or first == 0x09:
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + b"\r\n" + line)
             continue
-        if name is not None:
-            fields.append((name, bytes(value)))
-            name = None
-        colon = line.find(b":")
-        if colon <= 0:
+        m = match(line)
+        if m is None:
             continue
-        raw_name = line[:colon].rstrip(b" \t")
-        if not raw_name or any(c <= 0x20 or c >= 0x7F for c in raw_name):
-            continue
-        name = raw_name.decode("ascii")
-        value = bytearray(line[colon + 1 :])
-    if name is not None:
-        fields.append((name, bytes(value)))
+        fields.append((m.group(1).decode("ascii"), line[m.end() :]))
     return fields
 
 
@@ -422,6 +434,9 @@ class Address:
     host: bytes | None
 
 
+_ATOM_RUN = re.compile(rb'[^ \t\r\n()"<>@,;:\[\]]+')
+
+
 def _tokens(s: bytes) -> list[tuple[str, bytes]]:
     """Lex an address header into (kind, text): kinds 'q' quoted, 'a' atom, or a special char."""
     out: list[tuple[str, bytes]] = []
@@ -460,9 +475,8 @@ def _tokens(s: bytes) -> list[tuple[str, bytes]]:
             out.append((chr(c), bytes([c])))
             i += 1
         else:
-            j = i
-            while j < n and s[j] not in b" \t\r\n()\"<>@,;:[]":
-                j += 1
+            m = _ATOM_RUN.match(s, i)
+            j = m.end() if m else i + 1
             out.append(("a", s[i:j]))
             i = j
     return out

@@ -150,7 +150,7 @@ def _internal_day(value: datetime | float) -> date:
 
 def _sent_day(msg: Message) -> date | None:
     """Day of the Date: header in the sender's own timezone (RFC 3501 §6.4.4 SENT*)."""
-    v = msg.root.header("Date")
+    v = msg.head.header("Date")
     if v is None:
         return None
     try:
@@ -171,7 +171,7 @@ def _sent_day(msg: Message) -> date | None:
 class _Ctx:
     """Per-message lazy state: the message is loaded and decoded only when a key needs it."""
 
-    __slots__ = ("msg", "max_seq", "max_uid", "_message", "_flags", "_headers", "_body")
+    __slots__ = ("msg", "max_seq", "max_uid", "_message", "_flags", "_headers", "_body", "_decoded")
 
     def __init__(self, msg: object, max_seq: int, max_uid: int) -> None:
         self.msg = msg
@@ -181,6 +181,7 @@ class _Ctx:
         self._flags: set[str] | None = None
         self._headers: list[tuple[str, str]] | None = None
         self._body: str | None = None
+        self._decoded: dict[str, list[str]] = {}
 
     @property
     def flags(self) -> set[str]:
@@ -196,10 +197,18 @@ class _Ctx:
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        """(lower-case name, decoded casefolded value) of the top-level header."""
+        """(lower-case name, decoded casefolded value) of every top-level header field."""
         if self._headers is None:
-            self._headers = [(n.lower(), decode_header(v).casefold()) for n, v in self.message.root.headers]
+            self._headers = [(n.lower(), decode_header(v).casefold()) for n, v in self.message.head.headers]
         return self._headers
+
+    def values(self, name: str) -> list[str]:
+        """Decoded casefolded values of header ``name`` (lower-case); only these are decoded."""
+        got = self._decoded.get(name)
+        if got is None:
+            got = [decode_header(v).casefold() for n, v in self.message.head.headers if n.lower() == name]
+            self._decoded[name] = got
+        return got
 
     @property
     def body(self) -> str:
@@ -349,7 +358,7 @@ class _Header(_Node):
         self.needle = needle.casefold()
 
     def match(self, c: _Ctx) -> bool:
-        return any(n in self.names and self.needle in v for n, v in c.headers)
+        return any(self.needle in v for name in self.names for v in c.values(name))
 
 
 class _Body(_Node):
