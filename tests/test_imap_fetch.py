@@ -229,3 +229,40 @@ def test_internal_date_formats():
 def test_format_flags_empty_and_order():
     assert format_flags(set()) == b"()"
     assert format_flags({"$b", "\\Deleted", "$A", "\\Draft"}) == b"(\\Deleted \\Draft $A $b)"
+
+
+def _imaplib_pieces(data: bytes) -> list:
+    """Split a FETCH response the way imaplib hands it to clients: (line, literal) tuples."""
+    import re
+
+    out: list = []
+    i = 0
+    pat = re.compile(rb"\{(\d+)\}\r\n")
+    while True:
+        m = pat.search(data, i)
+        if not m:
+            out.append(data[i:])
+            return out
+        n = int(m.group(1))
+        out.append((data[i : m.start()] + m.group(0)[:-2], data[m.end() : m.end() + n]))
+        i = m.end() + n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_imapclient_parses_every_corpus_response(name):
+    from imapclient.response_parser import parse_fetch_response
+
+    with open(os.path.join(CORPUS, name), "rb") as f:
+        raw = f.read()
+    msg = Stored(raw, uid=9, flags={"\\Seen", "$Work"})
+    data = fetch_data(items("(UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY BODY.PEEK[1.MIME]"
+                            " BODY.PEEK[HEADER.FIELDS (SUBJECT)] BODY.PEEK[]<0.5>)"), msg)
+    parsed = parse_fetch_response(_imaplib_pieces(b"1 (" + data + b")"))[9]
+    assert parsed[b"RFC822.SIZE"] == len(Message(raw).data)
+    assert parsed[b"FLAGS"] == (b"\\Seen", b"$Work")
+    assert parsed[b"BODY[]<0>"] == Message(raw).data[:5]
+    env = parsed[b"ENVELOPE"]
+    root = Message(raw).root
+    assert (env.subject is None) == (root.header("Subject") is None)
+    bs = parsed[b"BODYSTRUCTURE"]
+    assert bs.is_multipart == root.is_multipart
