@@ -466,3 +466,27 @@ def test_success_notice_for_remote_is_relayed(make) -> None:
     (report,) = w.mails("ALICE")
     _, rcpt = dsn_fields(report)
     assert rcpt["Action"] == "relayed" and rcpt["Final-Recipient"] == "rfc822;x@remote.example"
+
+
+def test_io_error_keeps_message_and_retries(make) -> None:
+    smtp = FakeSMTP()
+    w = make(smtp=smtp)
+    real = w.spool.save_bytes
+    calls = []
+
+    def flaky(state: str, qid: str, data: bytes) -> None:
+        calls.append(qid)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(state, qid, data)
+
+    w.spool.save_bytes = flaky  # type: ignore[method-assign]
+    runner = w.start()
+    runner.error_retry = 0.2
+    qid = w.send(["x@remote.example"])
+    wait_for(lambda: calls)
+    assert smtp.calls == []  # no attempt without the next-attempt time saved
+    assert w.ids(ACTIVE) == [qid]  # left where it was, not lost
+    wait_for(lambda: smtp.calls == [["x@remote.example"]] and w.settled())
+    w.idle()
+    assert w.ids(DEFERRED) == [] and w.ids(CORRUPT) == []

@@ -20,6 +20,7 @@ Blocking work (renames, fsyncs, reading envelopes) runs in a dedicated thread po
 from __future__ import annotations
 
 import heapq
+import os
 from collections import deque
 from dataclasses import replace
 from typing import Any, Callable, Iterable
@@ -55,6 +56,11 @@ E_NO_CONNECTOR = (451, "4.4.0", "No connector for this destination yet, will ret
 E_INTERNAL = (451, "4.3.0", "Internal error during delivery, will retry")
 E_BAD_TARGET = (550, "5.1.2", "Unusable routing target")
 
+#: schemes delivered on this machine: no peer to hammer, so no save before the attempt
+LOCAL_SCHEMES = ("SF",)
+#: seconds before a message whose processing hit an I/O error is tried again
+ERROR_RETRY = 60.0
+
 
 def _as_dict(connectors: Any) -> dict[str, Any]:
     if isinstance(connectors, dict):
@@ -85,6 +91,7 @@ class Runner:
         self.pool = threadpool or ThreadPool(1, max(1, self.queue.io_threads), name="tmmail-runner")
         #: messages handled at once (each may have several batches out)
         self.max_active = max(4, self.queue.io_threads * 4)
+        self.error_retry = ERROR_RETRY
         pm = self.queue.postmaster
         self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
 
@@ -271,9 +278,14 @@ class Runner:
             qid, state = self._ready.popleft()
             self._inflight += 1
             d = self._process(qid, state)
-            d.addErrback(lambda f, qid=qid: log.failure("{queue_id}: processing failed", f, queue_id=qid))
+            d.addErrback(self._failed_one, qid)
             d.addBoth(self._finished_one, qid)
         self._check_idle()
+
+    def _failed_one(self, f: Failure, qid: str) -> None:
+        """An I/O error (disk full, ...): the files stay where they are; try again later."""
+        log.failure("{queue_id}: processing failed, retrying in {delay} s", f, queue_id=qid, delay=self.error_retry)
+        self._push(qid, self.reactor.seconds() + self.error_retry)
 
     def _finished_one(self, _: Any, qid: str) -> None:
         self._inflight -= 1
@@ -287,7 +299,9 @@ class Runner:
         try:
             self.spool.move(qid, src, ACTIVE)
         except FileNotFoundError:
-            return None  # already handled (a second scan saw it) or removed by an admin
+            if not os.path.exists(self.spool.path(ACTIVE, qid, ".env")):
+                return None  # already handled (a stale scan saw it) or removed by an admin
+            # left in active/ by an earlier attempt that hit an I/O error
         try:
             return self.spool.load(ACTIVE, qid)
         except FileNotFoundError:
@@ -327,11 +341,17 @@ class Runner:
                 r.next_attempt = schedule.clamp_to_expiry(
                     schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue
                 )
-            yield self._save(env)
+            if any(scheme not in LOCAL_SCHEMES for scheme, _ in batches):
+                # a crash during the attempt must not make us hammer a peer at restart
+                yield self._save(env)
             for r, err in immediate:
                 self._apply(env, r, err, now)
             path = self.spool.message_path(ACTIVE, qid)
-            work = [self._deliver_batch(env, scheme, items, path) for (scheme, _), items in batches.items()]
+            outstanding = [len(batches)]
+            work = [
+                self._deliver_batch(env, scheme, items, path, outstanding)
+                for (scheme, _), items in batches.items()
+            ]
             yield defer.DeferredList(work, consumeErrors=True)
         yield self._finish(env)
 
@@ -365,7 +385,16 @@ class Runner:
         env.recipients = out
 
     @defer.inlineCallbacks
-    def _deliver_batch(self, env: Envelope, scheme: str, items: list[tuple[Recipient, InternalAddress]], path: str) -> Any:
+    def _deliver_batch(
+        self,
+        env: Envelope,
+        scheme: str,
+        items: list[tuple[Recipient, InternalAddress]],
+        path: str,
+        outstanding: list[int],
+    ) -> Any:
+        """Deliver one batch; save its outcomes at once unless it is the last one out
+        (then ``_finish`` writes them, or removes the message, right away)."""
         conn = self.connectors[scheme]
         try:
             outcomes = yield defer.maybeDeferred(conn.deliver, env, items, path)
@@ -382,7 +411,9 @@ class Runner:
                           scheme=scheme, outcome=outcome)
                 outcome = TransientError(*E_INTERNAL)
             self._apply(env, r, outcome, now)
-        yield self._save(env)
+        outstanding[0] -= 1
+        if outstanding[0] > 0:
+            yield self._save(env)
 
     def _apply(self, env: Envelope, r: Recipient, outcome: DeliveryError | None, now: float) -> None:
         r.remote_mta = str(getattr(outcome, "remote_mta", "") or "")
@@ -452,6 +483,9 @@ class Runner:
         )
         data = env.to_bytes()
         done = env.done
+        if done and not keep and not reports:
+            # the removal itself records the outcome; a save before it would be wasted
+            data = b""
         when = env.next_due()
         yield self._io(self._finish_blocking, env, data, reports, done, keep)
         if done:
@@ -495,7 +529,8 @@ class Runner:
                 self._queue_report(env, to, rows, postmaster)
             except OSError as e:
                 log.error("{queue_id}: cannot queue report to {to}: {error}", queue_id=qid, to=to, error=e)
-        self.spool.save_bytes(ACTIVE, qid, data)
+        if data:
+            self.spool.save_bytes(ACTIVE, qid, data)
         if done:
             if keep:
                 self.spool.move(qid, ACTIVE, BADMAIL)
