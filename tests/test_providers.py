@@ -220,3 +220,14 @@ def test_every_known_table_has_a_header_naming_its_columns() -> None:
 )
 def test_ip_mask_matches(mask: str, ip: str, expected: bool) -> None:
     assert ip_mask_matches(mask, ip) is expected
+
+
+def test_check_reloads_now_and_never_raises(conf: Path) -> None:
+    store = ProviderStore(str(conf), interval=float("inf"))
+    first = store.current()
+    write(conf, "POSTOFFICE.tab", "ACME\t1\nNEW\t1\n")
+    assert store.current() is first  # interval=inf: current() never looks
+    assert store.check().postoffice("new") is not None
+    write(conf, "POSTOFFICE.tab", "bad\tstatus\n")
+    assert store.check().postoffice("new") is not None  # the last good tables stay
+    assert store.last_error is not None

@@ -243,7 +243,14 @@ class InternalAddress:
         """Parse ``[SCHEME:value]``; raises :class:`AddressError`.
 
         ``SF`` and ``LS`` values must be ``PO/NAME``; ``SMTP`` values an address or a mask.
+        Results are cached (the value is immutable): provider reloads re-parse whole tables.
         """
+        if cls is InternalAddress:
+            return _parse_internal(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> InternalAddress:
         m = cls._FORM.fullmatch(text.strip())
         if not m:
             raise AddressError(f"not an internal address: {text!r}")
@@ -282,6 +289,11 @@ class InternalAddress:
     @property
     def is_mask(self) -> bool:
         return self.scheme == "SMTP" and is_mask(self.value)
+
+
+@lru_cache(maxsize=65536)
+def _parse_internal(text: str) -> InternalAddress:
+    return InternalAddress._parse(text)
 
 
 def is_mask(text: str) -> bool:

@@ -584,12 +584,29 @@ def load_providers(config_dir: str) -> Providers:
 _Sig = tuple[int, int, int]
 
 
+def _index_map(entries: tuple[MapEntry, ...]) -> tuple[Mapping[str, tuple[MapEntry, ...]], tuple[MapEntry, ...]]:
+    """Exact-source index (lower-case address -> rows) and the mask rows, in file order."""
+    exact: dict[str, list[MapEntry]] = {}
+    masks = []
+    for entry in entries:
+        if entry.is_mask:
+            masks.append(entry)
+        else:
+            addr = entry.source_address
+            key = addr.value.lower() if addr.scheme == "SMTP" else str(addr).lower()
+            exact.setdefault(key, []).append(entry)
+    return MappingProxyType({k: tuple(v) for k, v in exact.items()}), tuple(masks)
+
+
 class _Loader:
     """Parses table files, reusing the parse of files whose stat signature did not change."""
 
     def __init__(self, config_dir: str) -> None:
         self.config_dir = config_dir
         self.cache: dict[str, tuple[_Sig, Any, tuple[tuple[str, ...], ...]]] = {}
+        #: (the address_map tuple it was built from, exact index, masks): rebuilt only when
+        #: ADDRESS-MAP itself changed
+        self._map_index: tuple[Any, Mapping[str, tuple[MapEntry, ...]], tuple[MapEntry, ...]] | None = None
 
     def signatures(self) -> dict[str, _Sig | None]:
         names: set[str] = set(TABLES.values())
@@ -632,20 +649,13 @@ class _Loader:
                 values[_FIELD_NAMES[table]] = parsed
         self.cache = new_cache
         address_map: tuple[MapEntry, ...] = values.get("address_map", ())
-        exact: dict[str, list[MapEntry]] = {}
-        masks = []
-        for entry in address_map:
-            if entry.is_mask:
-                masks.append(entry)
-            else:
-                addr = entry.source_address
-                key = addr.value.lower() if addr.scheme == "SMTP" else str(addr).lower()
-                exact.setdefault(key, []).append(entry)
+        if self._map_index is None or self._map_index[0] is not address_map:
+            self._map_index = (address_map, *_index_map(address_map))
         snap = Providers(
             **values,
             tables=MappingProxyType(raw),
-            _exact_map=MappingProxyType({k: tuple(v) for k, v in exact.items()}),
-            _mask_map=tuple(masks),
+            _exact_map=self._map_index[1],
+            _mask_map=self._map_index[2],
         )
         return snap, sigs
 
@@ -679,6 +689,18 @@ class ProviderStore:
             if now - self._checked >= self.interval:
                 self._checked = now
                 self._refresh()
+        return self._snapshot
+
+    def check(self) -> Providers:
+        """Check the files now, like ``current()`` without the interval; never raises.
+
+        For big tables (tens of thousands of rows take a few hundred ms to parse) a server can
+        construct the store with ``interval=math.inf`` and call ``check`` from a thread on a
+        timer, so parsing never runs on the reactor thread.
+        """
+        with self._lock:
+            self._checked = self._clock()
+            self._refresh()
         return self._snapshot
 
     def reload(self) -> Providers:
