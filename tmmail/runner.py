@@ -229,6 +229,10 @@ class Runner:
     def _push(self, qid: str, when: float) -> None:
         self._due[qid] = when
         heapq.heappush(self._heap, (when, qid))
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            # drop entries made stale by flush()
+            self._heap = [(w, q) for q, w in self._due.items()]
+            heapq.heapify(self._heap)
 
     def _enqueue(self, qid: str, state: str) -> None:
         if qid in self._queued:
@@ -243,6 +247,10 @@ class Runner:
             when, qid = heapq.heappop(self._heap)
             if self._due.get(qid) != when:
                 continue  # stale entry (rescheduled by flush)
+            if qid in self._queued:
+                # a stale scan is looking at it right now; do not lose the schedule
+                self._push(qid, now + self.queue.scan_interval)
+                continue
             del self._due[qid]
             self._enqueue(qid, DEFERRED)
         self._pump()
