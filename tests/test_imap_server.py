@@ -32,11 +32,18 @@ def message(n: int, subject: str | None = None, body: str | None = None) -> byte
 
 
 def deliver(env, data: bytes, folder: str | None = None, tmp_name: str = "msg") -> str:
-    """Put a message in the mailbox the way SMTP delivery does."""
+    """Put a message in the mailbox the way SMTP delivery does.
+
+    The store is synced after each delivery so UIDs follow delivery order (Maildir names of one
+    second do not sort by time)."""
+    from tmmail.store import Store
+
     src = os.path.join(env.root, tmp_name + ".eml")
     with open(src, "wb") as f:
         f.write(data)
-    return maildir.deliver(env.maildir(), src, folder=folder)
+    name = maildir.deliver(env.maildir(), src, folder=folder)
+    Store(env.maildir()).status(folder or "INBOX")
+    return name
 
 
 def client(env) -> IMAPClient:

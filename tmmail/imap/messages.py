@@ -20,10 +20,14 @@ from twisted.internet.interfaces import IPushProducer
 from tmmail.imap import responses as R
 from tmmail.imap.account import is_store_error, store_error_reply
 from tmmail.imap.encoding import Atom, ParseError
-from tmmail.imap.fetch import fetch_data, parse_fetch_items, with_flags
+from tmmail.imap.fetch import fetch_data, format_internal_date, parse_fetch_items, with_flags
 from tmmail.imap.mailboxes import parse_flags
 
-_FAST_ITEMS = frozenset({"UID", "FLAGS"})
+_FAST_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})
+#: search keys that look at nothing but flags (and \\Recent): evaluated once per distinct flag set
+_FLAG_KEYS = frozenset({b"ALL", b"ANSWERED", b"DELETED", b"DRAFT", b"FLAGGED", b"NEW", b"OLD",
+                        b"RECENT", b"SEEN", b"UNANSWERED", b"UNDELETED", b"UNDRAFT", b"UNFLAGGED",
+                        b"UNSEEN", b"NOT", b"OR"})
 _BATCH_BYTES = 256 * 1024
 _SLICE_SECONDS = 0.02
 
@@ -43,6 +47,29 @@ def uid_set(uids: list[int]) -> bytes:
     if start is not None:
         out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
     return b",".join(out)
+
+
+def flags_only(tokens: list) -> bool:
+    """True when a SEARCH program depends only on flags (``UNSEEN``, ``NOT DELETED``, ...)."""
+    if tokens and isinstance(tokens[0], Atom) and tokens[0].upper() == b"CHARSET":
+        tokens = tokens[2:]
+    it = iter(tokens)
+    for t in it:
+        if isinstance(t, list):
+            if not flags_only(t):
+                return False
+            continue
+        if not isinstance(t, Atom):
+            return False
+        word = t.upper()
+        if word in (b"KEYWORD", b"UNKEYWORD"):
+            arg = next(it, None)
+            if arg is None or isinstance(arg, list):
+                return False
+            continue
+        if word not in _FLAG_KEYS:
+            return False
+    return bool(tokens)
 
 
 def _seq_set(tok: Any) -> Any:
@@ -156,8 +183,6 @@ class MessageCommands:
             return None
         self.sync_updates(uid)
         sel = self.selected
-        msgs = sel.all_msgs()
-        max_seq = len(msgs)
         max_uid = sel.max_uid()
         name = b"UID SEARCH" if uid else b"SEARCH"
 
@@ -165,6 +190,14 @@ class MessageCommands:
             nums = [m.uid for m in found] if uid else [m.seq for m in found]
             self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + b"\r\n")
             self.tagged(tag, R.OK_COMPLETED % name)
+
+        if flags_only(args):
+            nums = sel.search_by_flags(program, uid)
+            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + b"\r\n")
+            self.tagged(tag, R.OK_COMPLETED % name)
+            return None
+        msgs = sel.all_msgs()
+        max_seq = len(msgs)
 
         if program.needs_content:
             # reading and decoding every message: off the reactor
@@ -223,12 +256,25 @@ class MessageCommands:
         return d
 
     def _fetch_fast(self, seqs: list[int], items: list[Any]) -> None:
-        """UID/FLAGS only: formatted straight from the index, one write."""
+        """UID/FLAGS/RFC822.SIZE/INTERNALDATE only: formatted straight from the index, one write."""
         sel = self.selected
         msgs = sel.messages
-        fb = sel.flags_bytes
+        fb = sel.flags_table()
         names = [i.name for i in items]
         out: list[bytes] = []
+        if not set(names) <= {"UID", "FLAGS"}:
+            fmt = {
+                "UID": lambda info: b"UID %d" % info.uid,
+                "FLAGS": lambda info: b"FLAGS " + fb(info),
+                "RFC822.SIZE": lambda info: b"RFC822.SIZE %d" % info.size,
+                "INTERNALDATE": lambda info: b"INTERNALDATE " + format_internal_date(info.internal_date),
+            }
+            parts = [fmt[n] for n in names]
+            for s in seqs:
+                info = msgs[s - 1]
+                out.append(b"* %d FETCH (%s)\r\n" % (s, b" ".join([p(info) for p in parts])))
+            self._out.extend(out)
+            return
         if names == ["FLAGS", "UID"] or names == ["UID", "FLAGS"]:
             first_uid = names[0] == "UID"
             for s in seqs:
@@ -352,7 +398,7 @@ class MessageCommands:
                 raise
         if not silent:
             msgs = sel.messages
-            fb = sel.flags_bytes
+            fb = sel.flags_table()
             out = []
             for s in seqs:
                 info = msgs[s - 1]
