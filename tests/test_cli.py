@@ -458,6 +458,13 @@ def test_optional_command_modules(tmp_path: Path, site: Path, monkeypatch: pytes
         cli.main(["--config", str(site), "domain", "list"])
 
 
+def test_config_option_is_accepted_after_the_subcommand(site: Path) -> None:
+    rc, out, err = run(None, "domain", "list", "--config", str(site))
+    assert rc == 0 and out.startswith("example.com\t"), err
+    rc, out, err = run(None, "domain", "list", f"--config={site}")
+    assert rc == 0 and out.startswith("example.com\t"), err
+
+
 def test_missing_configuration_is_a_one_line_error(tmp_path: Path) -> None:
     err = refused(tmp_path / "nope.toml", "domain", "list")
     assert "tmmail init" in err

@@ -721,6 +721,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_config(argv: list[str]) -> tuple[list[str], str | None]:
+    """Accept ``--config FILE`` after the subcommand too (``tmmail mailbox list --config F``)."""
+    rest: list[str] = []
+    path = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg == "--config" and i + 1 < len(argv) and rest:
+            path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config=") and rest:
+            path = arg.split("=", 1)[1]
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return rest, path
+
+
 def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None,
          stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
     """Run the admin command; returns the exit status (the console script exits with it)."""
@@ -731,8 +754,10 @@ def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None,
         parser = build_parser()
         if argv is None:
             argv = sys.argv[1:]
-        args = parser.parse_args(list(argv))
-        ctx = Context(os.path.abspath(args.config or config.default_path()), stdin, stdout, stderr)
+        argv, config_path = _take_config(list(argv))
+        args = parser.parse_args(argv)
+        config_path = config_path or args.config or config.default_path()
+        ctx = Context(os.path.abspath(config_path), stdin, stdout, stderr)
         return int(args.func(args, ctx) or 0)
     except CLIError as e:
         stderr.write(f"tmmail: error: {e}\n")
