@@ -148,6 +148,9 @@ def _internal_day(value: datetime | float) -> date:
     return datetime.fromtimestamp(float(value)).date()
 
 
+_EPOCH_DAY = date(1970, 1, 1)
+
+
 def _sent_day(msg: Message) -> date | None:
     """Day of the Date: header in the sender's own timezone (RFC 3501 §6.4.4 SENT*)."""
     v = msg.head.header("Date")
@@ -179,7 +182,7 @@ class _Ctx:
         self.max_uid = max_uid
         self._message: Message | None = None
         self._flags: set[str] | None = None
-        self._headers: list[tuple[str, str]] | None = None
+        self._headers: str | None = None
         self._body: str | None = None
         self._decoded: dict[str, list[str]] = {}
 
@@ -195,30 +198,40 @@ class _Ctx:
             self._message = Message(self.msg.load())  # type: ignore[attr-defined]
         return self._message
 
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        """(lower-case name, decoded casefolded value) of every top-level header field."""
-        if self._headers is None:
-            self._headers = [(n.lower(), decode_header(v).casefold()) for n, v in self.message.head.headers]
-        return self._headers
-
     def values(self, name: str) -> list[str]:
-        """Decoded casefolded values of header ``name`` (lower-case); only these are decoded."""
+        """Decoded, casefolded, whitespace-collapsed values of top-level header ``name``."""
         got = self._decoded.get(name)
         if got is None:
-            got = [decode_header(v).casefold() for n, v in self.message.head.headers if n.lower() == name]
+            got = [_norm(decode_header(v)) for n, v in self.message.head.headers if n.lower() == name]
             self._decoded[name] = got
         return got
 
     @property
     def body(self) -> str:
-        """Casefolded decoded text of all text parts (and headers of attached messages)."""
+        """Casefolded decoded text of the text parts (BODY; no headers at any level, as Dovecot)."""
         if self._body is None:
             m = self.message
             chunks: list[str] = []
-            _collect_text(m.data, m.root, chunks, top=True, depth=0)
+            _collect_text(m.data, m.root, chunks, False, 0)
             self._body = "\n".join(chunks).casefold()
         return self._body
+
+    @property
+    def text(self) -> str:
+        """TEXT: every header (top, MIME part headers, attached messages) plus the text parts."""
+        if self._headers is None:
+            m = self.message
+            chunks: list[str] = []
+            _collect_text(m.data, m.root, chunks, True, 0)
+            self._headers = "\n".join(chunks).casefold()
+        return self._headers
+
+
+_WS = re.compile(r"\s+")
+
+
+def _norm(value: str) -> str:
+    return _WS.sub(" ", value).strip().casefold()
 
 
 def _decode_part(data: bytes, part: Part) -> str:
@@ -234,17 +247,21 @@ def _decode_part(data: bytes, part: Part) -> str:
     return decode_bytes(raw, part.param("charset"))
 
 
-def _collect_text(data: bytes, part: Part, out: list[str], top: bool, depth: int) -> None:
+def _is_text(part: Part) -> bool:
+    return part.defaulted or (part.maintype == "text" and part.subtype != "")
+
+
+def _collect_text(data: bytes, part: Part, out: list[str], headers: bool, depth: int) -> None:
     if depth > 50:
         return
+    if headers:
+        out.extend(f"{n}: {_norm(decode_header(v))}" for n, v in part.headers)
     if part.is_multipart:
         for c in part.children:
-            _collect_text(data, c, out, False, depth + 1)
+            _collect_text(data, c, out, headers, depth + 1)
     elif part.message is not None:
-        inner = part.message
-        out.extend(decode_header(v) for _, v in inner.headers)
-        _collect_text(data, inner, out, False, depth + 1)
-    elif part.maintype == "text" or part.maintype == "":
+        _collect_text(data, part.message, out, headers, depth + 1)
+    elif _is_text(part):
         out.append(_decode_part(data, part))
 
 
@@ -342,9 +359,8 @@ class _Date(_Node):
 
     def match(self, c: _Ctx) -> bool:
         if self.sent:
-            d = _sent_day(c.message)
-            if d is None:
-                return False
+            # a missing or unparseable Date: counts as 1-Jan-1970 (as Dovecot)
+            d = _sent_day(c.message) or _EPOCH_DAY
         else:
             d = _internal_day(c.msg.internal_date)  # type: ignore[attr-defined]
         return self.cmp(d, self.ref)
@@ -369,9 +385,7 @@ class _Body(_Node):
         self.with_headers = with_headers
 
     def match(self, c: _Ctx) -> bool:
-        if self.with_headers and any(self.needle in n or self.needle in v for n, v in c.headers):
-            return True
-        return self.needle in c.body
+        return self.needle in (c.text if self.with_headers else c.body)
 
 
 # --- parser --------------------------------------------------------------------------------
