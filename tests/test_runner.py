@@ -490,3 +490,12 @@ def test_io_error_keeps_message_and_retries(make) -> None:
     wait_for(lambda: smtp.calls == [["x@remote.example"]] and w.settled())
     w.idle()
     assert w.ids(DEFERRED) == [] and w.ids(CORRUPT) == []
+
+
+def test_bare_postmaster_goes_to_configured_postmaster(make) -> None:
+    w = make()
+    w.start()
+    w.send(["postmaster"], sender="someone@remote.example")
+    wait_for(lambda: w.mails("POSTMASTER"))
+    w.idle()
+    assert w.mails("POSTMASTER")[0].endswith(MSG)

@@ -363,6 +363,14 @@ class Runner:
             yield defer.DeferredList(work, consumeErrors=True)
         yield self._finish(env)
 
+    def _full_address(self, address: str) -> str:
+        """RFC 5321 §4.1.1.3: a bare ``<Postmaster>`` is this host's postmaster."""
+        if "@" in address:
+            return address
+        if address.lower() == "postmaster":
+            return self.postmaster
+        return f"{address}@{self.hostname}"
+
     def _route(self, env: Envelope) -> None:
         """Resolve recipients without a target; a recipient with several targets is split."""
         if all(r.target or r.final for r in env.recipients):
@@ -373,7 +381,7 @@ class Runner:
             if r.target or r.final:
                 out.append(r)
                 continue
-            address = r.address if "@" in r.address else f"{r.address}@{self.hostname}"
+            address = self._full_address(r.address)
             res = resolve(snap, address)
             if res.kind == UNKNOWN_LOCAL or not res.targets:
                 r.state = R_FAILED
@@ -506,7 +514,7 @@ class Runner:
             status = "2.0.0"
         else:
             status = dsn.reply_status(r.last_reply, action == dsn.FAILED)
-        address = r.address if "@" in r.address else f"{r.address}@{self.hostname}"
+        address = self._full_address(r.address)
         return dsn.RecipientReport(
             final_recipient=address,
             action=action,
