@@ -150,6 +150,15 @@ def test_flag_size_date_uid_keys_never_load_messages():
     assert all(m.loads == 0 for m in msgs)
 
 
+@pytest.mark.parametrize("query,flags_only", [
+    (b"UNSEEN", True), (b"NOT (DELETED OR KEYWORD $a NEW)", True), (b"ALL", True), (b"OLD RECENT", True),
+    (b"UNSEEN LARGER 5", False), (b"OR SEEN 1:3", False), (b"UID 5", False), (b"SINCE 1-Jan-2020", False),
+    (b"NOT SUBJECT x", False),
+])
+def test_flags_only_property(query, flags_only):
+    assert parse_search(tokenize(query)).flags_only is flags_only
+
+
 def test_content_key_loads_only_when_cheap_keys_pass_and_once_per_message():
     msgs = mailbox()
     prog = parse_search(tokenize(b"SUBJECT deals FROM shop BODY espresso SEEN"))

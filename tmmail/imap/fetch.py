@@ -9,10 +9,9 @@ Content problems never raise; only bad client syntax raises :class:`ParseError`.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from tmmail.imap.encoding import Atom, ParseError, String, imap_string, string_for_humans, tokenize
 from tmmail.imap.mime import (

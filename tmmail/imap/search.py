@@ -13,7 +13,7 @@ import binascii
 import quopri
 import re
 from bisect import bisect_left, bisect_right
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from email.utils import parsedate_tz
 from typing import Callable, Iterable, Sequence
 
@@ -270,17 +270,22 @@ def _collect_text(data: bytes, part: Part, out: list[str], headers: bool, depth:
 
 class _Node:
     needs_content = False
+    flags_only = False       # depends on flags alone (not size, dates, UIDs, sequence numbers)
 
     def match(self, c: _Ctx) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class _All(_Node):
+    flags_only = True
+
     def match(self, c: _Ctx) -> bool:
         return True
 
 
 class _Flag(_Node):
+    flags_only = True
+
     def __init__(self, flag: str, present: bool) -> None:
         self.flag = flag.lower()
         self.present = present
@@ -290,6 +295,8 @@ class _Flag(_Node):
 
 
 class _New(_Node):
+    flags_only = True
+
     def match(self, c: _Ctx) -> bool:
         return "\\recent" in c.flags and "\\seen" not in c.flags
 
@@ -298,6 +305,7 @@ class _Not(_Node):
     def __init__(self, inner: _Node) -> None:
         self.inner = inner
         self.needs_content = inner.needs_content
+        self.flags_only = inner.flags_only
 
     def match(self, c: _Ctx) -> bool:
         return not self.inner.match(c)
@@ -308,6 +316,7 @@ class _And(_Node):
         # cheap keys first, so content is loaded only for messages that pass them
         self.items = sorted(items, key=lambda n: n.needs_content)
         self.needs_content = any(n.needs_content for n in items)
+        self.flags_only = all(n.flags_only for n in items)
 
     def match(self, c: _Ctx) -> bool:
         return all(n.match(c) for n in self.items)
@@ -317,6 +326,7 @@ class _Or(_Node):
     def __init__(self, a: _Node, b: _Node) -> None:
         self.a, self.b = sorted((a, b), key=lambda n: n.needs_content)
         self.needs_content = a.needs_content or b.needs_content
+        self.flags_only = a.flags_only and b.flags_only
 
     def match(self, c: _Ctx) -> bool:
         return self.a.match(c) or self.b.match(c)
@@ -495,6 +505,12 @@ class SearchProgram:
     @property
     def needs_content(self) -> bool:
         return self.root.needs_content
+
+    @property
+    def flags_only(self) -> bool:
+        """True if the result depends only on each message's flags (incl. \\Recent): the server
+        may evaluate once per distinct flag set."""
+        return self.root.flags_only
 
     def matches(self, msg: object, max_seq: int, max_uid: int) -> bool:
         return self.root.match(_Ctx(msg, max_seq, max_uid))
