@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from tmmail.address import AddressError, InternalAddress, is_mask, normalize_domain
 from tmmail.errors import ConfigError
+from tmmail.maildir import fsync_dir
 
 __all__ = [
     "Domain",
@@ -298,8 +299,12 @@ def _read_rows(path: str) -> list[tuple[int, tuple[str, ...]]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError("not valid UTF-8", path, line) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    return _rows_from_text(text.removeprefix("\ufeff"))
+
+
+def _rows_from_text(text: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(line number, fields) for every data line: comments and blank lines dropped, fields
+    stripped, trailing empty fields removed."""
     rows = []
     for n, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
@@ -769,24 +774,11 @@ class ProviderStore:
             header = HEADERS.get(name, "")
         text = header + "".join(lines)
         if name in _FIELD_NAMES:  # validate before replacing the good file
-            numbered = [(n, f) for n, f in _rows_from_text(text)]
-            _parse_table(name, path, numbered)
+            _parse_table(name, path, _rows_from_text(text))
         atomic_write(path, text.encode("utf-8"))
         with self._lock:
             self._checked = float("-inf")
         self.current()
-
-
-def _rows_from_text(text: str) -> list[tuple[int, tuple[str, ...]]]:
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = tuple(f.strip() for f in line.rstrip("\r").split("\t"))
-        while fields and fields[-1] == "":
-            fields = fields[:-1]
-        rows.append((n, fields))
-    return rows
 
 
 def _existing_header(path: str) -> str | None:
@@ -824,8 +816,4 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
