@@ -1,0 +1,221 @@
+"""Dovecot interoperability: a throwaway Dovecot (127.0.0.1, free port, no TLS, passwd-file,
+base_dir/log in a temporary folder) serves the very Maildir TMmail writes.  UIDs, UIDVALIDITY,
+flags, keywords and folders must agree both ways: TMmail writes -> Dovecot reads, then
+Dovecot appends, flags, expunges and creates -> TMmail reads."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.imap_fixtures import start_imap, stop_imap
+from tests.server import free_port
+from tests.test_imap_server import client, deliver, message
+
+#: Dovecot refuses to access mail as root: the Maildir is handed to "nobody" for it
+MAIL_UID = 65534
+DOVECOT_PASSWORD = "dovepass"
+
+
+@pytest.fixture
+def shared_root():
+    """A folder other users can traverse (pytest's tmp_path is private to root)."""
+    root = tempfile.mkdtemp(prefix="tmmail-dovecot-", dir="/tmp")
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def chown_tree(path: str, uid: int) -> None:
+    os.chown(path, uid, uid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, uid)
+
+
+class Dovecot:
+    def __init__(self, root: str, maildir: str) -> None:
+        self.exe = require_tool("dovecot")
+        self.root = os.path.join(root, "dovecot")
+        os.makedirs(self.root)
+        os.chmod(self.root, 0o755)
+        self.port = free_port()
+        self.log = os.path.join(self.root, "dovecot.log")
+        users = os.path.join(self.root, "users")
+        with open(users, "w") as f:
+            f.write(f"alice:{{PLAIN}}{DOVECOT_PASSWORD}:{MAIL_UID}:{MAIL_UID}::{root}::\n")
+        os.chmod(users, 0o644)
+        self.conf = os.path.join(self.root, "dovecot.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""base_dir = {self.root}/run
+state_dir = {self.root}/state
+instance_name = tmmail-test-{self.port}
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+log_path = {self.log}
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 100
+mail_location = maildir:{maildir}:INDEX=MEMORY
+mail_privileged_group =
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {users}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-F", "-c", self.conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        raise AssertionError("dovecot did not start:\n" + self.read_log())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except OSError:
+            return "(no log)"
+
+    def connect(self) -> imaplib.IMAP4:
+        m = imaplib.IMAP4("127.0.0.1", self.port, timeout=20)
+        m.login("alice", DOVECOT_PASSWORD)
+        return m
+
+
+def fetch_state(m: imaplib.IMAP4, folder: str) -> tuple[int, dict[int, set[str]]]:
+    """(UIDVALIDITY, {uid: flags without \\Recent}) of a folder, through any IMAP server."""
+    typ, _ = m.select('"%s"' % folder)
+    assert typ == "OK", folder
+    uidvalidity = int(m.response("UIDVALIDITY")[1][0])
+    typ, data = m.uid("FETCH", "1:*", "(FLAGS)")
+    out: dict[int, set[str]] = {}
+    for item in data:
+        if not item:
+            continue
+        text = item.decode() if isinstance(item, bytes) else item[0].decode()
+        mm = re.search(r"UID (\d+)", text)
+        ff = re.search(r"FLAGS \(([^)]*)\)", text)
+        if mm and ff:
+            out[int(mm.group(1))] = set(ff.group(1).split()) - {"\\Recent"}
+    m.close()
+    return uidvalidity, out
+
+
+def test_dovecot_reads_tmmail_and_tmmail_reads_dovecot(reactor_thread, shared_root):
+    env = start_imap(reactor_thread, shared_root)
+    dove = Dovecot(shared_root, env.maildir())
+    try:
+        # -- TMmail writes ----------------------------------------------------------------
+        for n in range(1, 5):
+            deliver(env, message(n), tmp_name=f"m{n}")
+        c = client(env)
+        c.create_folder("Work/Projects")
+        c.append("Work/Projects", message(9, subject="in a folder"), flags=[b"$Work", b"\\Seen"])
+        c.select_folder("INBOX")
+        c.add_flags([1], [b"\\Seen", b"$Label1"])
+        c.add_flags([2], [b"\\Flagged", b"NonJunk"])
+        c.add_flags([3], [b"\\Deleted"])
+        c.expunge()
+        c.add_flags([4], [b"\\Answered", b"\\Draft"])
+        c.logout()
+        m = env.connect("alice@example.com")
+        tm_inbox = fetch_state(m, "INBOX")
+        tm_work = fetch_state(m, "Work/Projects")
+        m.logout()
+        assert sorted(tm_inbox[1]) == [1, 2, 4]
+        assert tm_inbox[1][1] >= {"\\Seen", "$Label1"}
+
+        # -- Dovecot reads the same Maildir --------------------------------------------------
+        chown_tree(env.maildir(), MAIL_UID)
+        dove.start()
+        d = dove.connect()
+        assert fetch_state(d, "INBOX") == tm_inbox
+        assert fetch_state(d, "Work/Projects") == tm_work
+        typ, listing = d.list()
+        names = {re.search(rb'"/" "?([^"]*)"?$', ln).group(1).decode() for ln in listing}
+        assert {"INBOX", "Sent", "Drafts", "Trash", "Work/Projects"} <= names
+        d.select("INBOX")
+        typ, body = d.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert b"Subject: message 1" in body[0][1]
+
+        # -- Dovecot writes --------------------------------------------------------------------
+        typ, data = d.append("INBOX", r"(\Seen $FromDovecot)", None,
+                             message(20, subject="from dovecot").replace(b"\n", b"\r\n"))
+        appended_uid = int(re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1))
+        d.select("INBOX")
+        d.uid("STORE", "2", "+FLAGS", r"(\Answered)")
+        d.uid("STORE", "4", "+FLAGS", r"(\Deleted)")
+        d.expunge()
+        d.create("FromDovecot")
+        d.select("Work/Projects")
+        d.uid("STORE", "1", "-FLAGS", "($Work)")
+        dove_inbox = fetch_state(d, "INBOX")
+        dove_work = fetch_state(d, "Work/Projects")
+        d.logout()
+        dove.stop()
+        assert appended_uid in dove_inbox[1]
+
+        # -- TMmail reads what Dovecot wrote ---------------------------------------------------
+        m = env.connect("alice@example.com")
+        assert fetch_state(m, "INBOX") == dove_inbox
+        assert fetch_state(m, "Work/Projects") == dove_work
+        inbox = fetch_state(m, "INBOX")[1]
+        assert inbox[appended_uid] == {"\\Seen", "$FromDovecot"}
+        assert "\\Answered" in inbox[2] and 4 not in inbox
+        typ, listing = m.list()
+        assert any(b"FromDovecot" in ln for ln in listing)
+        m.select("INBOX")
+        typ, data = m.uid("FETCH", str(appended_uid), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert b"Subject: from dovecot" in data[0][1]
+        m.logout()
+    finally:
+        dove.stop()
+        stop_imap(reactor_thread, env)
