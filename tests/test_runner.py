@@ -73,6 +73,8 @@ class World:
         self.runner: Runner | None = None
 
     def start(self) -> Runner:
+        # as after a restart: everything already on disk was left by an earlier process
+        self.spool.started = time.time() + 2 * Spool.CLOCK_SLACK
         conns: list[Any] = [PostOfficeConnector(self.settings, self.store, reactor)]
         if self.smtp is not None:
             conns.append(self.smtp)

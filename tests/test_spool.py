@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -21,6 +22,13 @@ from tmmail.spool import (
 )
 
 DATA = b"Subject: hi\n\nbody\n"
+
+
+def restarted(spool: Spool) -> Spool:
+    """The spool as a process started after a crash sees it: everything on disk is older."""
+    again = Spool(spool.root)
+    again.started = time.time() + 2 * Spool.CLOCK_SLACK
+    return again
 
 
 def receive(spool: Spool, data: bytes = DATA, rcpts: tuple[str, ...] = ("x@example.com",)) -> str:
@@ -122,7 +130,7 @@ def test_recover_half_move_completes_it(tmp_path) -> None:
     qid = receive(spool)
     # crash after the .eml rename of incoming -> active, before the .env rename
     os.rename(spool.path(INCOMING, qid, ".eml"), spool.path(ACTIVE, qid, ".eml"))
-    found = Spool(str(tmp_path)).recover()
+    found = restarted(spool).recover()
     assert found[ACTIVE] == [qid] and found[INCOMING] == []
     assert open(spool.message_path(ACTIVE, qid), "rb").read() == DATA
 
@@ -133,7 +141,7 @@ def test_recover_every_half_move(tmp_path, src: str, dst: str) -> None:
     qid = receive(spool)
     spool.move(qid, INCOMING, src)
     os.rename(spool.path(src, qid, ".eml"), spool.path(dst, qid, ".eml"))
-    found = spool.recover()
+    found = restarted(spool).recover()
     assert found[dst] == [qid] and found[src] == []
     assert sorted(files(spool, dst)) == [qid + ".eml", qid + ".env"]
 
@@ -148,7 +156,7 @@ def test_recover_half_commit_drops_unacknowledged(tmp_path) -> None:
         f.write(Envelope.new(queue_id=w.id, sender="", recipients=["x@y"]).to_bytes())
     os.rename(spool.path(TMP, w.id, ".eml"), spool.path(INCOMING, w.id, ".eml"))
     other = receive(spool)
-    found = spool.recover()
+    found = restarted(spool).recover()
     assert found[INCOMING] == [other]
     assert files(spool, TMP) == [] and files(spool, CORRUPT) == []
 
@@ -158,7 +166,7 @@ def test_recover_cleans_tmp_leftovers(tmp_path) -> None:
     w = spool.open_message()
     w.write(DATA)
     (tmp_path / "tmp" / "Q1.1234.save").write_bytes(b"partial")
-    spool.recover()
+    restarted(spool).recover()
     assert files(spool, TMP) == []
 
 
@@ -170,7 +178,7 @@ def test_recover_half_removal_completes_it(tmp_path) -> None:
     env.recipients[0].state = DELIVERED
     spool.save(ACTIVE, env)
     os.unlink(spool.message_path(ACTIVE, qid))  # crash between the two unlinks
-    found = spool.recover()
+    found = restarted(spool).recover()
     assert found[ACTIVE] == [] and files(spool, ACTIVE) == [] and files(spool, CORRUPT) == []
 
 
@@ -178,7 +186,7 @@ def test_recover_envelope_without_data_pending_goes_to_corrupt(tmp_path) -> None
     spool = Spool(str(tmp_path))
     qid = receive(spool)
     os.unlink(spool.message_path(INCOMING, qid))
-    found = spool.recover()
+    found = restarted(spool).recover()
     assert found[INCOMING] == [] and found[CORRUPT] == [qid]
 
 
@@ -186,7 +194,7 @@ def test_recover_data_without_envelope_goes_to_corrupt(tmp_path) -> None:
     spool = Spool(str(tmp_path))
     qid = receive(spool)
     os.unlink(spool.path(INCOMING, qid, ".env"))
-    spool.recover()
+    restarted(spool).recover()
     assert files(spool, INCOMING) == []
     assert files(spool, CORRUPT) == [qid + ".eml"]
     assert open(spool.path(CORRUPT, qid), "rb").read() == DATA
@@ -213,3 +221,21 @@ def test_add_queues_generated_message(tmp_path) -> None:
     env = spool.add(lambda qid: Envelope.new(queue_id=qid, sender="", recipients=["a@b"], origin="dsn"), DATA)
     assert spool.list(INCOMING) == [env.queue_id]
     assert spool.load(INCOMING, env.queue_id).origin == "dsn"
+
+
+def test_recover_leaves_work_of_this_process_alone(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    receiving = spool.open_message()  # an SMTP session in the middle of DATA
+    receiving.write(DATA)
+    committing = spool.open_message()  # a commit between its two renames
+    committing.write(DATA)
+    committing._file.flush()
+    with open(spool.path(TMP, committing.id, ".env"), "wb") as f:
+        f.write(Envelope.new(queue_id=committing.id, sender="", recipients=["x@y"]).to_bytes())
+    os.rename(spool.path(TMP, committing.id, ".eml"), spool.path(INCOMING, committing.id, ".eml"))
+    spool.recover()
+    assert files(spool, CORRUPT) == []
+    os.rename(spool.path(TMP, committing.id, ".env"), spool.path(INCOMING, committing.id, ".env"))
+    assert spool.list(INCOMING) == [committing.id]
+    receiving.commit(Envelope.new(queue_id=receiving.id, sender="", recipients=["x@y"]))
+    assert spool.list(INCOMING) == sorted([committing.id, receiving.id])

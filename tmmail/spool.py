@@ -196,8 +196,15 @@ class SpoolWriter:
 class Spool:
     """The queue directories under ``root``; every method except ``open_message`` may block."""
 
+    #: files whose mtime is within this of ``started`` may belong to this process (the kernel's
+    #: file timestamps come from a coarse clock that lags time.time() by a few milliseconds)
+    CLOCK_SLACK = 1.0
+
     def __init__(self, root: str) -> None:
         self.root = root
+        #: recovery leaves alone whatever was written after this (an SMTP session of this
+        #: process may be committing while the runner recovers)
+        self.started = time.time()
         for d in ALL_DIRS:
             os.makedirs(os.path.join(root, d), exist_ok=True)
         self._dirsync = {d: _DirSync(os.path.join(root, d)) for d in ALL_DIRS}
@@ -329,8 +336,12 @@ class Spool:
 
     # -- crash recovery ---------------------------------------------------------------------
 
-    def recover(self) -> dict[str, list[str]]:
-        """Repair what a crash left behind; call once at start, before anything else runs.
+    def recover(self, before: float | None = None) -> dict[str, list[str]]:
+        """Repair what a crash left behind; call once at start, before the runner works.
+
+        Only files last written before ``before`` (default: this Spool's creation minus
+        ``CLOCK_SLACK``) are cleaned up or sent to corrupt/, so the SMTP server may already be
+        receiving (its tmp files and half-done commits are newer).
 
         * ``tmp/`` holds only uncommitted work (no 250 was given): removed, including a .eml
           already renamed into incoming/ whose .env is still in tmp/.
@@ -341,6 +352,15 @@ class Spool:
 
         Returns the ids found in each queue state after repair.
         """
+        if before is None:
+            before = self.started - self.CLOCK_SLACK
+
+        def old(path: str) -> bool:
+            try:
+                return os.stat(path).st_mtime < before
+            except FileNotFoundError:
+                return False
+
         tmpdir = os.path.join(self.root, TMP)
         eml_at: dict[str, str] = {}
         env_at: dict[str, str] = {}
@@ -355,6 +375,10 @@ class Spool:
                     env_at[qid] = state
         for name in os.listdir(tmpdir):
             qid, ext = os.path.splitext(name)
+            if not old(os.path.join(tmpdir, name)):
+                if ext == ".env" and qid in eml_at:
+                    eml_at.pop(qid)  # a commit in progress: not ours to judge
+                continue
             if ext == ".env" and qid in eml_at and qid not in env_at:
                 log.warn("removing uncommitted message {queue_id}", queue_id=qid)
                 os.unlink(self.path(eml_at.pop(qid), qid, ".eml"))
@@ -370,7 +394,7 @@ class Spool:
                 self._dirsync[dst].sync()
                 env_at[qid] = dst
                 continue
-            if state == CORRUPT:
+            if state == CORRUPT or not old(self.path(state, qid, ".env")):
                 continue
             try:
                 finished = self.load(state, qid).done
@@ -385,7 +409,7 @@ class Spool:
                 self.to_corrupt(qid, state)
                 env_at[qid] = CORRUPT
         for qid, state in sorted(eml_at.items()):
-            if qid not in env_at and state != CORRUPT:
+            if qid not in env_at and state != CORRUPT and old(self.path(state, qid, ".eml")):
                 log.error("message data {queue_id} without envelope", queue_id=qid)
                 self.to_corrupt(qid, state)
         return {state: self.list(state) for state in QUEUE_STATES}
