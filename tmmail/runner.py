@@ -477,23 +477,24 @@ class Runner:
             reports.append((env.sender, [self._report(r, dsn.DELAYED, until) for r in delayed], False))
             for r in delayed:
                 r.delay_notified = now
-        if env.done:
-            failed = [r for r in env.recipients if r.state == R_FAILED and not r.reported]
-            succeeded = [r for r in env.recipients if r.state == R_DELIVERED and not r.reported and r.wants("SUCCESS")]
-            if env.sender:
-                rows = [self._report(r, dsn.FAILED) for r in failed if r.wants("FAILURE")]
-                # RFC 3464 §2.3.3: "relayed" when it left us for an MTA that may not report
-                rows += [
-                    self._report(r, dsn.DELIVERED if r.target.upper().startswith("[SF:") else dsn.RELAYED)
-                    for r in succeeded
-                ]
-                if rows:
-                    reports.append((env.sender, rows, False))
-            elif failed and env.origin != ORIGIN_POSTMASTER:
-                # a report (or other <> mail) that failed: the postmaster hears of it, once
-                reports.append((self.postmaster, [self._report(r, dsn.FAILED) for r in failed], True))
-            for r in failed + succeeded:
-                r.reported = True
+        # final outcomes are reported at once, not when the last recipient is done, so a hard
+        # failure is not hidden behind another recipient's days of retries
+        failed = [r for r in env.recipients if r.state == R_FAILED and not r.reported]
+        succeeded = [r for r in env.recipients if r.state == R_DELIVERED and not r.reported and r.wants("SUCCESS")]
+        if env.sender:
+            rows = [self._report(r, dsn.FAILED) for r in failed if r.wants("FAILURE")]
+            # RFC 3464 §2.3.3: "relayed" when it left us for an MTA that may not report
+            rows += [
+                self._report(r, dsn.DELIVERED if r.target.upper().startswith("[SF:") else dsn.RELAYED)
+                for r in succeeded
+            ]
+            if rows:
+                reports.append((env.sender, rows, False))
+        elif failed and env.origin != ORIGIN_POSTMASTER:
+            # a report (or other <> mail) that failed: the postmaster hears of it, once
+            reports.append((self.postmaster, [self._report(r, dsn.FAILED) for r in failed], True))
+        for r in failed + succeeded:
+            r.reported = True
         keep = any(r.bad for r in env.recipients) or (
             not env.sender and env.origin == ORIGIN_POSTMASTER and any(r.state == R_FAILED for r in env.recipients)
         )
