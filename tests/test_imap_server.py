@@ -389,3 +389,50 @@ def test_imaplib_full_session(env):
     assert m.check()[0] == "OK"
     assert m.close()[0] == "OK"
     assert m.logout()[0] == "BYE"
+
+
+def test_internal_error_costs_one_command_not_the_connection(env, monkeypatch):
+    deliver(env, message(1))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr("tmmail.imap.messages.fetch_data", boom)
+    assert cmd(s, f, b"b", b"FETCH 1 BODY.PEEK[]")[-1].startswith(b"b NO [SERVERBUG]")
+    monkeypatch.setattr("tmmail.store.Store.list_folders", boom)
+    assert cmd(s, f, b"c", b'LIST "" "*"')[-1].startswith(b"c NO [SERVERBUG]")
+    monkeypatch.setattr("tmmail.store.Store.create_folder", boom)  # runs in a thread
+    assert cmd(s, f, b"d", b"CREATE Foo")[-1].startswith(b"d NO [SERVERBUG]")
+    assert cmd(s, f, b"e", b"FETCH 1 (UID)")[0] == b"* 1 FETCH (UID 1)\r\n"
+    s.close()
+
+
+def test_big_fetch_over_tls_with_a_slow_reader(env):
+    """Content FETCH is streamed with flow control: every byte arrives, in order, over TLS."""
+    from tests.imap_fixtures import client_tls
+
+    big = [message(n, body=(f"line {n} " * 40 + "\n") * 1000) for n in range(1, 21)]
+    for n, data in enumerate(big, 1):
+        deliver(env, data, tmp_name=f"big{n}")
+    s, f = raw_session(env)
+    s.sendall(b"t STARTTLS\r\n")
+    assert f.readline().startswith(b"t OK")
+    tls = client_tls().wrap_socket(s, server_hostname="localhost")
+    tf = tls.makefile("rb")
+    tls.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    read_until_tag(tf, b"L")
+    tls.sendall(b"a EXAMINE INBOX\r\nb FETCH 1:* (UID BODY.PEEK[])\r\n")
+    read_until_tag(tf, b"a")
+    time.sleep(0.5)  # let the server fill the socket buffers and pause
+    got = []
+    for n in range(1, 21):
+        line = tf.readline()
+        m = re.match(rb"\* (\d+) FETCH \(UID (\d+) BODY\[\] \{(\d+)\}\r\n", line)
+        assert m, line
+        got.append(tf.read(int(m.group(3))))
+        assert tf.readline() == b")\r\n"
+    assert tf.readline().startswith(b"b OK")
+    assert got == [d.replace(b"\n", b"\r\n") for d in big]
+    tls.close()

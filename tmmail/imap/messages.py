@@ -98,7 +98,11 @@ class _Gate:
             call()
 
     def stopProducing(self) -> None:
-        self.paused = True
+        """The connection is gone: let the waiting stream notice and finish."""
+        self.paused = False
+        if self.waiting is not None:
+            call, self.waiting = self.waiting, None
+            call()
 
 
 class MessageCommands:

@@ -140,7 +140,11 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
                 event = self.reader.next_event()
                 if event is None:
                     break
-                self._event(event)
+                try:
+                    self._event(event)
+                except Exception:  # a bug must cost one command, never the connection
+                    self.log.failure("IMAP event handling failed for {peer}", peer=self.peer)
+                    self.send(b"* BAD [SERVERBUG] Internal server error\r\n")
         finally:
             self.flush()
         if self._closing or self.transport is None:
