@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,34 @@ class Script:
     data_sequence: list[str | None] = field(default_factory=list)
     #: greeting code/text override (e.g. "554 no service")
     greeting: str | None = None
+
+
+class Tracker:
+    """Connections open at once across the sinks that share it (for concurrency limits)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def opened(self) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def closed(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+    def reset(self) -> None:
+        """Forget the peak (after aiosmtpd's start-up probe has gone, up to a second)."""
+        for _ in range(100):
+            with self.lock:
+                if self.active <= 0:
+                    break
+            time.sleep(0.01)
+        with self.lock:
+            self.peak = self.active
 
 
 def free_port() -> int:
@@ -143,7 +172,12 @@ class _SMTP(SMTP):
     def connection_made(self, transport: Any) -> None:
         with self.sink.lock:
             self.sink.connections += 1
+        self.sink.tracker.opened()
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Any) -> None:
+        self.sink.tracker.closed()
+        super().connection_lost(exc)
 
     async def smtp_DATA(self, arg: str) -> None:
         script = self.sink.script
@@ -187,6 +221,8 @@ class Sink:
         name: str = "sink.test",
         port: int | None = None,
         smtputf8: bool = True,
+        address: str = "127.0.0.1",
+        tracker: Tracker | None = None,
     ) -> None:
         self.script = Script()
         self.messages: list[Received] = []
@@ -195,8 +231,10 @@ class Sink:
         self.pipelining = pipelining
         self.dsn = dsn
         self.port = port or free_port()
+        self.address = address
+        self.tracker = tracker or Tracker()
         kw: dict[str, Any] = dict(
-            hostname="127.0.0.1", port=self.port, server_hostname=name, enable_SMTPUTF8=smtputf8,
+            hostname=address, port=self.port, server_hostname=name, enable_SMTPUTF8=smtputf8,
             data_size_limit=10 * 1024 * 1024,
         )
         if tls is not None:
@@ -220,13 +258,13 @@ class Sink:
         self.controller = _Controller(self, **self._kw)
         if "ssl_context" in self._kw:
             # aiosmtpd's start-up probe would wrap its socket with the *server* context
-            port = self.port
+            port, address = self.port, self.address
 
             def trigger() -> None:
                 client = ssl.create_default_context()
                 client.check_hostname = False
                 client.verify_mode = ssl.CERT_NONE
-                with socket.create_connection(("127.0.0.1", port), 2) as raw:
+                with socket.create_connection((address, port), 2) as raw:
                     with client.wrap_socket(raw) as conn:
                         conn.recv(1024)
 
@@ -234,6 +272,7 @@ class Sink:
         self.controller.start()
         with self.lock:
             self.connections = 0  # aiosmtpd's start-up probe is not a client
+        self.tracker.reset()
         return self
 
     def stop(self) -> None:

@@ -235,7 +235,16 @@ class ClientProtocol(protocol.Protocol):
         self.closing_reply: Reply | None = None
         self.tls = False
         self.lost_reason: Failure | None = None
+        self._lost_waiters: list[defer.Deferred] = []
         self.greeting = self._expect()
+
+    def when_closed(self) -> defer.Deferred:
+        """A Deferred fired (with None) once the connection is closed."""
+        if self.closed:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._lost_waiters.append(d)
+        return d
 
     # connection events
 
@@ -267,6 +276,9 @@ class ClientProtocol(protocol.Protocol):
         waiters, self._waiters = self._waiters, collections.deque()
         for w in waiters:
             w.errback(err)
+        lost, self._lost_waiters = self._lost_waiters, []
+        for w in lost:
+            w.callback(None)
 
     # timeouts
 
@@ -524,6 +536,8 @@ class Session:
         self.greeting_name = ""
         self.transactions = 0
         self.broken = False
+        #: the current/last transaction got as far as sending message data
+        self.data_sent = False
 
     @property
     def tls(self) -> bool:
@@ -612,6 +626,7 @@ class Session:
         return [r for r in results if r is not None]
 
     async def _send(self, msg: OutboundMessage, results: list[RecipientResult | None]) -> None:
+        self.data_sent = False
         if self.transactions:
             reply = await self.proto.command(b"RSET")
             if not reply.positive:
@@ -696,6 +711,7 @@ class Session:
             await self.proto.command(b"RSET")
             return
         with open(msg.path, "rb") as f:
+            self.data_sent = True
             final = await self.proto.send_body(f)
         for i in accepted:
             results[i] = _result_for(final, "DATA")

@@ -1,0 +1,415 @@
+"""The SMTP connector: delivers ``[SMTP:user@domain]`` targets to other mail servers.
+
+One call of :meth:`SMTPConnector.deliver` is one message to one destination domain (the
+runner batches by :meth:`batch_key`, the lower-case domain), normally one mail transaction.
+The route comes from tmmail.routes (domain route, smarthost or MX); MX hosts and every
+address of each are tried in turn (RFC 5321 §5.1) until one takes the transaction.  Only
+failures before any mail command (connect, greeting, EHLO, TLS, AUTH) or a connection lost
+before the data was sent move on to the next host; a reply to MAIL/RCPT/DATA is the answer.
+
+Connections are pooled per destination: a finished session is handed to the next delivery
+waiting for the same destination or kept idle for ``IDLE_SECONDS`` (RSET before reuse), and
+``relay.max_connections_per_domain`` / ``relay.max_connections`` bound the open connections
+(an idle connection of another destination is closed when the global limit is reached).
+
+Outcomes (tmmail.interfaces.IConnector): None, or a TransientError / PermanentError carrying
+the remote reply (code, enhanced code, text) and ``remote_mta`` (the host name), so the DSN
+shows what the remote server said.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tmmail import routes
+from tmmail.errors import DeliveryError, PermanentError, TransientError
+from tmmail.interfaces import IConnector
+from tmmail.mx import Hop, Resolver
+from tmmail.smtpclient import (
+    DEFERRED,
+    DELIVERED,
+    ClientConfig,
+    OutboundMessage,
+    OutboundRecipient,
+    RecipientResult,
+    ReplyError,
+    Session,
+    SMTPClientError,
+    TLSFailed,
+    open_session,
+    xtext,
+)
+
+__all__ = ["SMTPConnector", "IDLE_SECONDS", "MAX_TRANSACTIONS"]
+
+log = Logger(namespace="tmmail.connectors.smtp")
+
+#: how long a finished connection waits for another message to the same destination
+IDLE_SECONDS = 5.0
+#: transactions per connection before it is closed (servers limit this too)
+MAX_TRANSACTIONS = 100
+#: how long to skip STARTTLS with a host whose TLS handshake failed
+NO_TLS_SECONDS = 3600.0
+
+
+def message_size(path: str) -> int:
+    """BLOCKING: octets of the message on the wire (LF -> CRLF), for SIZE= (RFC 1870)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += chunk.count(b"\n")
+    return size
+
+
+class _Pool:
+    """Open connections per destination key: idle sessions, waiters, per-key and total limits."""
+
+    def __init__(self, reactor: Any, per_key: int, total: int, idle_seconds: float) -> None:
+        self.reactor = reactor
+        self.per_key = max(1, per_key)
+        self.total = max(1, total)
+        self.idle_seconds = idle_seconds
+        self.open: collections.Counter[str] = collections.Counter()
+        self.idle: dict[str, list[tuple[Session, Any]]] = {}
+        self.waiters: collections.deque[tuple[str, defer.Deferred]] = collections.deque()
+        #: evicted idle connections still closing (they count until they are gone)
+        self.closing = 0
+
+    @property
+    def open_total(self) -> int:
+        return sum(self.open.values()) + self.closing
+
+    def acquire(self, key: str) -> defer.Deferred:
+        """Deferred[Session | None]: an idle session of ``key``, or None = a free slot to connect."""
+        ok, session = self._take(key)
+        if ok:
+            return defer.succeed(session)
+        d: defer.Deferred = defer.Deferred()
+        self.waiters.append((key, d))
+        return d
+
+    def _take(self, key: str) -> tuple[bool, Session | None]:
+        """Claim an idle session or a slot for ``key`` if the limits allow (no callbacks run)."""
+        idle = self.idle.get(key)
+        while idle:
+            session, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            if session.usable:
+                return True, session
+            session.abort()
+            self._forget(key)
+        if self.open[key] >= self.per_key:
+            return False, None
+        if self.open_total >= self.total:
+            if not self.closing:
+                self._evict_other(key)
+            return False, None
+        self.open[key] += 1
+        return True, None
+
+    def _evict_other(self, key: str) -> None:
+        """Close an idle connection of another destination; its slot frees once it is gone."""
+        for other, sessions in list(self.idle.items()):
+            if other != key and sessions:
+                session, timer = sessions.pop(0)
+                if timer.active():
+                    timer.cancel()
+                self._forget(other)
+                if session.proto.closed:
+                    return
+                self.closing += 1
+                self._quit(session)
+                session.proto.when_closed().addCallback(self._evicted)
+                return
+
+    def _evicted(self, _: Any) -> None:
+        self.closing -= 1
+        self._dispatch()
+
+    def release(self, key: str, session: Session | None) -> None:
+        """Give back the slot; a usable session goes to the next waiter of ``key`` or idles."""
+        if session is not None and session.usable and session.transactions < MAX_TRANSACTIONS:
+            for i, (k, d) in enumerate(self.waiters):
+                if k == key:
+                    del self.waiters[i]
+                    d.callback(session)
+                    return
+            timer = self.reactor.callLater(self.idle_seconds, self._expire, key, session)
+            self.idle.setdefault(key, []).append((session, timer))
+            if self.waiters:
+                self._dispatch()  # others may be waiting for a global slot this one holds
+            return
+        if session is not None:
+            self._quit(session)
+        self._forget(key)
+        self._dispatch()
+
+    def _expire(self, key: str, session: Session) -> None:
+        sessions = self.idle.get(key, [])
+        for i, (s, _) in enumerate(sessions):
+            if s is session:
+                del sessions[i]
+                self._quit(session)
+                self._forget(key)
+                self._dispatch()
+                return
+
+    def _forget(self, key: str) -> None:
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
+        if key in self.idle and not self.idle[key]:
+            del self.idle[key]
+
+    def _dispatch(self) -> None:
+        """Grant waiting deliveries in arrival order (a callback may re-enter: rescan)."""
+        i = 0
+        while i < len(self.waiters):
+            key, d = self.waiters[i]
+            ok, session = self._take(key)
+            if not ok:
+                i += 1
+                continue
+            del self.waiters[i]
+            d.callback(session)
+            i = 0
+
+    @staticmethod
+    def _quit(session: Session) -> None:
+        if session.usable:
+            defer.Deferred.fromCoroutine(session.quit()).addErrback(lambda f: None)
+        else:
+            session.abort()
+
+    def close_idle(self) -> None:
+        for key, sessions in list(self.idle.items()):
+            while sessions:
+                session, timer = sessions.pop()
+                if timer.active():
+                    timer.cancel()
+                self._quit(session)
+                self._forget(key)
+        self._dispatch()
+
+
+@implementer(IConnector)
+class SMTPConnector:
+    """IConnector for [SMTP:...] targets (see the module docstring)."""
+
+    scheme = "SMTP"
+
+    def __init__(
+        self,
+        settings: Any,
+        provider_store: Any = None,
+        reactor: Any = None,
+        resolver: Resolver | None = None,
+        trust_root: Any = None,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: PLC0415 - tap.py passes the reactor in
+        self.settings = settings
+        self.relay = settings.relay
+        self.store = provider_store
+        self.reactor = reactor
+        self.resolver = resolver or Resolver.from_settings(settings, reactor=reactor)
+        #: IOpenSSLTrustRoot for verified (smarthost) TLS; None = the platform's CA store
+        self.trust_root = trust_root
+        self.helo_name = self.relay.helo_name or settings.server.hostname
+        self.pool = _Pool(reactor, self.relay.max_connections_per_domain, self.relay.max_connections, idle_seconds)
+        #: address -> until when STARTTLS is skipped (its handshake failed)
+        self._no_tls: dict[str, float] = {}
+        routes.smarthost_route(self.relay)  # a bad smarthost setting fails at start, not per message
+
+    # -- IConnector -------------------------------------------------------------------------
+
+    def batch_key(self, target: Any) -> str:
+        return target.value.rpartition("@")[2].lower()
+
+    def deliver(self, envelope: Any, items: list[tuple[Any, Any]], message_path: str) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._deliver(envelope, items, message_path))
+
+    def close(self) -> None:
+        """QUIT idle connections (the service calls this when stopping)."""
+        self.pool.close_idle()
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def _deliver(self, envelope: Any, items: list[tuple[Any, Any]], path: str) -> list[DeliveryError | None]:
+        domain = self.batch_key(items[0][1])
+        try:
+            route = routes.route_for(domain, self.store.current() if self.store is not None else None, self.relay)
+        except Exception as e:  # a bad ROUTE cell: retry after the admin fixes it
+            err = TransientError(451, "4.3.5", f"bad route for {domain}: {e}")
+            return [err] * len(items)
+        size = await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), message_size, path)
+        params = {str(k).upper(): v for k, v in (envelope.mail_params or {}).items()}
+        body = params.get("BODY")
+        msg = OutboundMessage(
+            sender=envelope.sender,
+            recipients=tuple(
+                OutboundRecipient(
+                    address=target.value,
+                    notify=r.notify,
+                    orcpt=r.orcpt or ("rfc822;" + xtext(r.address) if "@" in r.address else None),
+                )
+                for r, target in items
+            ),
+            path=path,
+            size=size,
+            body=str(body).upper() if body and body is not True else None,
+            smtputf8=bool(params.get("SMTPUTF8")),
+            ret=envelope.ret,
+            envid=envelope.envid,
+        )
+        session = await self.pool.acquire(route.key)
+        try:
+            outcomes, session = await self._attempt(envelope.queue_id, route, domain, msg, session)
+        except BaseException:
+            if session is not None:
+                session.abort()
+            self.pool.release(route.key, None)
+            raise
+        self.pool.release(route.key, session)
+        return outcomes
+
+    async def _attempt(
+        self, qid: str, route: routes.Route, domain: str, msg: OutboundMessage, session: Session | None
+    ) -> tuple[list[DeliveryError | None], Session | None]:
+        """Run the transaction on ``session`` (reused) or on the first hop that takes it."""
+        n = len(msg.recipients)
+        outcomes: list[DeliveryError | None] = [None] * n
+        todo = list(range(n))
+        if session is not None:
+            results = await session.send(_subset(msg, todo))
+            if not _retry_elsewhere(session, results):
+                self._record(qid, session, msg, todo, results, outcomes)
+                return outcomes, session
+            log.info("{queue_id}: reused connection to {peer} was gone; reconnecting", queue_id=qid, peer=str(session))
+            session.abort()
+            session = None
+        try:
+            if route.kind == routes.MX:
+                hops = await self.resolver.resolve(domain, route.port)
+            else:
+                hops = await self.resolver.host_hops(route.host, route.port)
+        except DeliveryError as e:
+            log.info("{queue_id}: no route to {domain}: {error}", queue_id=qid, domain=domain, error=str(e))
+            return [e] * n, None
+        config = self._config(route)
+        last: SMTPClientError | None = None
+        for hop in hops:
+            try:
+                session = await self._open(hop, config)
+            except SMTPClientError as e:
+                log.info("{queue_id}: {hop}: {error}", queue_id=qid, hop=str(hop), error=e.text)
+                last = e
+                continue
+            results = await session.send(_subset(msg, todo))
+            if _retry_elsewhere(session, results):
+                last = SMTPClientError(f"{session}: {results[0].reply}")
+                log.info("{queue_id}: {peer} dropped the connection before the data; next host",
+                         queue_id=qid, peer=str(session))
+                session.abort()
+                session = None
+                continue
+            self._record(qid, session, msg, todo, results, outcomes)
+            return outcomes, session
+        err = _connect_error(route, domain, hops, last)
+        log.info("{queue_id}: {route}: {error}", queue_id=qid, route=str(route), error=str(err))
+        for i in todo:
+            outcomes[i] = err
+        return outcomes, None
+
+    async def _open(self, hop: Hop, config: ClientConfig) -> Session:
+        """A session with one hop; opportunistic TLS falls back to plain if the handshake fails."""
+        use_tls = self._no_tls.get(hop.address, 0.0) < time.time()
+        try:
+            return await open_session(self.reactor, hop.host, hop.address, hop.port, config, use_tls)
+        except TLSFailed as e:
+            if config.tls != "opportunistic" or not use_tls:
+                raise
+            log.warn("STARTTLS with {hop} failed ({error}); retrying without TLS", hop=str(hop), error=e.text)
+            self._no_tls[hop.address] = time.time() + NO_TLS_SECONDS
+            return await open_session(self.reactor, hop.host, hop.address, hop.port, config, False)
+
+    def _config(self, route: routes.Route) -> ClientConfig:
+        relay = self.relay
+        return ClientConfig(
+            helo_name=self.helo_name,
+            connect_timeout=relay.connect_timeout,
+            command_timeout=relay.command_timeout,
+            tls=route.tls,
+            verify=route.verify,
+            trust_root=self.trust_root,
+            user=route.user,
+            password=route.password,
+            source_address=relay.source_address,
+        )
+
+    def _record(
+        self,
+        qid: str,
+        session: Session,
+        msg: OutboundMessage,
+        todo: list[int],
+        results: list[RecipientResult],
+        outcomes: list[DeliveryError | None],
+    ) -> None:
+        for i, result in zip(todo, results):
+            outcome = _outcome(session, result)
+            outcomes[i] = outcome
+            log.info("{queue_id}: <{recipient}> via {peer}{tls}: {status} ({reply})", queue_id=qid,
+                     recipient=msg.recipients[i].address, peer=str(session), tls=" TLS" if session.tls else "",
+                     status=result.status, reply=str(result.reply))
+
+
+def _subset(msg: OutboundMessage, todo: list[int]) -> OutboundMessage:
+    return replace(msg, recipients=tuple(msg.recipients[i] for i in todo))
+
+
+def _retry_elsewhere(session: Session, results: list[RecipientResult]) -> bool:
+    """The connection broke (or the server said 421) before any recipient got an answer of
+    its own and before the data went out: another host (or a fresh connection) may do."""
+    return (
+        not session.data_sent
+        and bool(results)
+        and all(
+            r.status == DEFERRED and (r.stage == "connection" or (r.stage == "MAIL" and r.reply.code == 421))
+            for r in results
+        )
+    )
+
+
+def _outcome(session: Session, result: RecipientResult) -> DeliveryError | None:
+    if result.status == DELIVERED:
+        return None
+    reply = result.reply
+    if result.status == DEFERRED:
+        err: DeliveryError = TransientError(reply.code if 400 <= reply.code < 500 else 451, reply.enhanced or "4.0.0", reply.text)
+    else:
+        err = PermanentError(reply.code if 500 <= reply.code < 600 else 550, reply.enhanced or "5.0.0", reply.text)
+    err.remote_mta = session.host  # type: ignore[attr-defined]
+    return err
+
+
+def _connect_error(route: routes.Route, domain: str, hops: list[Hop], last: SMTPClientError | None) -> DeliveryError:
+    """Every host failed before a transaction: try again later (never a bounce for this)."""
+    detail = last.text if last is not None else "no addresses"
+    if isinstance(last, ReplyError) and last.stage == "AUTH":
+        return TransientError(451, "4.7.0", f"authentication with {route} failed: {last.reply}")
+    if isinstance(last, TLSFailed):
+        return TransientError(451, "4.7.5", f"TLS with {route} failed: {detail}")
+    where = f"any MX host of {domain}" if route.kind == routes.MX else str(route)
+    return TransientError(451, "4.4.1", f"could not deliver to {where} ({len(hops)} addresses tried): {detail}")
