@@ -1,7 +1,8 @@
 """Dovecot interoperability: a throwaway Dovecot (127.0.0.1, free port, no TLS, passwd-file,
 base_dir/log in a temporary folder) serves the very Maildir TMmail writes.  UIDs, UIDVALIDITY,
 flags, keywords and folders must agree both ways: TMmail writes -> Dovecot reads, then
-Dovecot appends, flags, expunges and creates -> TMmail reads."""
+Dovecot appends, flags, expunges and creates -> TMmail reads; then both at once (a Dovecot
+flag change reaches an idling TMmail session, a TMmail flag change reaches Dovecot)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import pytest
 from tests.conftest import require_tool
 from tests.imap_fixtures import start_imap, stop_imap
 from tests.server import free_port
-from tests.test_imap_server import client, deliver, message
+from tests.test_imap_server import client, cmd, deliver, login_raw, message
+from tests.test_imap_server_concurrency import wait_line
 
 #: Dovecot refuses to access mail as root: the Maildir is handed to "nobody" for it
 MAIL_UID = 65534
@@ -68,7 +70,7 @@ log_path = {self.log}
 default_internal_user = dovecot
 default_login_user = dovenull
 first_valid_uid = 100
-mail_location = maildir:{maildir}:INDEX=MEMORY
+mail_location = maildir:{maildir}
 mail_privileged_group =
 namespace inbox {{
   inbox = yes
@@ -200,7 +202,6 @@ def test_dovecot_reads_tmmail_and_tmmail_reads_dovecot(reactor_thread, shared_ro
         dove_inbox = fetch_state(d, "INBOX")
         dove_work = fetch_state(d, "Work/Projects")
         d.logout()
-        dove.stop()
         assert appended_uid in dove_inbox[1]
 
         # -- TMmail reads what Dovecot wrote ---------------------------------------------------
@@ -216,6 +217,30 @@ def test_dovecot_reads_tmmail_and_tmmail_reads_dovecot(reactor_thread, shared_ro
         typ, data = m.uid("FETCH", str(appended_uid), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         assert b"Subject: from dovecot" in data[0][1]
         m.logout()
+
+        # -- both at once: flag changes travel while the other side is connected ------------
+        s, f = login_raw(env)
+        cmd(s, f, b"a", b"SELECT INBOX")
+        s.sendall(b"b IDLE\r\n")
+        assert f.readline().startswith(b"+ ")
+        d = dove.connect()
+        d.select("INBOX")
+        d.uid("STORE", "1", "+FLAGS", r"(\Flagged)")
+        wait_line(s, f, lambda ln: b"FETCH (UID 1 " in ln and b"\\Flagged" in ln, timeout=5)
+        s.sendall(b"DONE\r\n")
+        wait_line(s, f, lambda ln: ln.startswith(b"b OK"))
+        cmd(s, f, b"c", b"UID STORE 2 +FLAGS (\\Draft)")
+        seen = False
+        for _ in range(30):  # Dovecot notices the rename on its next sync
+            typ, data = d.noop()
+            typ, data = d.uid("FETCH", "2", "(FLAGS)")
+            if b"\\Draft" in data[0]:
+                seen = True
+                break
+            time.sleep(0.1)
+        assert seen, data
+        d.logout()
+        s.close()
     finally:
         dove.stop()
         stop_imap(reactor_thread, env)
