@@ -18,7 +18,7 @@ from twisted.internet import defer, task, threads
 from tmmail.imap import names
 from tmmail.imap import responses as R
 from tmmail.imap.account import is_store_error, store_error_reply
-from tmmail.imap.encoding import Atom, ParseError, astring, imap_string, utf7_encode
+from tmmail.imap.encoding import Atom, ParseError, astring, utf7_encode
 from tmmail.imap.session import SelectedMailbox
 
 SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
@@ -425,4 +425,4 @@ class MailboxNameError(ParseError):
     """A mailbox name that is not valid modified UTF-7: answered with BAD and the reason."""
 
 
-__all__ = ["MailboxCommands", "parse_flags", "parse_date_time", "encode_name", "imap_string"]
+__all__ = ["MailboxCommands", "MailboxNameError", "parse_flags", "parse_date_time", "encode_name"]

@@ -1,9 +1,9 @@
-"""Mailbox names as IMAP clients see them: validation, INBOX, LIST patterns, special-use.
+"""Mailbox names as IMAP clients send them: modified UTF-7, INBOX, LIST patterns.
 
-One job: the client-facing name space (RFC 3501 §5.1 and §6.3.8; RFC 6154 SPECIAL-USE;
-RFC 5258 child info attributes).  Names are text (decoded from modified UTF-7) with ``/`` as
-the hierarchy separator; ``INBOX`` is case-insensitive, every other name is case-sensitive.
-Pure logic.
+One job: the client-facing name space (RFC 3501 §5.1.3 and §6.3.8).  Names become text with
+``/`` as the hierarchy separator; ``INBOX`` is case-insensitive, every other name is
+case-sensitive.  Which names may exist on disk is the store's decision
+(``Store.validate_name``).  Pure logic.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from functools import lru_cache
 from tmmail.imap.encoding import ParseError, utf7_decode
 
 SEP = "/"
+
 
 class BadName(Exception):
     """A mailbox name the server refuses; ``str(e)`` is the text after ``NO``."""

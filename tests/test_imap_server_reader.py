@@ -1,0 +1,92 @@
+"""The bounded command reader (pure): lines, synchronising and LITERAL+ literals, limits,
+raw lines for IDLE/AUTHENTICATE, and the STARTTLS discard."""
+
+from __future__ import annotations
+
+from tmmail.imap.reader import (
+    Command,
+    CommandReader,
+    Line,
+    LiteralTooBig,
+    NeedContinuation,
+    TooLong,
+)
+
+
+def reader(max_line: int = 100, append_limit: int = 1000) -> CommandReader:
+    def limit(cmd: bytes) -> int:
+        return append_limit if b" APPEND " in cmd.upper() else max(0, max_line - len(cmd))
+
+    return CommandReader(max_line, limit)
+
+
+def events(r: CommandReader) -> list:
+    out = []
+    for _ in range(100):
+        e = r.next_event()
+        if e is None:
+            return out
+        out.append(e)
+    raise AssertionError("too many events")
+
+
+def test_lines_split_on_crlf_and_bare_lf_and_partial_input_waits():
+    r = reader()
+    r.feed(b"a NOOP\r\nb NO")
+    assert events(r) == [Command(b"a NOOP")]
+    r.feed(b"OP\nc CAPA")
+    assert events(r) == [Command(b"b NOOP")]
+    r.feed(b"BILITY\r\n")
+    assert events(r) == [Command(b"c CAPABILITY")]
+
+
+def test_synchronising_literal_asks_for_continuation_and_is_inlined():
+    r = reader()
+    r.feed(b"a LOGIN {5}\r\n")
+    assert events(r) == [NeedContinuation(5)]
+    r.feed(b"al\r\nc {3}\r\npw\n\r\n")
+    assert events(r) == [NeedContinuation(3), Command(b"a LOGIN {5}\r\nal\r\nc {3}\r\npw\n")]
+
+
+def test_literal_plus_needs_no_continuation():
+    r = reader()
+    r.feed(b"a APPEND INBOX {4+}\r\nabcd\r\nb NOOP\r\n")
+    assert events(r) == [Command(b"a APPEND INBOX {4+}\r\nabcd"), Command(b"b NOOP")]
+
+
+def test_too_long_line_is_skipped_with_its_tag():
+    r = reader(max_line=20)
+    r.feed(b"tag1 NOOP " + b"x" * 50)
+    assert events(r) == []
+    r.feed(b"y" * 50 + b"\r\nb NOOP\r\n")
+    assert events(r) == [TooLong(b"tag1"), Command(b"b NOOP")]
+    r.feed(b"c " + b"z" * 30 + b"\r\n")
+    assert events(r) == [TooLong(b"c")]
+    assert r.buffered == 0
+
+
+def test_literal_too_big_sync_and_nonsync():
+    r = reader(append_limit=10)
+    r.feed(b"a APPEND INBOX {11}\r\nb NOOP\r\n")
+    assert events(r) == [LiteralTooBig(b"a", 11, True), Command(b"b NOOP")]
+    r.feed(b"c APPEND INBOX {20+}\r\n" + b"q" * 20 + b" more {3+}\r\nxyz\r\nd NOOP\r\n")
+    assert events(r) == [LiteralTooBig(b"c", 20, False), Command(b"d NOOP")]
+
+
+def test_non_append_literals_count_against_the_line_limit():
+    r = reader(max_line=50)
+    r.feed(b"a LOGIN {100+}\r\n" + b"u" * 100 + b" p\r\nb NOOP\r\n")
+    assert events(r) == [LiteralTooBig(b"a", 100, False), Command(b"b NOOP")]
+
+
+def test_raw_lines_and_discard():
+    r = reader()
+    r.raw_lines = True
+    r.feed(b"DONE\r\nx {5}\r\n")
+    assert events(r) == [Line(b"DONE"), Line(b"x {5}")]
+    r.raw_lines = False
+    r.feed(b"a NOOP\r\nb NOOP\r\n")
+    assert r.discard_buffer() == len(b"a NOOP\r\nb NOOP\r\n")
+    assert events(r) == []
+    r.feed(b"c NOOP\r\n")
+    assert events(r) == [Command(b"c NOOP")]
