@@ -521,3 +521,64 @@ def test_bdat_too_big_fails_the_transaction(tmp_path, reactor_thread):
     r.close()
     h.stop()
     assert h.incoming() == [] and h.tmp_files() == []
+
+
+def test_pipelined_flood_while_a_check_is_slow(h):
+    port = h.start("smtp")
+    factory = h.factories["smtp"]
+    factory.recipient_check = slow_check(factory, [0.5])
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\n")
+    r.replies(2)
+    n = 20000  # 120 kB queued behind the slow RCPT: reading pauses and resumes, nothing is lost
+    r.send(b"RCPT TO:<alice@example.com>\r\n" + b"NOOP\r\n" * n + b"RSET\r\n")
+    assert r.reply() == b"250 2.1.5 Ok"
+    replies = r.replies(n + 1)
+    assert replies[:-1] == [b"250 2.0.0 Ok"] * n and replies[-1] == b"250 2.0.0 Reset"
+    r.close()
+
+
+def test_client_that_never_reads_replies_is_throttled(h):
+    port = h.start("smtp")
+    r = Raw(port, timeout=1.0)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\n")
+    r.replies(2)
+    chunk = b"NOOP\r\n" * 10000
+    sent = 0
+    limit = 200 * len(chunk)  # 12 MB of commands = 32 MB of replies if nobody pushed back
+    with pytest.raises(OSError):  # socket.timeout: the server stopped reading
+        while sent < limit:
+            r.sock.sendall(chunk)
+            sent += len(chunk)
+    assert sent < limit
+    r.close()
+    assert still_serves(port)
+
+
+def still_serves(port):
+    with client(port) as s:
+        return s.noop()[0] == 250
+
+
+def test_client_that_never_reads_is_cut_off_after_timeout(tmp_path, reactor_thread):
+    h = make(tmp_path, reactor_thread, smtp={"idle_timeout": 2.0})
+    port = h.start("smtp")
+    factory = h.factories["smtp"]
+    factory.close_grace = 0.5
+    r = Raw(port, timeout=0.5)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\n")
+    chunk = b"NOOP\r\n" * 10000
+    with pytest.raises(OSError):
+        for _ in range(200):
+            r.sock.sendall(chunk)
+    assert factory.connections == 1  # blocked, but not yet idle for 2 s
+    for _ in range(100):  # without reading anything: the server must let go of the connection
+        if factory.connections == 0:
+            break
+        time.sleep(0.05)
+    assert factory.connections == 0
+    r.close()
+    h.stop()

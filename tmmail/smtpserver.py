@@ -94,6 +94,8 @@ class SMTPFactory(protocol.Factory):
         self._resolve = resolve
         self.recipient_check = recipient_check or self.check_recipient
         self.connections = 0
+        #: seconds a closing connection may take to send its last replies before it is cut
+        self.close_grace = 10.0
         self.per_ip: dict[str, int] = {}
         self.ratelimit = RateLimiter(
             self.smtp.rate_messages_per_hour, self.smtp.rate_recipients_per_hour, reactor.seconds

@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tmmail import policy
 from tmmail import smtpreplies as R
@@ -42,6 +44,7 @@ def _helo_name(text: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "();" else "?" for c in word)
 
 
+@implementer(IPushProducer)
 class SMTPSession(TransactionCommands, AuthCommands, Protocol):
     """The ESMTP server side of one connection; see the module docstring."""
 
@@ -66,7 +69,11 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._mode = "command"  # command | data | bdat | auth
         self._busy = False
         self._in_process = False
-        self._paused = False
+        # input is not handled while a reply waits for a Deferred or while the client does not
+        # read our replies (we are the transport's push producer); if input piles up meanwhile,
+        # reading from the socket stops, so neither buffer grows without bound
+        self._pause_writes = False
+        self._reading_paused = False
         self._discarding = 0  # >0: discarding the rest of an over-long command line
         self._bdat_remaining = 0
         self._bdat_last = False
@@ -76,6 +83,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._counted = False
         self._idle_call: Any = None
         self._session_call: Any = None
+        self._abort_call: Any = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -97,6 +105,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
             self._close(reply.format(host=self.host))
             return
         self._counted = True
+        self.transport.registerProducer(self, True)
         self._idle_call = self.reactor.callLater(self.smtp.idle_timeout, self._timeout, R.S421_IDLE_TIMEOUT)
         self._session_call = self.reactor.callLater(
             self.smtp.session_timeout, self._timeout, R.S421_SESSION_TIMEOUT
@@ -116,7 +125,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
-        for call in (self._idle_call, self._session_call):
+        for call in (self._idle_call, self._session_call, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
         if self._counted:
@@ -140,10 +149,14 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         if self.tx is not None and not self._busy:
             self.tx.abort()
             self.tx = None
-        if self._paused:
-            self._paused = False
+        if self._reading_paused:
+            self._reading_paused = False
             self.transport.resumeProducing()
+        if self._counted:
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # a client that does not read would keep the connection (and our buffer) forever
+        self._abort_call = self.reactor.callLater(self.factory.close_grace, self.transport.abortConnection)
 
     def _reply(self, line: str) -> None:
         if self.closing:
@@ -174,8 +187,8 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
             self._idle_call.reset(self.smtp.idle_timeout)
         self._buf += data
         limit = max(64 * 1024, 4 * self.smtp.max_command_length)
-        if self._busy and len(self._buf) > limit and not self._paused:
-            self._paused = True
+        if (self._busy or self._pause_writes) and len(self._buf) > limit and not self._reading_paused:
+            self._reading_paused = True
             self.transport.pauseProducing()
         self._process()
 
@@ -184,7 +197,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
             return
         self._in_process = True
         try:
-            while not self._busy and not self.closing:
+            while not self._busy and not self._pause_writes and not self.closing:
                 if self._mode == "data":
                     progressed = self._step_data()
                 elif self._mode == "bdat":
@@ -195,9 +208,23 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
                     break
         finally:
             self._in_process = False
-        if self._paused and not self._busy and not self.closing:
-            self._paused = False
+        if self._reading_paused and not self._busy and not self._pause_writes and not self.closing:
+            self._reading_paused = False
             self.transport.resumeProducing()
+
+    # IPushProducer: the transport's write buffer is full / drained again.  Only command
+    # handling stops here; reading stops only if input then piles up (see dataReceived), so a
+    # TLS layer that pauses its producer during the handshake still gets the handshake bytes.
+    def pauseProducing(self) -> None:
+        self._pause_writes = True
+
+    def resumeProducing(self) -> None:
+        self._pause_writes = False
+        if not self.closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     def _step_line(self) -> bool:
         """One command (or SASL response) line; strict CRLF, bounded length."""
