@@ -272,3 +272,23 @@ def test_rfc2231_value():
     assert rfc2231_value("utf-8''Rechnung%20M%C3%A4rz.pdf") == "Rechnung M\u00e4rz.pdf"
     assert rfc2231_value("iso-8859-1'de'%DCbersicht") == "\u00dcbersicht"
     assert rfc2231_value("no-quotes%20here") == "no-quotes here"
+
+
+def test_nul_bytes_are_served_as_0x80_with_unchanged_sizes():
+    raw = b"Subject: a\x00b\n\nx\x00y\n"
+    m = Message(raw)
+    assert b"\x00" not in m.data and len(m.data) == len(raw) + 4
+    assert m.data == b"Subject: a\x80b\r\n\r\nx\x80y\r\n"
+
+
+def test_string_for_humans_repairs_invalid_utf8():
+    assert string_for_humans(b"caf\xe9  x") == b"{8}\r\ncaf\xef\xbf\xbd x"
+
+
+def test_boundaries_match_by_prefix_innermost_first():
+    raw = (b"Content-Type: multipart/mixed; boundary=a\n\n--a\nContent-Type: multipart/alternative;"
+           b" boundary=a_b\n\n--a_b\n\ninner\n--a_b--\n--a  \n\nsecond\n--axyz\n\nthird\n--a--\n")
+    m = Message(raw)
+    kids = m.root.children
+    assert len(kids) == 3 and kids[0].is_multipart and len(kids[0].children) == 1
+    assert [m.data[k.body_start:k.end] for k in kids[1:]] == [b"second", b"third"]

@@ -222,6 +222,10 @@ def string_for_humans(value: bytes | str | None) -> bytes:
     if not _HUMAN_CHANGE.search(value):
         return b'"' + value + b'"'
     clean = _HUMAN_WS.sub(b" ", value).strip(b" ").replace(b"\x00", b"\x80")
+    try:
+        clean.decode("utf-8")
+    except UnicodeDecodeError:  # invalid UTF-8 becomes U+FFFD, as Dovecot sends
+        clean = clean.decode("utf-8", "replace").encode("utf-8")
     if not clean:
         return b'""'
     return b"{%d}\r\n%s" % (len(clean), clean)

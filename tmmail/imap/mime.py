@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "to_crlf",
+    "imap_form",
     "Message",
     "Part",
     "parse_header_block",
@@ -36,6 +37,15 @@ def to_crlf(data: bytes) -> bytes:
     return _NL.sub(b"\r\n", data)
 
 
+def imap_form(data: bytes) -> bytes:
+    """What IMAP serves: CRLF line endings, and NUL (not allowed in literals, RFC 3501 §4.3)
+    replaced by 0x80 as Dovecot does; sizes do not change."""
+    data = to_crlf(data)
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"\x80")
+    return data
+
+
 def unfold(value: bytes) -> bytes:
     """Remove header folding (CRLF before WSP) and stray line breaks (RFC 5322 §2.2.3)."""
     return value.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"")
@@ -57,6 +67,7 @@ class Part:
     message: "Part | None" = None   # enclosed message of a message/rfc822 part
     lines: int = 0
     fields_end: int = -1            # end of the header fields (== body_start if no blank line)
+    cut: bool = False               # header ended by a boundary line instead of a blank line
 
     @property
     def maintype(self) -> str:
@@ -104,7 +115,7 @@ class Message:
     """A message in CRLF form with a lazily parsed part tree."""
 
     def __init__(self, raw: bytes) -> None:
-        self.data = to_crlf(raw)
+        self.data = imap_form(raw)
         self._root: Part | None = None
         self._head: Part | None = None
 
@@ -332,90 +343,145 @@ def parse_value_and_params(value: bytes) -> tuple[str, list[tuple[str, str]]]:
 
 
 class _Parser:
+    """Single pass over the message with a stack of active boundaries, as Dovecot parses.
+
+    A line starting with ``--boundary`` (prefix match, RFC 2046 §5.1.1 plus Dovecot's leniency)
+    ends the current entity; the innermost matching boundary wins, so an unclosed inner
+    multipart is ended by its parent's boundary.  The CRLF before a boundary line belongs to
+    the boundary, unless it ends another boundary line or a header without its blank line.
+    """
+
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.count = 0
+        self.stack: list[bytes] = []     # b"--" + boundary, outermost first
 
     def parse(self) -> Part:
         try:
-            return self.entity(0, len(self.data), False, 0)
+            return self.entity(0, False, 0)[0]
         except RecursionError:  # pragma: no cover - depth is capped, belt and braces
             return Part(0, 0, len(self.data))
 
-    def entity(self, start: int, end: int, digest: bool, depth: int, hard_end: int | None = None) -> Part:
+    # -- boundary lines -------------------------------------------------------------------
+    def _match(self, line: int) -> tuple[int, bool]:
+        """(stack level, is_close) of the boundary starting the line at ``line``, or (-1, False)."""
+        data = self.data
+        stack = self.stack
+        for level in range(len(stack) - 1, -1, -1):
+            delim = stack[level]
+            if data.startswith(delim, line):
+                return level, data.startswith(b"--", line + len(delim))
+        return -1, False
+
+    def find_boundary(self, pos: int, limit: int | None = None) -> tuple[int | None, int, bool]:
+        """The first boundary line starting at or after line start ``pos`` (before ``limit``)."""
+        if not self.stack:
+            return None, -1, False
+        data = self.data
+        if limit is None:
+            limit = len(data)
+        if pos < limit and data.startswith(b"--", pos):
+            level, close = self._match(pos)
+            if level >= 0:
+                return pos, level, close
+        while True:
+            i = data.find(b"\r\n--", pos, limit)
+            if i < 0:
+                return None, -1, False
+            line = i + 2
+            level, close = self._match(line)
+            if level >= 0:
+                return line, level, close
+            pos = line
+
+    def _line_end(self, line: int) -> int:
+        eol = self.data.find(b"\r\n", line)
+        return len(self.data) if eol < 0 else eol + 2
+
+    # -- entities -------------------------------------------------------------------------
+    def entity(self, start: int, digest: bool, depth: int) -> tuple[Part, int | None, int, bool]:
+        """Parse the entity at ``start``; returns it and the boundary line that ended it."""
         self.count += 1
         data = self.data
-        hdr_end, body_start, blank = _header_end(data, start, end)
-        if not blank and hard_end is not None and hard_end > end:
-            # a header without its blank line swallows the CRLF before the next boundary
-            # (Dovecot's header parser reads whole lines)
-            end = hdr_end = body_start = hard_end
-        headers = parse_header_block(data[start:hdr_end])
-        part = Part(start, body_start, end, headers)
-        part.fields_end = hdr_end
-        ctype = part.header("Content-Type")
-        typ, sub, params, present = parse_content_type(ctype)
+        n = len(data)
+        if data.startswith(b"\r\n", start):
+            fields_end = start                      # empty header, then the blank line
+        else:
+            blank = data.find(b"\r\n\r\n", start)
+            fields_end = n if blank < 0 else blank + 2
+        body_start = min(fields_end + 2, n)
+        # a boundary line among the header lines ends the entity there (no body)
+        stop, level, close = self.find_boundary(start, fields_end + 1)
+        cut = stop is not None
+        if cut:
+            fields_end = body_start = max(stop - 2, start)
+        part = Part(start, body_start, body_start, parse_header_block(data[start:fields_end]))
+        typ, sub, params, present = parse_content_type(part.header("Content-Type"))
         if present:
             part.type_raw, part.subtype_raw, part.params, part.defaulted = typ, sub, params, False
         elif digest:
             part.type_raw, part.subtype_raw = "message", "rfc822"
         if part.maintype == "text" and part.param("charset") is None:
             part.params = part.params + [("charset", "us-ascii")]
-        part.lines = data.count(b"\n", body_start, end)
-        if depth >= MAX_DEPTH or self.count > MAX_PARTS:
-            return part
-        mt = part.maintype
-        if mt == "multipart":
-            boundary = part.param("boundary")
-            if boundary:
-                part.children = self.multipart(
-                    boundary.encode("utf-8", "replace"), body_start, end, part.subtype == "digest", depth
-                )
-        elif mt == "message" and part.subtype == "rfc822":
-            inner = self.entity(body_start, end, False, depth + 1, hard_end)
-            part.message = inner
-            if inner.end > part.end:
-                part.end = inner.end
-                part.lines = data.count(b"\n", body_start, part.end)
-        return part
-
-    def multipart(self, boundary: bytes, start: int, end: int, digest: bool, depth: int) -> list[Part]:
-        data = self.data
-        delim = b"--" + boundary
-        # positions of boundary lines: (line start, line end incl. CRLF, is_close)
-        marks: list[tuple[int, int, bool]] = []
-        pos = start
-        while pos < end:
-            if data.startswith(delim, pos):
-                eol = data.find(b"\r\n", pos, end)
-                line_end = end if eol < 0 else eol + 2
-                rest = data[pos + len(delim) : line_end if eol < 0 else eol]
-                if rest.startswith(b"--"):
-                    marks.append((pos, line_end, True))
-                    break
-                if not rest.strip(b" \t"):
-                    marks.append((pos, line_end, False))
-            nxt = data.find(b"\r\n" + delim, pos, end)
-            if nxt < 0:
-                break
-            pos = nxt + 2
-            if len(marks) > MAX_PARTS:
-                break
-        children: list[Part] = []
-        for k, (_lstart, lend, close) in enumerate(marks):
-            if close:
-                break
-            if k + 1 < len(marks):
-                nstart = marks[k + 1][0]
-                # the CRLF before a delimiter belongs to the delimiter (RFC 2046 §5.1.1)
-                pend = nstart - 2 if nstart - 2 >= lend else lend
+        boundary = part.param("boundary") if part.maintype == "multipart" else None
+        if not cut and fields_end < n and data.startswith(b"--", body_start):
+            # an enclosing boundary right after the blank line takes the blank line's CRLF,
+            # unless it is this multipart's own first boundary (as Dovecot parses)
+            own = boundary is not None and data.startswith(b"--" + boundary.encode("utf-8", "replace"),
+                                                           body_start)
+            if not own:
+                level, close = self._match(body_start)
+                if level >= 0:
+                    cut = True
+                    stop = body_start
+                    fields_end = body_start = body_start - 2
+                    part.body_start = part.end = body_start
+        part.fields_end = fields_end
+        part.cut = cut
+        is_message = part.maintype == "message" and part.subtype == "rfc822"
+        if not cut:
+            deep = depth < MAX_DEPTH and self.count <= MAX_PARTS
+            if deep and boundary:
+                stop, level, close = self.multipart(part, boundary.encode("utf-8", "replace"), depth)
+            elif deep and is_message:
+                inner, stop, level, close = self.entity(body_start, False, depth + 1)
+                part.message = inner
+                # a cut inner header leaves the CRLF before the boundary in this part
+                part.end = stop if inner.cut and stop is not None else inner.end
             else:
-                pend = end
-            if self.count > MAX_PARTS:
-                break
-            hard = marks[k + 1][0] if k + 1 < len(marks) else None
-            children.append(self.entity(lend, pend, digest, depth + 1, hard))
-        return children
+                stop, level, close = self.find_boundary(body_start)
+                part.end = n if stop is None else max(stop - 2, body_start)
+        if is_message and part.message is None:
+            # message/rfc822 always has an enclosed message in BODYSTRUCTURE (RFC 3501 body-type-msg)
+            empty = Part(body_start, body_start, body_start, params=[("charset", "us-ascii")])
+            empty.fields_end = body_start
+            part.message = empty
+        part.lines = data.count(b"\n", body_start, part.end)
+        return part, stop, level, close
+
+    def multipart(self, part: Part, boundary: bytes, depth: int) -> tuple[int | None, int, bool]:
+        data = self.data
+        self.stack.append(b"--" + boundary)
+        mine = len(self.stack) - 1
+        digest = part.subtype == "digest"
+        try:
+            stop, level, close = self.find_boundary(part.body_start)     # end of the preamble
+            while stop is not None and level == mine and not close:
+                child, stop, level, close = self.entity(self._line_end(stop), digest, depth + 1)
+                if self.count <= MAX_PARTS:
+                    part.children.append(child)
+            if stop is None:
+                part.end = len(data)
+                return None, -1, False
+            if level < mine:                       # a parent's boundary: left unclosed
+                part.end = max(stop - 2, part.body_start)
+                return stop, level, close
+            close_end = self._line_end(stop)       # our close delimiter; then the epilogue
+        finally:
+            self.stack.pop()
+        stop, level, close = self.find_boundary(close_end)
+        part.end = len(data) if stop is None else max(stop - 2, close_end)
+        return stop, level, close
 
 
 # --- addresses (RFC 5322 §3.4, lenient) ----------------------------------------------------
