@@ -277,7 +277,7 @@ def test_rfc2231_value():
 def test_nul_bytes_are_served_as_0x80_with_unchanged_sizes():
     raw = b"Subject: a\x00b\n\nx\x00y\n"
     m = Message(raw)
-    assert b"\x00" not in m.data and len(m.data) == len(raw) + 4
+    assert b"\x00" not in m.data and len(m.data) == len(raw) + 3
     assert m.data == b"Subject: a\x80b\r\n\r\nx\x80y\r\n"
 
 
