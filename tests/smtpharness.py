@@ -13,9 +13,11 @@ import time
 from functools import lru_cache
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from tmmail import config
 from tmmail.cred import Authenticator, hash_password
@@ -61,6 +63,21 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
+@implementer(IOpenSSLContextFactory)
+class FileContextFactory:
+    """A server TLS context from PEM files (what STARTTLS and TLSMemoryBIOFactory need)."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate_chain_file(cert)
+        ctx.use_privatekey_file(key)
+        self._ctx = ctx
+
+    def getContext(self) -> SSL.Context:
+        return self._ctx
+
+
 def write_tables(config_dir: str, tables: dict | None = None) -> None:
     """The standard test tables (plus overrides) into ``config_dir``."""
     os.makedirs(config_dir, exist_ok=True)
@@ -97,9 +114,7 @@ class Harness:
         self.spool = Spool(self.settings.spool_dir)
         cert, key = os.path.join(self.root, "server.crt"), os.path.join(self.root, "server.key")
         generate_self_signed(HOSTNAME, cert, key)
-        with open(cert, "rb") as f_cert, open(key, "rb") as f_key:
-            pem = f_cert.read() + f_key.read()
-        self.tls = tssl.PrivateCertificate.loadPEM(pem).options()
+        self.tls = FileContextFactory(cert, key)
         self.authenticator = Authenticator(self.store, self.settings.auth, reactor)
         self.queued: list[str] = []
         self.ports: list[Any] = []

@@ -582,3 +582,17 @@ def test_client_that_never_reads_is_cut_off_after_timeout(tmp_path, reactor_thre
     assert factory.connections == 0
     r.close()
     h.stop()
+
+
+def test_interfaces_and_roles(h):
+    from twisted.internet.interfaces import IProtocolFactory, IPushProducer
+    from zope.interface.verify import verifyObject
+
+    from tmmail.smtpserver import SMTPFactory
+
+    h.start("smtp")
+    factory = h.factories["smtp"]
+    assert verifyObject(IProtocolFactory, factory)
+    assert verifyObject(IPushProducer, factory.buildProtocol(None))
+    with pytest.raises(ValueError):
+        SMTPFactory(h.settings, "pop3", h.store, h.spool, None, None, None, reactor=reactor)
