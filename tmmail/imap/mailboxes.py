@@ -113,11 +113,11 @@ class MailboxCommands:
         d.addErrback(eb)
         return d
 
-    def sync_updates(self, expunges: bool = True) -> None:
+    def sync_updates(self, expunges: bool = True, force: bool = False) -> None:
         """Queue untagged EXPUNGE/EXISTS/FETCH for changes by others (RFC 3501 §7.4.1)."""
         if self.selected is None:
             return
-        lines, invalid = self.selected.updates(expunges)
+        lines, invalid = self.selected.updates(expunges, force)
         if invalid:
             self.log.warn("IMAP UIDVALIDITY of {mailbox} changed under {login}; closing session",
                           mailbox=self.selected.name, login=self.login)
@@ -133,7 +133,7 @@ class MailboxCommands:
         if self._closing or self.selected is None:
             return
         try:
-            self.sync_updates(True)
+            self.sync_updates(True, force=True)
         except Exception:
             self.log.failure("IMAP update of {login} failed", login=self.login)
         self.flush()
@@ -143,9 +143,8 @@ class MailboxCommands:
         if self.idling and self.selected is not None:
             self.push_updates()
 
-    def with_updates(self, tag: bytes, name: bytes, expunges: bool = True, refresh: bool = True) -> None:
-        if refresh:
-            self.sync_updates(expunges)
+    def with_updates(self, tag: bytes, name: bytes, expunges: bool = True, force: bool = False) -> None:
+        self.sync_updates(expunges, force)
         self.tagged(tag, R.OK_COMPLETED % name)
 
     def close_mailbox(self) -> None:
@@ -207,12 +206,16 @@ class MailboxCommands:
                 folder.close()
                 return
             reactor = self.factory.reactor
+            sel = SelectedMailbox(folder, name, None)
+
+            def changed(_name: str) -> None:  # in the thread that changed the folder
+                sel.mark_dirty()
+                reactor.callFromThread(self.folder_changed)
+
             try:
-                cancel = self.account.watch(name, lambda _n: reactor.callFromThread(self.folder_changed))
+                sel._cancel_watch = self.account.watch(name, changed)
             except Exception:
                 self.log.failure("IMAP watch of {mailbox} failed", mailbox=name)
-                cancel = None
-            sel = SelectedMailbox(folder, name, cancel)
             self.selected = sel
             self.state = "selected"
             perm = list(folder.permanent_flags)

@@ -110,7 +110,7 @@ class MessageCommands:
 
     # -- simple ----------------------------------------------------------------------------
     def do_CHECK(self, tag: bytes, args: list) -> None:
-        self.with_updates(tag, b"CHECK")
+        self.with_updates(tag, b"CHECK", force=True)
 
     def do_UNSELECT(self, tag: bytes, args: list) -> None:
         self.close_mailbox()

@@ -291,7 +291,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.tagged(tag, R.OK_COMPLETED % b"CAPABILITY")
 
     def do_NOOP(self, tag: bytes, args: list) -> Any:
-        return self.with_updates(tag, b"NOOP", expunges=True, refresh=True)
+        return self.with_updates(tag, b"NOOP", expunges=True, force=True)
 
     def do_LOGOUT(self, tag: bytes, args: list) -> None:
         self.send(R.BYE_LOGOUT)
@@ -424,7 +424,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             self._idle_tag = None
             self._idle_done = None
             self.reader.raw_lines = False
-            self.sync_updates(True)
+            self.sync_updates(True, force=True)
             self.tagged(tag, R.OK_COMPLETED % b"IDLE")
 
         d.addCallback(finished)

@@ -10,6 +10,7 @@ Pure logic (the folder's metadata calls are cheap stats).
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from operator import attrgetter
 from typing import Any, Callable, Iterable
@@ -17,6 +18,8 @@ from typing import Any, Callable, Iterable
 from tmmail.imap.fetch import format_flags
 
 _uid = attrgetter("uid")
+#: seconds between re-reads of the selected folder when nothing in this process changed it
+REFRESH_INTERVAL = 1.0
 
 
 _get_letters = attrgetter("letters")
@@ -75,6 +78,8 @@ class SelectedMailbox:
         self.name = name
         self.read_only = bool(folder.readonly)
         self._cancel_watch = cancel_watch
+        self.dirty = False
+        self._refreshed = time.monotonic()
         self._flag_cache: dict[tuple[frozenset[str], bool], bytes] = {}
 
     def close(self) -> None:
@@ -194,9 +199,32 @@ class SelectedMailbox:
         return out
 
     # -- updates ---------------------------------------------------------------------------
-    def updates(self, expunges: bool) -> tuple[list[bytes], bool]:
-        """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``."""
+    def mark_dirty(self) -> None:
+        """The folder changed in this process (store.watch; may run in any thread)."""
+        self.dirty = True
+
+    def _holds_expunges(self) -> bool:
+        pending = getattr(self.folder, "pending_expunges", None)
+        if pending is None:
+            pending = getattr(self.folder, "_gone", True)
+        return bool(pending)
+
+    def updates(self, expunges: bool, force: bool = False) -> tuple[list[bytes], bool]:
+        """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``.
+
+        The folder is re-read when this process changed it (:meth:`mark_dirty`), when the
+        client asks (``force``: NOOP, CHECK, IDLE) and otherwise at most every
+        REFRESH_INTERVAL seconds: changes by other processes arrive within that time, and a
+        burst of commands does not re-check the directories for each one.
+        """
+        now = time.monotonic()
+        if not (force or self.dirty or now - self._refreshed >= REFRESH_INTERVAL):
+            return [], False
+        self.dirty = False
+        self._refreshed = now
         ch = self.folder.refresh(expunges)
+        if not expunges and self._holds_expunges():
+            self.dirty = True  # deliver the held EXPUNGEs at the next allowed point
         if not ch:
             return [], False
         if ch.uidvalidity_changed:
