@@ -335,8 +335,6 @@ def _disposition(part: Part) -> bytes:
     if v is None:
         return b"NIL"
     kind, params = parse_value_and_params(v)
-    if not kind:
-        return b"NIL"
     return b"(" + _nstr(kind) + b" " + _param_list(params) + b")"
 
 

@@ -617,11 +617,21 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             adl, mbox, host = _addr_spec(item)
         out.append(Address(name, adl, mbox or MISSING_MAILBOX, host or MISSING_DOMAIN))
 
+    group_ended = False
     for kind, text in toks:
         if kind == "," and not _inside_angle(cur):
+            if not group_ended and not [t for t in cur if t[0] != "c"]:
+                # an empty list element between commas is reported, as Dovecot does
+                out.append(Address(None, None, MISSING_MAILBOX, MISSING_DOMAIN))
             emit(cur)
             cur = []
-        elif kind == ":" and not in_group and not _inside_angle(cur) and not (cur and cur[0][0] == "@"):
+            group_ended = False
+        elif kind == ":" and not _inside_angle(cur) and not (cur and cur[0][0] == "@"):
+            if in_group:
+                # a group inside a group is malformed: end the address and stop (Dovecot)
+                emit(cur)
+                cur = []
+                break
             out.append(Address(None, None, _join_words(cur) or b"", None))
             in_group = True
             cur = []
@@ -630,8 +640,10 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             cur = []
             out.append(Address(None, None, None, None))
             in_group = False
+            group_ended = True
         else:
             cur.append((kind, text))
+            group_ended = False
     emit(cur)
     if in_group:
         out.append(Address(None, None, None, None))
