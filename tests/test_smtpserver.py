@@ -596,3 +596,18 @@ def test_interfaces_and_roles(h):
     assert verifyObject(IPushProducer, factory.buildProtocol(None))
     with pytest.raises(ValueError):
         SMTPFactory(h.settings, "pop3", h.store, h.spool, None, None, None, reactor=reactor)
+
+
+
+def test_ipv6_peer_addresses():
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.test.proto_helpers import StringTransport
+
+    from tmmail.smtpserver import client_ip_of
+    from tmmail.smtptransaction import _address_literal
+
+    assert client_ip_of(StringTransport(peerAddress=IPv6Address("TCP", "::ffff:10.1.2.3", 25))) == "10.1.2.3"
+    assert client_ip_of(StringTransport(peerAddress=IPv6Address("TCP", "2001:DB8::1", 25))) == "2001:db8::1"
+    assert client_ip_of(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 25))) == "192.0.2.7"
+    assert _address_literal("2001:db8::1") == "[IPv6:2001:db8::1]"
+    assert _address_literal("192.0.2.7") == "[192.0.2.7]"

@@ -52,6 +52,11 @@ def _printable(text: str, limit: int = 200) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
+def _address_literal(ip: str) -> str:
+    """RFC 5321 §4.1.3 address literal: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
 @dataclass
 class Transaction:
     """The state of one MAIL ... DATA/BDAT transaction (RFC 5321 §3.3)."""
@@ -215,7 +220,7 @@ class TransactionCommands:
     def _received_header(self, queue_id: str, tx: Transaction) -> bytes:
         """RFC 5321 §4.4 trace header (no reverse DNS: the client IP as an address literal)."""
         lines = [
-            f"Received: from {self.helo or 'unknown'} ([{self.client_ip}])",
+            f"Received: from {self.helo or 'unknown'} ({_address_literal(self.client_ip)})",
             f"\tby {self.host} with {self._protocol_name()} id {queue_id}",
         ]
         if len(tx.recipients) == 1:
