@@ -601,7 +601,7 @@ def test_interfaces_and_roles(h):
 
 def test_ipv6_peer_addresses():
     from twisted.internet.address import IPv4Address, IPv6Address
-    from twisted.test.proto_helpers import StringTransport
+    from twisted.internet.testing import StringTransport
 
     from tmmail.smtpserver import client_ip_of
     from tmmail.smtptransaction import _address_literal
