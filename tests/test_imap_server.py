@@ -436,3 +436,35 @@ def test_big_fetch_over_tls_with_a_slow_reader(env):
     assert tf.readline().startswith(b"b OK")
     assert got == [d.replace(b"\n", b"\r\n") for d in big]
     tls.close()
+
+
+def test_commands_real_clients_send(env):
+    """Command shapes seen from Thunderbird, K-9/FairEmail, iOS Mail and Outlook."""
+    deliver(env, message(1))
+    s, f = login_raw(env)
+    shapes = [
+        b'ID ("name" "Thunderbird" "version" "128.0")',
+        b'LIST (SUBSCRIBED) "" "*"',
+        b'LIST "" "%" RETURN (CHILDREN SPECIAL-USE)',
+        b'LIST "" ("INBOX" "Sent")',
+        b'LSUB "" "*"',
+        b'STATUS "INBOX" (UIDNEXT MESSAGES UNSEEN RECENT UIDVALIDITY)',
+        b"SELECT INBOX",
+        b"UID SEARCH 1:* NOT DELETED",
+        b"UID FETCH 1:* (UID INTERNALDATE RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (date subject "
+        b"from content-type to cc reply-to message-id references in-reply-to)])",
+        b"UID FETCH 1 (UID RFC822.SIZE BODY.PEEK[])",
+        b"FETCH 1:* (FLAGS UID)",
+        b"UID FETCH 1 (BODYSTRUCTURE)",
+        b"UID FETCH 1 (BODY.PEEK[1.MIME] BODY.PEEK[1])",
+        b"UID STORE 1 +FLAGS.SILENT (\\Seen $MDNSent)",
+        b"UID SEARCH UID 1:4294967295 SINCE 1-Jan-2020",
+        b"UID SEARCH CHARSET UTF-8 OR SUBJECT message FROM sender",
+        b"NOOP",
+        b"CHECK",
+    ]
+    for i, shape in enumerate(shapes):
+        tag = b"t%d" % i
+        last = cmd(s, f, tag, shape)[-1]
+        assert last.startswith(tag + b" OK"), (shape, last)
+    s.close()

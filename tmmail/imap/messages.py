@@ -239,7 +239,13 @@ class MessageCommands:
                 msgs = sel.messages
                 unseen = [msgs[s - 1].uid for s in seqs if "\\Seen" not in msgs[s - 1].flags]
                 if unseen:
-                    sel.folder.store_flags(unseen, ["\\Seen"], "add")
+                    try:
+                        sel.folder.store_flags(unseen, ["\\Seen"], "add")
+                    except Exception as e:  # e.g. expunged meanwhile: still answer the FETCH
+                        if not is_store_error(e):
+                            raise
+                        self.log.info("IMAP implicit \\Seen failed for {login}: {error}",
+                                      login=self.login, error=e)
         if all(i.name in _FAST_ITEMS for i in items):
             self._fetch_fast(seqs, items)
             self.tagged(tag, R.OK_COMPLETED % name)
