@@ -611,3 +611,15 @@ def test_ipv6_peer_addresses():
     assert client_ip_of(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 25))) == "192.0.2.7"
     assert _address_literal("2001:db8::1") == "[IPv6:2001:db8::1]"
     assert _address_literal("192.0.2.7") == "[192.0.2.7]"
+
+
+def test_limits_are_shared_by_all_smtp_listeners(tmp_path, reactor_thread):
+    h = make(tmp_path, reactor_thread, smtp={"max_connections_per_ip": 1})
+    mx, submission = h.start("smtp"), h.start("submission")
+    assert h.factories["smtp"].ratelimit is h.factories["submission"].ratelimit
+    a = Raw(mx)
+    assert a.reply().startswith(b"220")
+    b = Raw(submission)
+    assert b.reply().startswith(b"421 4.7.0") and b.closed()
+    a.close()
+    h.stop()

@@ -45,6 +45,29 @@ def client_ip_of(transport: Any) -> str:
     return str(addr)
 
 
+class SharedState:
+    """What all SMTP listeners of one server share."""
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        self.settings = settings
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+        self.ratelimit = RateLimiter(
+            settings.smtp.rate_messages_per_hour, settings.smtp.rate_recipients_per_hour, reactor.seconds
+        )
+
+
+#: id(settings) -> SharedState (the state keeps its Settings alive, so the id stays unique)
+_SHARED: dict[int, SharedState] = {}
+
+
+def _shared_state(settings: Settings, reactor: Any) -> SharedState:
+    state = _SHARED.get(id(settings))
+    if state is None or state.settings is not settings:
+        state = _SHARED[id(settings)] = SharedState(settings, reactor)
+    return state
+
+
 class SMTPFactory(protocol.Factory):
     """One per listener.
 
@@ -93,13 +116,12 @@ class SMTPFactory(protocol.Factory):
         self.reactor = reactor
         self._resolve = resolve
         self.recipient_check = recipient_check or self.check_recipient
-        self.connections = 0
         #: seconds a closing connection may take to send its last replies before it is cut
         self.close_grace = 10.0
-        self.per_ip: dict[str, int] = {}
-        self.ratelimit = RateLimiter(
-            self.smtp.rate_messages_per_hour, self.smtp.rate_recipients_per_hour, reactor.seconds
-        )
+        #: shared by every SMTP listener built from the same Settings: connection counts and
+        #: sending rates are per server, not per port (or a client could multiply its limits)
+        self.shared = _shared_state(settings, reactor)
+        self.ratelimit = self.shared.ratelimit
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         from tmmail.smtpsession import SMTPSession
@@ -117,23 +139,34 @@ class SMTPFactory(protocol.Factory):
             self._resolve = resolve
         return self._resolve(snap, address)
 
+    @property
+    def connections(self) -> int:
+        """Open SMTP connections (all listeners of this server)."""
+        return self.shared.connections
+
+    @property
+    def per_ip(self) -> dict[str, int]:
+        return self.shared.per_ip
+
     def admit(self, client_ip: str) -> str | None:
         """Count a new connection; None if admitted, else the reason it is over a limit."""
-        if self.smtp.max_connections and self.connections >= self.smtp.max_connections:
+        sh = self.shared
+        if self.smtp.max_connections and sh.connections >= self.smtp.max_connections:
             return "total"
-        if self.smtp.max_connections_per_ip and self.per_ip.get(client_ip, 0) >= self.smtp.max_connections_per_ip:
+        if self.smtp.max_connections_per_ip and sh.per_ip.get(client_ip, 0) >= self.smtp.max_connections_per_ip:
             return "per_ip"
-        self.connections += 1
-        self.per_ip[client_ip] = self.per_ip.get(client_ip, 0) + 1
+        sh.connections += 1
+        sh.per_ip[client_ip] = sh.per_ip.get(client_ip, 0) + 1
         return None
 
     def release(self, client_ip: str) -> None:
-        self.connections -= 1
-        n = self.per_ip.get(client_ip, 0) - 1
+        sh = self.shared
+        sh.connections -= 1
+        n = sh.per_ip.get(client_ip, 0) - 1
         if n > 0:
-            self.per_ip[client_ip] = n
+            sh.per_ip[client_ip] = n
         else:
-            self.per_ip.pop(client_ip, None)
+            sh.per_ip.pop(client_ip, None)
 
     def check_recipient(self, session: Any, path: Path) -> policy.Verdict | defer.Deferred[policy.Verdict]:
         """The default RCPT decision: tmmail.policy.check_recipient on the current snapshot."""
