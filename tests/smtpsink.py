@@ -12,6 +12,7 @@ and who authenticated.  ``Sink(implicit_tls=ctx)`` wraps the listener in TLS (po
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import socket
@@ -60,6 +61,10 @@ class Script:
     data_sequence: list[str | None] = field(default_factory=list)
     #: greeting code/text override (e.g. "554 no service")
     greeting: str | None = None
+    #: address -> Event: RCPT for it waits (up to 30 s) until the event is set; ``waiting``
+    #: is set once such a RCPT arrived (tests kill the sending server meanwhile)
+    gate: dict[str, threading.Event] = field(default_factory=dict)
+    waiting: threading.Event = field(default_factory=threading.Event)
 
 
 class Tracker:
@@ -119,6 +124,13 @@ class _Handler:
         return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        gate = self.sink.script.gate.get(address.lower())
+        if gate is not None:
+            self.sink.script.waiting.set()
+            for _ in range(600):
+                if gate.is_set():
+                    break
+                await asyncio.sleep(0.05)
         reply = self.sink.script.rcpt.get(address.lower())
         if reply and not reply.startswith("2"):
             return reply

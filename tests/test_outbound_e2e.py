@@ -1,0 +1,331 @@
+"""Outbound mail end to end: spool -> runner -> SMTP connector -> receiving servers on 127.0.0.x.
+
+In-process: the real Runner, Spool, post office connector (for the DSNs back to the local
+sender) and SMTP connector, a loopback DNS server and aiosmtpd receivers.  The last test runs
+the real server (``twistd tmmail``), kills it with SIGKILL in the middle of a delivery and
+restarts it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+import os
+import smtplib
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+from twisted.internet import reactor
+
+from tests.dnsserver import TestDNS
+from tests.server import Server
+from tests.smtpsink import Sink, free_port
+from tmmail import cli, config
+from tmmail.cli_queue import BOUNCE_REPLY, HOLD
+from tmmail.connectors.postoffice import PostOfficeConnector
+from tmmail.connectors.smtp import SMTPConnector
+from tmmail.envelope import DELIVERED, Envelope
+from tmmail.providers import ProviderStore
+from tmmail.runner import Runner
+from tmmail.spool import ACTIVE, DEFERRED, INCOMING, Spool
+
+MSG = b"From: alice@example.com\nTo: bob@far.test\nSubject: outbound\n\n.dot first\nbody\n"
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        time.sleep(0.02)
+
+
+def report_fields(raw: bytes) -> tuple[str, list[dict[str, str]]]:
+    """(human-readable text, per-recipient fields) of an RFC 3464 report."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = msg.get_payload()
+    text = parts[0].get_content()
+    status = parts[1].get_payload()
+    # "type; value" or "type;value": both are RFC 3464; compare without the optional space
+    return text, [{k: v.replace("; ", ";", 1) for k, v in g.items()} for g in status[1:]]
+
+
+@pytest.fixture(scope="module")
+def zone(reactor_thread):
+    z = TestDNS()
+    z.address = z.start(reactor_thread)
+    yield z
+    z.stop(reactor_thread)
+
+
+class World:
+    """Spool + runner + connectors in tmp_path; ``alice@example.com`` is a local mailbox."""
+
+    def __init__(self, tmp_path, reactor_thread, zone, mx_port: int, **queue: Any) -> None:
+        cfg = tmp_path / "config"
+        cfg.mkdir(exist_ok=True)
+        (cfg / "DOMAINS.tab").write_text("example.com\tACME\t1\n")
+        (cfg / "POSTOFFICE.tab").write_text("ACME\t1\n")
+        (cfg / "MAILBOX.tab").write_text("ACME\tALICE\t1\t0\nACME\tPOSTMASTER\t1\t0\n")
+        q = {"scan_interval": 0.05, "retry_initial": 0.3, "retry_max": 0.6, "io_threads": 2,
+             "postmaster": "postmaster@example.com"}
+        q.update(queue)
+        data = {
+            "server": {"hostname": "mx.example.com", "state_dir": str(tmp_path), "config_dir": str(cfg)},
+            "queue": q,
+            "relay": {"mx_port": mx_port, "connect_timeout": 3.0, "command_timeout": 5.0},
+            "dns": {"nameservers": [zone.address], "timeout": 2.0},
+        }
+        self.settings = config.parse(data)
+        # the same settings as a file, for `tmmail queue ...`
+        self.conf = tmp_path / "tmmail.toml"
+        self.conf.write_text(
+            f'[server]\nhostname = "mx.example.com"\nstate_dir = "{tmp_path}"\nconfig_dir = "{cfg}"\n'
+        )
+        self.rt = reactor_thread
+        self.store = ProviderStore(str(cfg))
+        self.spool = Spool(self.settings.spool_dir)
+        self.smtp = SMTPConnector(self.settings, self.store, reactor, idle_seconds=0.2)
+        conns = [PostOfficeConnector(self.settings, self.store, reactor), self.smtp]
+        self.runner = Runner(self.settings, self.spool, self.store, conns, reactor)
+        self.rt.call(self.runner.start)
+
+    def stop(self) -> None:
+        self.rt.call(self.runner.stop, 10.0)
+        self.rt.call(self.smtp.close)
+
+    def send(self, rcpts: list[str], data: bytes = MSG, **kw: Any) -> str:
+        w = self.spool.open_message()
+        w.write(data)
+        w.commit(Envelope.new(queue_id=w.id, sender=kw.pop("sender", "alice@example.com"), recipients=rcpts, **kw))
+        self.runner.wake(w.id)
+        return w.id
+
+    def reports(self) -> list[bytes]:
+        new = os.path.join(self.settings.postoffices_dir, "ACME", "ALICE", "Maildir", "new")
+        if not os.path.isdir(new):
+            return []
+        return [open(os.path.join(new, n), "rb").read() for n in sorted(os.listdir(new))]
+
+    def gone(self, qid: str) -> bool:
+        return not any(
+            os.path.exists(os.path.join(self.spool.root, s, qid + ".env")) for s in (INCOMING, ACTIVE, DEFERRED, HOLD)
+        )
+
+    def envelope(self, qid: str) -> Envelope | None:
+        for state in (DEFERRED, ACTIVE, INCOMING):
+            try:
+                return self.spool.load(state, qid)
+            except (FileNotFoundError, ValueError):
+                continue
+        return None
+
+    def queue(self, *argv: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--config", str(self.conf), "queue", *argv], stdin=io.StringIO(), stdout=out, stderr=err)
+        return status, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture
+def world(tmp_path, reactor_thread, zone):
+    zone.clear()
+    port = free_port()
+    worlds = []
+
+    def make(**queue: Any) -> World:
+        w = World(tmp_path, reactor_thread, zone, port, **queue)
+        worlds.append(w)
+        return w
+
+    make.port = port
+    yield make
+    for w in worlds:
+        w.stop()
+
+
+def mx(zone, domain: str, address: str) -> None:
+    zone.mx(domain, [(10, f"mx.{domain}")])
+    zone.a(f"mx.{domain}", address)
+
+
+def test_remote_delivery_byte_identical_and_spool_emptied(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.31")
+    body = MSG + b"".join(b"." * (i % 7) + b"line %d\n" % i for i in range(5000))
+    with Sink(address="127.0.0.31", port=world.port) as sink:
+        qid = w.send(["bob@far.test"], data=body)
+        wait_for(lambda: w.gone(qid), what="message delivered")
+    assert len(sink.messages) == 1
+    assert sink.messages[0].content == body.replace(b"\n", b"\r\n")
+    assert sink.messages[0].mail_from == "alice@example.com"
+    assert w.reports() == []
+
+
+def test_4xx_then_success_after_retry(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.32")
+    with Sink(address="127.0.0.32", port=world.port) as sink:
+        sink.script.rcpt["bob@far.test"] = "450 4.2.0 greylisted, come back later"
+        qid = w.send(["bob@far.test"])
+        env = wait_for(lambda: (e := w.envelope(qid)) and e.recipients[0].attempts >= 1
+                       and e.recipients[0].state == "deferred" and e, what="first attempt deferred")
+        assert env.recipients[0].last_reply == "450 4.2.0 greylisted, come back later"
+        assert env.recipients[0].remote_mta == "mx.far.test"
+        del sink.script.rcpt["bob@far.test"]
+        wait_for(lambda: w.gone(qid), what="delivered on retry")
+    assert [m.rcpt_tos for m in sink.messages] == [["bob@far.test"]]
+    assert w.reports() == []
+
+
+def test_5xx_sends_dsn_with_the_remote_reply(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.33")
+    with Sink(address="127.0.0.33", port=world.port) as sink:
+        sink.script.rcpt["nobody@far.test"] = "550 5.1.1 <nobody@far.test>: Recipient address rejected"
+        qid = w.send(["bob@far.test", "nobody@far.test"])
+        wait_for(lambda: w.gone(qid) and w.reports(), what="bounce")
+    assert [m.rcpt_tos for m in sink.messages] == [["bob@far.test"]]
+    (report,) = w.reports()
+    assert b"Return-Path: <>" in report
+    text, fields = report_fields(report)
+    assert len(fields) == 1
+    f = fields[0]
+    assert f["Final-Recipient"] == "rfc822;nobody@far.test"
+    assert f["Action"] == "failed" and f["Status"] == "5.1.1"
+    assert f["Remote-MTA"] == "dns;mx.far.test"
+    assert f["Diagnostic-Code"] == "smtp;550 5.1.1 <nobody@far.test>: Recipient address rejected"
+    assert "Recipient address rejected" in text
+
+
+def test_4xx_until_lifetime_expires_delay_notice_then_final_dsn(world, zone):
+    w = world(lifetime=2.0, delay_notice_after=0.6, retry_initial=0.25, retry_max=0.25)
+    mx(zone, "far.test", "127.0.0.34")
+    with Sink(address="127.0.0.34", port=world.port) as sink:
+        sink.script.rcpt["bob@far.test"] = "452 4.2.2 mailbox full"
+        qid = w.send(["bob@far.test"])
+        wait_for(lambda: len(w.reports()) >= 2 and w.gone(qid), timeout=20, what="delay notice and bounce")
+    assert sink.messages == []
+    reports = [report_fields(r)[1][0] for r in w.reports()]
+    assert [r["Action"] for r in reports] == ["delayed", "failed"]
+    assert reports[0]["Status"].startswith("4.") and "Will-Retry-Until" in reports[0]
+    assert reports[1]["Status"] == "4.2.2" or reports[1]["Status"].startswith("5.")
+    assert reports[1]["Diagnostic-Code"] == "smtp;452 4.2.2 mailbox full"
+    assert reports[1]["Remote-MTA"] == "dns;mx.far.test"
+
+
+def test_two_domains_in_one_message_two_transactions(world, zone):
+    w = world()
+    mx(zone, "one.test", "127.0.0.35")
+    mx(zone, "two.test", "127.0.0.36")
+    with Sink(address="127.0.0.35", port=world.port) as one, Sink(address="127.0.0.36", port=world.port) as two:
+        qid = w.send(["a@one.test", "c@two.test", "b@ONE.test"])
+        wait_for(lambda: w.gone(qid), what="both domains delivered")
+    assert [m.rcpt_tos for m in one.messages] == [["a@one.test", "b@one.test"]]  # domains are lower-cased
+    assert [m.rcpt_tos for m in two.messages] == [["c@two.test"]]
+
+
+def test_bounce_of_a_bounce_is_not_bounced(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.37")
+    with Sink(address="127.0.0.37", port=world.port) as sink:
+        sink.script.rcpt["x@far.test"] = "550 5.1.1 no such user"
+        qid = w.send(["x@far.test"], sender="")
+        wait_for(lambda: w.gone(qid), what="failed report finished")
+        time.sleep(0.3)
+    # nothing goes back to <>: the postmaster hears of it instead
+    assert w.reports() == []
+    pm = os.path.join(w.settings.postoffices_dir, "ACME", "POSTMASTER", "Maildir", "new")
+    assert len(os.listdir(pm)) == 1
+
+
+def test_queue_commands_while_the_runner_runs(world, zone):
+    w = world(retry_initial=3600.0, retry_max=3600.0)
+    mx(zone, "far.test", "127.0.0.38")
+    with Sink(address="127.0.0.38", port=world.port) as sink:
+        sink.script.rcpt["bob@far.test"] = "451 4.3.0 try later"
+        ids = [w.send(["bob@far.test"], data=MSG + b"%d\n" % i) for i in range(4)]
+        wait_for(lambda: all(w.envelope(q) and w.envelope(q).recipients[0].attempts == 1
+                             and q in w.spool.list(DEFERRED) for q in ids), what="all deferred")
+        status, out = w.queue("list")
+        assert status == 0 and out.count("451 4.3.0 try later") == 4
+        del sink.script.rcpt["bob@far.test"]
+        held, flushed, bounced, deleted = ids
+
+        assert w.queue("hold", held)[0] == 0
+        assert w.queue("flush", flushed)[0] == 0
+        wait_for(lambda: w.gone(flushed), what="flushed message delivered")
+        assert w.queue("bounce", bounced)[0] == 0
+        wait_for(lambda: w.gone(bounced) and w.reports(), what="administrator's bounce")
+        assert w.queue("delete", deleted)[0] == 0
+        time.sleep(0.5)
+        assert not w.gone(held)  # still held: nothing tried
+        assert len(sink.messages) == 1
+        assert w.queue("release", held)[0] == 0
+        wait_for(lambda: w.gone(held), what="released message delivered")
+    assert len(sink.messages) == 2
+    assert {m.content.rstrip(b"\r\n")[-1:] for m in sink.messages} == {b"0", b"1"}
+    (report,) = w.reports()
+    _, fields = report_fields(report)
+    assert fields[0]["Diagnostic-Code"] == "smtp;" + BOUNCE_REPLY
+    assert w.queue("list")[1] == "0 messages in the queue\n"
+
+
+# -- the real server, killed in the middle of a delivery ---------------------------------------
+
+
+def test_server_killed_during_delivery_delivers_each_recipient_exactly_once(tmp_path, reactor_thread, zone):
+    zone.clear()
+    port = free_port()
+    mx(zone, "one.test", "127.0.0.41")
+    mx(zone, "two.test", "127.0.0.42")
+    srv = Server(tmp_path / "srv").init(
+        f'[relay]\nmx_port = {port}\nconnect_timeout = 3.0\ncommand_timeout = 30.0\n'
+        f'[dns]\nnameservers = ["{zone.address}"]\ntimeout = 2.0\n'
+        '[queue]\nretry_initial = 1.0\nretry_max = 1.0\nscan_interval = 0.1\n'
+    )
+    with open(os.path.join(srv.root, "config", "SMTP-ACCESS.tab"), "a") as f:
+        f.write("127.0.0.1\t1\ttests relay from loopback\n")
+    gate = threading.Event()
+    with Sink(address="127.0.0.41", port=port) as one, Sink(address="127.0.0.42", port=port) as two:
+        two.script.gate["c@two.test"] = gate
+        srv.start(roles=["smtp"])
+        try:
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                s.sendmail("sender@elsewhere.test", ["a@one.test", "b@one.test", "c@two.test"], MSG.replace(b"\n", b"\r\n"))
+            wait_for(lambda: one.messages, what="first domain delivered")
+            active = os.path.join(srv.root, "spool", "active")
+
+            def one_saved() -> bool:
+                for name in os.listdir(active):
+                    if name.endswith(".env"):
+                        env = Envelope.from_bytes(open(os.path.join(active, name), "rb").read())
+                        states = {r.address: r.state for r in env.recipients}
+                        return states.get("a@one.test") == DELIVERED and states.get("b@one.test") == DELIVERED
+                return False
+
+            wait_for(one_saved, what="first domain's outcome saved")
+            assert wait_for(two.script.waiting.is_set, what="second domain in RCPT")
+            srv.kill()
+        finally:
+            gate.set()  # the dead session's RCPT completes; its DATA never comes
+            srv.stop()
+        assert two.messages == []
+        srv.start(roles=["smtp"])
+        try:
+            wait_for(lambda: two.messages, timeout=20, what="second domain delivered after restart")
+            wait_for(lambda: not any(os.listdir(os.path.join(srv.root, "spool", d))
+                                     for d in ("incoming", "active", "deferred")), what="queue empty")
+            time.sleep(0.5)
+        finally:
+            srv.stop()
+    assert [m.rcpt_tos for m in one.messages] == [["a@one.test", "b@one.test"]]
+    assert [m.rcpt_tos for m in two.messages] == [["c@two.test"]]
+    # the server added its Received: header; the rest is the message as sent
+    assert two.messages[0].content.endswith(MSG.replace(b"\n", b"\r\n"))
+    assert two.messages[0].content.startswith(b"Received: ")
