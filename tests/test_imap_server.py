@@ -468,3 +468,20 @@ def test_commands_real_clients_send(env):
         last = cmd(s, f, tag, shape)[-1]
         assert last.startswith(tag + b" OK"), (shape, last)
     s.close()
+
+
+def test_large_append_sync_and_literal_plus(env):
+    big = message(1, body="x" * 100 + "\n") + b"y" * (3 * 1024 * 1024) + b"\n"
+    c = client(env)
+    r = c.append("INBOX", big)
+    assert b"APPENDUID" in r
+    c.logout()
+    s, f = login_raw(env)
+    crlf = big.replace(b"\n", b"\r\n")
+    s.sendall(b"a APPEND INBOX {%d+}\r\n" % len(crlf) + crlf + b"\r\nb NOOP\r\n")
+    assert read_until_tag(f, b"a")[-1].startswith(b"a OK [APPENDUID")
+    assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+    cmd(s, f, b"c", b"EXAMINE INBOX")
+    lines = cmd(s, f, b"d", b"FETCH 1:2 (RFC822.SIZE)")
+    assert lines[0] == lines[1].replace(b"* 2", b"* 1") == b"* 1 FETCH (RFC822.SIZE %d)\r\n" % len(crlf)
+    s.close()

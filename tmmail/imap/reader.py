@@ -100,6 +100,11 @@ class CommandReader:
         return n
 
     @property
+    def pending(self) -> int:
+        """Received bytes not yet looked at (not counting a literal being collected)."""
+        return len(self._buf)
+
+    @property
     def buffered(self) -> int:
         return len(self._buf) + len(self._literal_buf) + self._parts_len
 

@@ -3,8 +3,8 @@
 One job: the connection — reading commands (bounded lines and literals, :mod:`reader`),
 the session states of RFC 3501 §3, STARTTLS (§6.2.1, discarding pipelined plaintext), login
 (LOGIN, AUTHENTICATE PLAIN with SASL-IR, RFC 4959), IDLE (RFC 2177: only ``DONE`` ends it),
-timeouts and per-IP connection limits.  Mailbox commands live in :mod:`commands`; the view a
-session has of its selected mailbox in :mod:`session`.  Written fresh on
+timeouts and per-IP connection limits.  Mailbox commands live in :mod:`mailboxes` and
+:mod:`messages`; the view a session has of its selected mailbox in :mod:`session`.  Written fresh on
 ``twisted.internet.protocol.Protocol`` instead of ``twisted.mail.imap4.IMAP4Server``: see
 docs/imap.md for why.
 """
@@ -149,10 +149,13 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             self.flush()
         if self._closing or self.transport is None:
             return
-        if self.reader.buffered > _MAX_BUFFERED and not self._paused:
+        # Input that cannot be handled yet (a command is waiting for a thread or a Deferred)
+        # stops reading from the socket; a literal being received is never the reason, or a
+        # large APPEND would wait for itself.
+        if self._busy and self.reader.pending > _MAX_BUFFERED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and self.reader.buffered <= _MAX_BUFFERED:
+        elif self._paused and (not self._busy or self.reader.pending <= _MAX_BUFFERED):
             self._paused = False
             self.transport.resumeProducing()
 
