@@ -44,6 +44,7 @@ class Received:
     tls: bool
     login: str | None
     helo: str
+    peer: Any = None
 
 
 @dataclass
@@ -165,6 +166,7 @@ class _Handler:
                     tls=session.ssl is not None,
                     login=login,
                     helo=session.host_name or "",
+                    peer=session.peer,
                 )
             )
         return action or "250 2.0.0 OK queued"

@@ -347,3 +347,31 @@ def test_bad_smarthost_setting_fails_at_start(dnsz, mx_port):
 
     with pytest.raises(ConfigError):
         SMTPConnector(settings(dnsz, mx_port, smarthost="host:notaport"), None, reactor)
+
+
+def test_ipv6_only_mx_and_source_address(dnsz, mx_port, msg, reactor_thread):
+    dnsz.mx("six.test", [(10, "mx.six.test")])
+    dnsz.aaaa("mx.six.test", "::1")
+    dnsz.mx("src.test", [(10, "mx.src.test")])
+    dnsz.a("mx.src.test", "127.0.0.23")
+    with Sink(address="::1", port=mx_port) as six:
+        assert deliver(reactor_thread, make(reactor_thread, settings(dnsz, mx_port)), envelope("a@six.test"), msg) == [None]
+    assert six.messages[0].peer[0] == "::1"
+    # the configured source address is used for IPv4 peers
+    conn = make(reactor_thread, settings(dnsz, mx_port, source_address="127.0.0.50", helo_name="out.tmmail.test"))
+    with Sink(address="127.0.0.23", port=mx_port) as src:
+        assert deliver(reactor_thread, conn, envelope("a@src.test"), msg) == [None]
+    assert src.messages[0].peer[0] == "127.0.0.50"
+    assert src.messages[0].helo == "out.tmmail.test"
+
+
+def test_421_defers_the_rest(dnsz, mx_port, msg, reactor_thread):
+    dnsz.mx("busy.test", [(10, "mx.busy.test")])
+    dnsz.a("mx.busy.test", "127.0.0.24")
+    with Sink(address="127.0.0.24", port=mx_port, pipelining=False) as sink:
+        sink.script.rcpt["b@busy.test"] = "421 4.7.0 too many connections, closing"
+        env = envelope("a@busy.test", "b@busy.test", "c@busy.test")
+        outcomes = deliver(reactor_thread, make(reactor_thread, settings(dnsz, mx_port)), env, msg)
+    assert all(isinstance(o, TransientError) for o in outcomes)
+    assert [o.reply() for o in outcomes] == ["421 4.7.0 too many connections, closing"] * 3
+    assert sink.messages == []

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -334,14 +333,14 @@ class SMTPConnector:
 
     async def _open(self, hop: Hop, config: ClientConfig) -> Session:
         """A session with one hop; opportunistic TLS falls back to plain if the handshake fails."""
-        use_tls = self._no_tls.get(hop.address, 0.0) < time.time()
+        use_tls = self._no_tls.get(hop.address, 0.0) < self.reactor.seconds()
         try:
             return await open_session(self.reactor, hop.host, hop.address, hop.port, config, use_tls)
         except TLSFailed as e:
             if config.tls != "opportunistic" or not use_tls:
                 raise
             log.warn("STARTTLS with {hop} failed ({error}); retrying without TLS", hop=str(hop), error=e.text)
-            self._no_tls[hop.address] = time.time() + NO_TLS_SECONDS
+            self._no_tls[hop.address] = self.reactor.seconds() + NO_TLS_SECONDS
             return await open_session(self.reactor, hop.host, hop.address, hop.port, config, False)
 
     def _config(self, route: routes.Route) -> ClientConfig:
