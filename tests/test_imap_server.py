@@ -485,3 +485,28 @@ def test_large_append_sync_and_literal_plus(env):
     lines = cmd(s, f, b"d", b"FETCH 1:2 (RFC822.SIZE)")
     assert lines[0] == lines[1].replace(b"* 2", b"* 1") == b"* 1 FETCH (RFC822.SIZE %d)\r\n" % len(crlf)
     s.close()
+
+
+def test_imapclient_idle_move_copy_unselect_uid_expunge(env):
+    for n in range(1, 4):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    c = client(env)
+    assert c.has_capability("MOVE") and c.has_capability("UIDPLUS") and c.has_capability("IDLE")
+    c.select_folder("INBOX")
+    c.copy([1], "Archive")
+    c.move([2], "Trash")
+    assert c.search(["ALL"]) == [1, 3]
+    c.add_flags([1, 3], [b"\\Deleted"])
+    c.uid_expunge([3])
+    assert c.search(["ALL"]) == [1]
+    c.unselect_folder()
+    assert c.folder_status("INBOX", ["MESSAGES"])[b"MESSAGES"] == 1  # UNSELECT did not expunge 1
+    c.select_folder("INBOX")
+    c.idle()
+    deliver(env, message(4), tmp_name="m4")
+    responses = c.idle_check(timeout=5)
+    c.idle_done()
+    assert (2, b"EXISTS") in responses
+    assert c.folder_status("Archive", ["MESSAGES"])[b"MESSAGES"] == 1
+    assert c.folder_status("Trash", ["MESSAGES"])[b"MESSAGES"] == 1
+    c.logout()
