@@ -623,3 +623,21 @@ def test_limits_are_shared_by_all_smtp_listeners(tmp_path, reactor_thread):
     assert b.reply().startswith(b"421 4.7.0") and b.closed()
     a.close()
     h.stop()
+
+
+def test_session_sent_one_byte_at_a_time(h):
+    import socket as _socket
+
+    port = h.start("smtp")
+    r = Raw(port)
+    r.sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    r.reply()
+    wire = (b"EHLO c\r\nMAIL FROM:<x@remote.test> BODY=8BITMIME\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
+            b"Subject: slow\r\n\r\n..dot\r\nend\r\n.\r\nBDAT 9 LAST\r\nSubject\r\nQUIT\r\n")
+    for i in range(len(wire)):
+        r.send(wire[i : i + 1])
+    replies = r.replies(7)
+    assert [x[:3] for x in replies] == [b"250", b"250", b"250", b"354", b"250", b"503", b"221"]
+    assert r.closed()
+    [(env, eml)] = h.incoming()
+    assert eml.endswith(b"\nSubject: slow\n\n.dot\nend\n")
