@@ -19,6 +19,7 @@ from tmmail.imap.mime import (
     Message,
     Part,
     parse_addresses,
+    parse_cte,
     parse_value_and_params,
     unfold,
 )
@@ -300,7 +301,13 @@ def _section_bytes(msg: Message, item: FetchItem) -> bytes | None:
     names = set(item.fields)
     chunks = _header_chunks(data, ent.start, ent.fields_end)
     if text == "HEADER.FIELDS":
-        return b"".join(c for n, c in chunks if n is not None and n in names) + b"\r\n"
+        sel = [c for n, c in chunks if n is not None and n in names]
+        # a blank line ends the result, unless the last field selected is the message's last,
+        # unterminated line: then only its CRLF is added (as Dovecot)
+        unterminated = not data.endswith(b"\r\n", 0, ent.fields_end) and ent.fields_end > ent.start
+        if sel and unterminated and chunks and sel[-1] is chunks[-1][1]:
+            return b"".join(sel)
+        return b"".join(sel) + b"\r\n"
     kept = b"".join(c for n, c in chunks if n is None or n not in names)
     # Dovecot passes the header's own blank line through (none if the header has none)
     return kept + data[ent.fields_end : ent.body_start]
@@ -373,9 +380,8 @@ def _structure(msg: Message, part: Part, ext: bool, depth: int = 0) -> bytes:
         _hdr_str(part, "Content-ID"),
         _hdr_str(part, "Content-Description"),
     ]
-    cte = part.header("Content-Transfer-Encoding")
-    cte_v = unfold(cte).strip() if cte is not None else b""
-    fields.append(_nstr(cte_v) if cte_v else b'"7bit"')
+    cte = parse_cte(part.header("Content-Transfer-Encoding"))
+    fields.append(_nstr(cte) if cte else b'"7bit"')
     fields.append(b"%d" % part.body_size)
     if part.message is not None:
         fields.append(_envelope(data, part.message))

@@ -237,10 +237,9 @@ def _read_quoted(s: bytes, i: int) -> tuple[bytes, int]:
 
 
 def _text(b: bytes) -> str:
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b.decode("latin-1")
+    """Header bytes as str, losslessly: 8-bit that is not UTF-8 survives as surrogates and is
+    written back byte for byte by ``imap_string``."""
+    return b.decode("utf-8", "surrogateescape")
 
 
 def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
@@ -265,9 +264,11 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
             continue
         pname = m.group(0)
         i = _skip_cfws(s, m.end())
-        if i >= n or s[i] != 0x3D:  # '=' missing: dropped, and so is the next parameter
-            nxt = s.find(b";", i)
-            i = n if nxt < 0 else nxt + 1
+        if i >= n or s[i] != 0x3D:
+            # '=' missing: skip past the offending character to the next ";" (so "delsp;
+            # charset=x" also loses charset, as in Dovecot)
+            nxt = s.find(b";", i + 1)
+            i = n if nxt < 0 else nxt
             continue
         i = _skip_cfws(s, i + 1)
         if i < n and s[i] == 0x22:
@@ -275,11 +276,12 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
             if i > n or s[i - 1] != 0x22:
                 continue
         else:
-            j = i
-            while j < n and s[j] not in b"; \t":
-                j += 1
-            val = s[i:j]
-            i = j
+            # an unquoted value is one token; anything after it up to ";" is ignored (Dovecot)
+            mv = _TOKEN.match(s, i)
+            if not mv:
+                continue
+            val = mv.group(0)
+            i = mv.end()
         raw.append((_text(pname), _text(val)))
     return _merge_2231(raw)
 
@@ -311,22 +313,48 @@ def _merge_2231(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def parse_content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, str]], bool]:
-    """(type, subtype, params, present) as written (Dovecot keeps empty type/subtype)."""
+    """(type, subtype, params, present) as written.
+
+    As Dovecot: ``text`` alone gives subtype ""; anything but ``;`` after the type/subtype (or a
+    missing type) makes the whole value invalid, reported as ``"" ""`` without parameters.
+    """
     if value is None:
         return "text", "plain", [], False
     s = unfold(value)
+    n = len(s)
     i = _skip_cfws(s, 0)
     m = _TOKEN.match(s, i)
-    typ = m.group(0) if m else b""
-    i = _skip_cfws(s, m.end()) if m else i
-    sub = b""
-    if i < len(s) and s[i] == 0x2F:
-        i = _skip_cfws(s, i + 1)
-        m2 = _TOKEN.match(s, i)
-        if m2:
-            sub = m2.group(0)
-            i = m2.end()
-    return _text(typ), _text(sub), parse_params(s, i), True
+    if not m:
+        return "", "", [], True
+    typ = m.group(0)
+    i = _skip_cfws(s, m.end())
+    if i >= n:
+        return _text(typ), "", [], True
+    if s[i] != 0x2F:
+        return "", "", [], True
+    i = _skip_cfws(s, i + 1)
+    m2 = _TOKEN.match(s, i)
+    if not m2:
+        return "", "", [], True
+    i = _skip_cfws(s, m2.end())
+    if i < n and s[i] != 0x3B:
+        return "", "", [], True
+    return _text(typ), _text(m2.group(0)), parse_params(s, i), True
+
+
+_CTE = re.compile(rb"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
+
+
+def parse_cte(value: bytes | None) -> bytes | None:
+    """Content-Transfer-Encoding as written if it is one token (comments allowed), else None."""
+    if value is None:
+        return None
+    s = unfold(value)
+    i = _skip_cfws(s, 0)
+    m = _CTE.match(s, i)
+    if not m or _skip_cfws(s, m.end()) < len(s):
+        return None
+    return m.group(0)
 
 
 def parse_value_and_params(value: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -427,7 +455,7 @@ class _Parser:
         if not cut and fields_end < n and data.startswith(b"--", body_start):
             # an enclosing boundary right after the blank line takes the blank line's CRLF,
             # unless it is this multipart's own first boundary (as Dovecot parses)
-            own = boundary is not None and data.startswith(b"--" + boundary.encode("utf-8", "replace"),
+            own = boundary is not None and data.startswith(b"--" + boundary.encode("utf-8", "surrogateescape"),
                                                            body_start)
             if not own:
                 level, close = self._match(body_start)
@@ -442,7 +470,7 @@ class _Parser:
         if not cut:
             deep = depth < MAX_DEPTH and self.count <= MAX_PARTS
             if deep and boundary:
-                stop, level, close = self.multipart(part, boundary.encode("utf-8", "replace"), depth)
+                stop, level, close = self.multipart(part, boundary.encode("utf-8", "surrogateescape"), depth)
             elif deep and is_message:
                 inner, stop, level, close = self.entity(body_start, False, depth + 1)
                 part.message = inner
@@ -568,6 +596,7 @@ def _join_words(toks: list[tuple[str, bytes]]) -> bytes:
 
 MISSING_MAILBOX = b"MISSING_MAILBOX"
 MISSING_DOMAIN = b"MISSING_DOMAIN"
+SYNTAX_ERROR = b"SYNTAX_ERROR"
 
 
 def _addr_spec(toks: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -585,7 +614,8 @@ def _addr_spec(toks: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | Non
         local = b"".join(t for _, t in toks)
         return adl, (local or None), None
     local = b"".join(t for _, t in toks[:at])
-    host = b"".join(t for _, t in toks[at + 1 :])
+    # the domain is one token (dot-atom or domain literal); anything after it is ignored
+    host = toks[at + 1][1] if at + 1 < len(toks) and toks[at + 1][0] == "a" else b""
     return adl, (local or None), (host or None)
 
 
@@ -608,9 +638,14 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             return
         lt = next((k for k, t in enumerate(item) if t[0] == "<"), -1)
         if lt >= 0:
-            gt = next((k for k in range(lt + 1, len(item)) if item[k][0] == ">"), len(item))
+            gt = next((k for k in range(lt + 1, len(item)) if item[k][0] == ">"), -1)
             name = _join_words(item[:lt]) or None
-            adl, mbox, host = _addr_spec(item[lt + 1 : gt])
+            adl, mbox, host = _addr_spec(item[lt + 1 : gt if gt >= 0 else len(item)])
+            if gt < 0 and mbox is not None:
+                host = SYNTAX_ERROR     # unterminated "<...", as Dovecot reports it
+        elif not any(k == "@" for k, _ in item) and any(k == "q" for k, _ in item):
+            # a display name without an address (e.g. a truncated header)
+            name, adl, mbox, host = _join_words(item) or None, None, None, None
         else:
             comments = [t for k, t in item if k == "c"]
             name = comments[-1].strip() or None if comments else None
@@ -627,8 +662,8 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             cur = []
             group_ended = False
         elif kind == ":" and not _inside_angle(cur) and not (cur and cur[0][0] == "@"):
-            if in_group:
-                # a group inside a group is malformed: end the address and stop (Dovecot)
+            if in_group or any(k in ("@", "<", ">") for k, _ in cur):
+                # not a group start (or a group inside a group): end here, as Dovecot stops
                 emit(cur)
                 cur = []
                 break

@@ -18,7 +18,7 @@ from email.utils import parsedate_tz
 from typing import Callable, Iterable, Sequence
 
 from tmmail.imap.encoding import Atom, ParseError, String, decode_bytes, decode_header
-from tmmail.imap.mime import Message, Part, unfold
+from tmmail.imap.mime import Message, Part, parse_cte, unfold
 
 __all__ = [
     "SequenceSet",
@@ -236,7 +236,7 @@ def _norm(value: str) -> str:
 
 def _decode_part(data: bytes, part: Part) -> str:
     raw = data[part.body_start : part.end]
-    cte = (part.header("Content-Transfer-Encoding") or b"").strip().lower()
+    cte = (parse_cte(part.header("Content-Transfer-Encoding")) or b"").lower()
     try:
         if cte == b"base64":
             raw = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/]", b"", raw) + b"===", validate=False)
