@@ -1,5 +1,6 @@
-"""The bounded command reader (pure): lines, synchronising and LITERAL+ literals, limits,
-raw lines for IDLE/AUTHENTICATE, and the STARTTLS discard."""
+"""Pure units of the IMAP server: the bounded command reader (lines, synchronising and
+LITERAL+ literals, limits, raw lines for IDLE/AUTHENTICATE, the STARTTLS discard), the fast
+INTERNALDATE formatter and the flags-only SEARCH detection."""
 
 from __future__ import annotations
 
@@ -90,3 +91,28 @@ def test_raw_lines_and_discard():
     assert events(r) == []
     r.feed(b"c NOOP\r\n")
     assert events(r) == [Command(b"c NOOP")]
+
+
+def test_fast_internal_date_matches_the_general_formatter():
+    import random
+
+    from tmmail.imap.fetch import format_internal_date
+    from tmmail.imap.messages import internal_date_bytes
+
+    rnd = random.Random(7)
+    values = [0, 1, 59.999, 86399, 86400, 951782400, 4102444799.5] + [
+        rnd.uniform(0, 4_000_000_000) for _ in range(2000)]
+    for v in values:
+        assert internal_date_bytes(v) == format_internal_date(v), v
+
+
+def test_flags_only_search_detection():
+    from tmmail.imap.encoding import tokenize
+    from tmmail.imap.messages import flags_only
+
+    for text in (b"UNSEEN", b"NOT DELETED", b"OR SEEN FLAGGED", b"KEYWORD $Junk UNSEEN",
+                 b"CHARSET UTF-8 UNSEEN", b"(UNSEEN NOT DELETED)", b"ALL"):
+        assert flags_only(tokenize(text)), text
+    for text in (b"1:5 UNSEEN", b"SUBJECT x", b"UID 3", b"LARGER 5", b"SINCE 1-Jan-2020",
+                 b"KEYWORD", b"CHARSET UTF-8 BODY x"):
+        assert not flags_only(tokenize(text)), text
