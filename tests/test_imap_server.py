@@ -510,3 +510,16 @@ def test_imapclient_idle_move_copy_unselect_uid_expunge(env):
     assert c.folder_status("Archive", ["MESSAGES"])[b"MESSAGES"] == 1
     assert c.folder_status("Trash", ["MESSAGES"])[b"MESSAGES"] == 1
     c.logout()
+
+
+def test_lower_case_commands_and_items(env):
+    deliver(env, message(1))
+    s, f = login_raw(env)
+    assert cmd(s, f, b"a", b"select inbox")[-1].startswith(b"a OK")
+    lines = cmd(s, f, b"b", b"uid fetch 1:* (flags body.peek[header.fields (subject)])")
+    assert lines[-1].startswith(b"b OK") and b"BODY[HEADER.FIELDS (SUBJECT)]" in lines[0].upper()
+    assert b"Subject: message 1" in lines[1]
+    line = cmd(s, f, b"c", b"uid store 1 +flags (\\seen)")[0]
+    assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (") and b"\\Seen" in line
+    assert cmd(s, f, b"d", b"search unseen")[0] == b"* SEARCH\r\n"
+    s.close()
