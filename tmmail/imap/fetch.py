@@ -373,14 +373,15 @@ def _structure(msg: Message, part: Part, ext: bool, depth: int = 0) -> bytes:
         if ext:
             out += b" " + _param_list(part.params) + b" " + _ext_common(part)
         return out + b")"
+    mime = part.mime
     fields = [
         _nstr(part.type_raw),
         _nstr(part.subtype_raw),
         _param_list(part.params),
-        _hdr_str(part, "Content-ID"),
-        _hdr_str(part, "Content-Description"),
+        _hdr_str(part, "Content-ID") if mime else b"NIL",
+        _hdr_str(part, "Content-Description") if mime else b"NIL",
     ]
-    cte = parse_cte(part.header("Content-Transfer-Encoding"))
+    cte = parse_cte(part.header("Content-Transfer-Encoding")) if mime else None
     fields.append(_nstr(cte) if cte else b'"7bit"')
     fields.append(b"%d" % part.body_size)
     if part.message is not None:
@@ -390,8 +391,11 @@ def _structure(msg: Message, part: Part, ext: bool, depth: int = 0) -> bytes:
     elif part.maintype == "text":
         fields.append(b"%d" % part.lines)
     if ext:
-        fields.append(_hdr_str(part, "Content-MD5"))
-        fields.append(_ext_common(part))
+        if mime:
+            fields.append(_hdr_str(part, "Content-MD5"))
+            fields.append(_ext_common(part))
+        else:
+            fields.append(b"NIL NIL NIL NIL")
     return b"(" + b" ".join(fields) + b")"
 
 

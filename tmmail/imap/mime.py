@@ -68,6 +68,8 @@ class Part:
     lines: int = 0
     fields_end: int = -1            # end of the header fields (== body_start if no blank line)
     cut: bool = False               # header ended by a boundary line instead of a blank line
+    mime: bool = True               # False: a message without MIME-Version and Content-Type,
+                                    # whose other Content-* fields are ignored (as Dovecot)
 
     @property
     def maintype(self) -> str:
@@ -172,19 +174,22 @@ def parse_header_block(block: bytes) -> list[tuple[str, bytes]]:
     """
     fields: list[tuple[str, bytes]] = []
     match = _FIELD.match
+    open_field = False          # continuation lines belong to the line before, valid or not
     for line in block.split(b"\r\n"):
         if not line:
             continue
         first = line[0]
         if first == 0x20 or first == 0x09:
-            if fields:
+            if open_field:
                 name, value = fields[-1]
                 fields[-1] = (name, value + b"\r\n" + line)
             continue
         m = match(line)
         if m is None:
+            open_field = False
             continue
         fields.append((m.group(1).decode("ascii"), line[m.end() :]))
+        open_field = True
     return fields
 
 
@@ -386,7 +391,7 @@ class _Parser:
 
     def parse(self) -> Part:
         try:
-            return self.entity(0, False, 0)[0]
+            return self.entity(0, False, 0, True)[0]
         except RecursionError:  # pragma: no cover - depth is capped, belt and braces
             return Part(0, 0, len(self.data))
 
@@ -427,7 +432,8 @@ class _Parser:
         return len(self.data) if eol < 0 else eol + 2
 
     # -- entities -------------------------------------------------------------------------
-    def entity(self, start: int, digest: bool, depth: int) -> tuple[Part, int | None, int, bool]:
+    def entity(self, start: int, digest: bool, depth: int,
+               root: bool = False) -> tuple[Part, int | None, int, bool]:
         """Parse the entity at ``start``; returns it and the boundary line that ended it."""
         self.count += 1
         data = self.data
@@ -445,6 +451,8 @@ class _Parser:
             fields_end = body_start = max(stop - 2, start)
         part = Part(start, body_start, body_start, parse_header_block(data[start:fields_end]))
         typ, sub, params, present = parse_content_type(part.header("Content-Type"))
+        if root and not present and part.header("MIME-Version") is None:
+            part.mime = False
         if present:
             part.type_raw, part.subtype_raw, part.params, part.defaulted = typ, sub, params, False
         elif digest:
@@ -472,7 +480,7 @@ class _Parser:
             if deep and boundary:
                 stop, level, close = self.multipart(part, boundary.encode("utf-8", "surrogateescape"), depth)
             elif deep and is_message:
-                inner, stop, level, close = self.entity(body_start, False, depth + 1)
+                inner, stop, level, close = self.entity(body_start, False, depth + 1, True)
                 part.message = inner
                 # a cut inner header leaves the CRLF before the boundary in this part
                 part.end = stop if inner.cut and stop is not None else inner.end
@@ -495,6 +503,10 @@ class _Parser:
         try:
             stop, level, close = self.find_boundary(part.body_start)     # end of the preamble
             while stop is not None and level == mine and not close:
+                if data.find(b"\r\n", stop) < 0:
+                    # a last delimiter line without its line end starts no part (Dovecot)
+                    part.end = len(data)
+                    return None, -1, False
                 child, stop, level, close = self.entity(self._line_end(stop), digest, depth + 1)
                 if self.count <= MAX_PARTS:
                     part.children.append(child)

@@ -236,7 +236,7 @@ def _norm(value: str) -> str:
 
 def _decode_part(data: bytes, part: Part) -> str:
     raw = data[part.body_start : part.end]
-    cte = (parse_cte(part.header("Content-Transfer-Encoding")) or b"").lower()
+    cte = (parse_cte(part.header("Content-Transfer-Encoding")) or b"").lower() if part.mime else b""
     try:
         if cte == b"base64":
             raw = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/]", b"", raw) + b"===", validate=False)
