@@ -53,6 +53,8 @@ class Script:
 
     #: address -> reply line for RCPT (default 250)
     rcpt: dict[str, str] = field(default_factory=dict)
+    #: recipients per transaction before "452 4.5.3 Too many recipients" (0 = no limit)
+    max_rcpts: int = 0
     #: reply to MAIL FROM (None = accept)
     mail: str | None = None
     #: reply after the data: None = "250 OK", a reply line, "drop" (close without reply) or
@@ -132,6 +134,8 @@ class _Handler:
                 if gate.is_set():
                     break
                 await asyncio.sleep(0.05)
+        if self.sink.script.max_rcpts and len(envelope.rcpt_tos) >= self.sink.script.max_rcpts:
+            return "452 4.5.3 Too many recipients"
         reply = self.sink.script.rcpt.get(address.lower())
         if reply and not reply.startswith("2"):
             return reply

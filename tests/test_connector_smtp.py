@@ -375,3 +375,32 @@ def test_421_defers_the_rest(dnsz, mx_port, msg, reactor_thread):
     assert all(isinstance(o, TransientError) for o in outcomes)
     assert [o.reply() for o in outcomes] == ["421 4.7.0 too many connections, closing"] * 3
     assert sink.messages == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_too_many_recipients_get_another_transaction(dnsz, mx_port, msg, reactor_thread, pipelining):
+    dnsz.mx("many.test", [(10, "mx.many.test")])
+    dnsz.a("mx.many.test", "127.0.0.25")
+    rcpts = [f"r{i}@many.test" for i in range(5)]
+    with Sink(address="127.0.0.25", port=mx_port, pipelining=pipelining) as sink:
+        sink.script.max_rcpts = 2
+        sink.script.rcpt["r1@many.test"] = "550 5.1.1 unknown"
+        outcomes = deliver(reactor_thread, make(reactor_thread, settings(dnsz, mx_port)), envelope(*rcpts), msg)
+    assert [o is None for o in outcomes] == [True, False, True, True, True]
+    assert isinstance(outcomes[1], PermanentError)
+    assert [m.rcpt_tos for m in sink.messages] == [["r0@many.test", "r2@many.test"], ["r3@many.test", "r4@many.test"]]
+    assert sink.connections == 1
+
+
+def test_recipients_are_split_into_transactions(dnsz, mx_port, msg, reactor_thread, monkeypatch):
+    from tmmail.connectors import smtp as smtp_connector
+
+    monkeypatch.setattr(smtp_connector, "MAX_RECIPIENTS", 2)
+    dnsz.mx("split.test", [(10, "mx.split.test")])
+    dnsz.a("mx.split.test", "127.0.0.26")
+    rcpts = [f"r{i}@split.test" for i in range(5)]
+    with Sink(address="127.0.0.26", port=mx_port) as sink:
+        outcomes = deliver(reactor_thread, make(reactor_thread, settings(dnsz, mx_port)), envelope(*rcpts), msg)
+    assert outcomes == [None] * 5
+    assert [m.rcpt_tos for m in sink.messages] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
+    assert sink.connections == 1

@@ -48,7 +48,7 @@ from tmmail.smtpclient import (
     xtext,
 )
 
-__all__ = ["SMTPConnector", "IDLE_SECONDS", "MAX_TRANSACTIONS"]
+__all__ = ["SMTPConnector", "IDLE_SECONDS", "MAX_TRANSACTIONS", "MAX_RECIPIENTS", "message_size"]
 
 log = Logger(namespace="tmmail.connectors.smtp")
 
@@ -56,6 +56,8 @@ log = Logger(namespace="tmmail.connectors.smtp")
 IDLE_SECONDS = 5.0
 #: transactions per connection before it is closed (servers limit this too)
 MAX_TRANSACTIONS = 100
+#: recipients per transaction (RFC 5321 §4.5.3.1.8: servers must take at least 100)
+MAX_RECIPIENTS = 100
 #: how long to skip STARTTLS with a host whose TLS handshake failed
 NO_TLS_SECONDS = 3600.0
 
@@ -286,15 +288,56 @@ class SMTPConnector:
     async def _attempt(
         self, qid: str, route: routes.Route, domain: str, msg: OutboundMessage, session: Session | None
     ) -> tuple[list[DeliveryError | None], Session | None]:
-        """Run the transaction on ``session`` (reused) or on the first hop that takes it."""
+        """Deliver to every recipient: ``MAX_RECIPIENTS`` per transaction on one connection, and
+        recipients refused with "452 too many recipients" again in a further transaction
+        (RFC 5321 §4.5.3.1.10)."""
         n = len(msg.recipients)
         outcomes: list[DeliveryError | None] = [None] * n
-        todo = list(range(n))
+        chunks = collections.deque(list(range(i, min(n, i + MAX_RECIPIENTS))) for i in range(0, n, MAX_RECIPIENTS))
+        todo = chunks.popleft()
+        session, results = await self._first(qid, route, domain, msg, todo, outcomes, session)
+        if session is None:
+            for chunk in chunks:
+                for i in chunk:
+                    outcomes[i] = outcomes[todo[0]]
+            return outcomes, None
+        while True:
+            again = [i for i, r in zip(todo, results) if _too_many(r)]
+            if again and len(again) < len(todo):
+                chunks.appendleft(again)
+            if not chunks:
+                return outcomes, session
+            todo = chunks.popleft()
+            if not session.usable:
+                err = TransientError(451, "4.4.2", f"connection to {session} lost before the next transaction")
+                err.remote_mta = session.host  # type: ignore[attr-defined]
+                for chunk in (todo, *chunks):
+                    for i in chunk:
+                        outcomes[i] = err
+                return outcomes, session
+            results = await session.send(_subset(msg, todo))
+            self._record(qid, session, msg, todo, results, outcomes)
+
+    async def _first(
+        self,
+        qid: str,
+        route: routes.Route,
+        domain: str,
+        msg: OutboundMessage,
+        todo: list[int],
+        outcomes: list[DeliveryError | None],
+        session: Session | None,
+    ) -> tuple[Session | None, list[RecipientResult]]:
+        """The first transaction: on ``session`` (reused) or on the first hop that takes it.
+
+        Returns the session and its results (recorded in ``outcomes``), or (None, []) with the
+        error recorded for ``todo`` when no host took the transaction.
+        """
         if session is not None:
             results = await session.send(_subset(msg, todo))
             if not _retry_elsewhere(session, results):
                 self._record(qid, session, msg, todo, results, outcomes)
-                return outcomes, session
+                return session, results
             log.info("{queue_id}: reused connection to {peer} was gone; reconnecting", queue_id=qid, peer=str(session))
             session.abort()
             session = None
@@ -305,7 +348,9 @@ class SMTPConnector:
                 hops = await self.resolver.host_hops(route.host, route.port)
         except DeliveryError as e:
             log.info("{queue_id}: no route to {domain}: {error}", queue_id=qid, domain=domain, error=str(e))
-            return [e] * n, None
+            for i in todo:
+                outcomes[i] = e
+            return None, []
         config = self._config(route)
         last: SMTPClientError | None = None
         for hop in hops:
@@ -324,12 +369,12 @@ class SMTPConnector:
                 session = None
                 continue
             self._record(qid, session, msg, todo, results, outcomes)
-            return outcomes, session
+            return session, results
         err = _connect_error(route, domain, hops, last)
         log.info("{queue_id}: {route}: {error}", queue_id=qid, route=str(route), error=str(err))
         for i in todo:
             outcomes[i] = err
-        return outcomes, None
+        return None, []
 
     async def _open(self, hop: Hop, config: ClientConfig) -> Session:
         """A session with one hop; opportunistic TLS falls back to plain if the handshake fails."""
@@ -376,6 +421,15 @@ class SMTPConnector:
 
 def _subset(msg: OutboundMessage, todo: list[int]) -> OutboundMessage:
     return replace(msg, recipients=tuple(msg.recipients[i] for i in todo))
+
+
+def _too_many(result: RecipientResult) -> bool:
+    """RFC 5321 §4.5.3.1.10: "452 too many recipients" asks for another transaction."""
+    reply = result.reply
+    return (
+        result.status == DEFERRED and result.stage == "RCPT" and reply.code == 452
+        and (reply.enhanced == "4.5.3" or "recipients" in reply.text.lower())
+    )
 
 
 def _retry_elsewhere(session: Session, results: list[RecipientResult]) -> bool:
