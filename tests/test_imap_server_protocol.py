@@ -333,3 +333,17 @@ def test_starttls_twice_is_refused(env):
         m._simple_command("STARTTLS")
     assert m.noop()[0] == "OK"
     m.logout()
+
+
+def test_many_pipelined_commands_without_recursion(env):
+    """Thousands of pipelined commands that complete at once (failed logins answer from the
+    block list synchronously, IDLE/DONE pairs) are answered in order without deep recursion."""
+    s, f = raw_session(env)
+    s.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    read_until_tag(f, b"a")
+    batch = b"".join(b"i%d IDLE\r\nDONE\r\nn%d NOOP\r\n" % (i, i) for i in range(1500))
+    s.sendall(batch)
+    last = read_until_tag(f, b"n1499", limit=20000)
+    assert last[-1].startswith(b"n1499 OK")
+    assert sum(1 for ln in last if ln.startswith(b"i") and b" OK " in ln) == 1500
+    s.close()

@@ -66,6 +66,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.reader = CommandReader(self.settings.max_line_length, self._literal_limit)
         self._out: list[bytes] = []
         self._busy = False  # a command is waiting for a Deferred
+        self._pumping = False
         self._paused = False
         self._errors = 0
         self._idle_tag: bytes | None = None
@@ -135,6 +136,9 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
     # -- command loop ----------------------------------------------------------------------
     def pump(self) -> None:
         """Handle buffered events until a command has to wait or more input is needed."""
+        if self._pumping:
+            return  # a command finished synchronously inside the loop below: it goes on
+        self._pumping = True
         try:
             while not self._busy and not self._closing:
                 event = self.reader.next_event()
@@ -146,6 +150,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
                     self.log.failure("IMAP event handling failed for {peer}", peer=self.peer)
                     self.send(b"* BAD [SERVERBUG] Internal server error\r\n")
         finally:
+            self._pumping = False
             self.flush()
         if self._closing or self.transport is None:
             return
