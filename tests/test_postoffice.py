@@ -133,3 +133,12 @@ def test_deliver_runs_in_a_thread(tmp_path, reactor_thread) -> None:
     e = env("admin@example.com")
     out = reactor_thread.call(conn.deliver, e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg)
     assert out == [None] and len(new_files(po_dir, "ACME", "ADMIN")) == 1
+
+
+def test_half_created_maildir_is_completed(tmp_path) -> None:
+    conn, po_dir, msg = setup(tmp_path, ["ACME\tADMIN\t1\t0"])
+    # a crash inside maildir.create left new/ but no tmp/
+    os.makedirs(os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "new"))
+    e = env("admin@example.com")
+    assert conn.deliver_blocking(e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg) == [None]
+    assert len(new_files(po_dir, "ACME", "ADMIN")) == 1

@@ -239,3 +239,16 @@ def test_recover_leaves_work_of_this_process_alone(tmp_path) -> None:
     assert spool.list(INCOMING) == [committing.id]
     receiving.commit(Envelope.new(queue_id=receiving.id, sender="", recipients=["x@y"]))
     assert spool.list(INCOMING) == sorted([committing.id, receiving.id])
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_recover_half_removal_with_stale_envelope(tmp_path, step: int) -> None:
+    # the runner removes a finished message without saving its last outcomes first
+    spool = Spool(str(tmp_path))
+    qid = receive(spool)
+    spool.move(qid, INCOMING, ACTIVE)
+    os.rename(spool.path(ACTIVE, qid, ".env"), spool.path(ACTIVE, qid, ".done"))
+    if step == 2:
+        os.unlink(spool.message_path(ACTIVE, qid))
+    found = restarted(spool).recover()
+    assert found[ACTIVE] == [] and files(spool, ACTIVE) == [] and files(spool, CORRUPT) == []

@@ -343,12 +343,14 @@ class Runner:
                     immediate.append((r, TransientError(*E_NO_CONNECTOR)))
                     continue
                 batches.setdefault((target.scheme, conn.batch_key(target)), []).append((r, target))
+            local = {id(r) for (scheme, _), items in batches.items() if scheme in LOCAL_SCHEMES for r, _ in items}
             for r in due:
                 r.attempts += 1
                 r.last_attempt = now
-                r.next_attempt = schedule.clamp_to_expiry(
-                    schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue
-                )
+                if id(r) not in local:
+                    # saved before the attempt: a crash during it never makes us hammer a peer;
+                    # local deliveries are simply tried again at restart
+                    r.next_attempt = self._retry_time(env, r, now)
             if any(scheme not in LOCAL_SCHEMES for scheme, _ in batches):
                 # a crash during the attempt must not make us hammer a peer at restart
                 yield self._save(env)
@@ -362,6 +364,9 @@ class Runner:
             ]
             yield defer.DeferredList(work, consumeErrors=True)
         yield self._finish(env)
+
+    def _retry_time(self, env: Envelope, r: Recipient, now: float) -> float:
+        return schedule.clamp_to_expiry(schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue)
 
     def _full_address(self, address: str) -> str:
         """RFC 5321 §4.1.1.3: a bare ``<Postmaster>`` is this host's postmaster."""
@@ -445,6 +450,7 @@ class Runner:
         else:
             r.state = R_DEFERRED
             r.last_reply = outcome.reply()
+            r.next_attempt = self._retry_time(env, r, now)
         log.info("{queue_id}: {recipient} via {target}: {state} ({reply})", queue_id=env.queue_id,
                  recipient=r.address, target=r.target, state=r.state, reply=r.last_reply)
 

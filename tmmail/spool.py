@@ -307,10 +307,19 @@ class Spool:
         self._dirsync[src].sync()
 
     def remove(self, queue_id: str, state: str) -> None:
-        """Forget a finished message: unlink the .eml first, then the .env."""
-        for ext in (".eml", ".env"):
+        """Forget a finished message: rename the .env to .done, unlink the .eml, the .done.
+
+        The .done marker says "finished" whatever the envelope inside says (the runner does not
+        save the envelope before removing), so recovery completes a half-done removal.
+        """
+        done = self.path(state, queue_id, ".done")
+        try:
+            os.rename(self.path(state, queue_id, ".env"), done)
+        except FileNotFoundError:
+            pass
+        for path in (self.path(state, queue_id, ".eml"), done):
             try:
-                os.unlink(self.path(state, queue_id, ext))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         self._dirsync[state].sync()
@@ -365,6 +374,17 @@ class Spool:
         eml_at: dict[str, str] = {}
         env_at: dict[str, str] = {}
         for state in QUEUE_STATES:
+            names = os.listdir(os.path.join(self.root, state))
+            for name in names:
+                qid, ext = os.path.splitext(name)
+                if ext == ".done" and valid_queue_id(qid):
+                    log.info("completing removal of {queue_id}", queue_id=qid)
+                    for path in (self.path(state, qid, ".eml"), self.path(state, qid, ".done")):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
+                    self._dirsync[state].sync()
             for name in os.listdir(os.path.join(self.root, state)):
                 qid, ext = os.path.splitext(name)
                 if not valid_queue_id(qid):

@@ -159,7 +159,8 @@ class PostOfficeConnector:
                         queue_id=envelope.queue_id, mailbox=str(target), quota=mbx.quota,
                     )
                     return TransientError(*E_FULL)
-            if not os.path.isdir(os.path.join(path, "new")):
+            if not os.path.exists(os.path.join(path, "subscriptions")):
+                # written last by maildir.create: a crash in the middle of it is finished here
                 maildir.create(path)
             name = maildir.deliver(path, message_path, prefix=prefix)
         except (OSError, ValueError) as e:
