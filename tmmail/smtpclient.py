@@ -27,7 +27,7 @@ import base64
 import collections
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any, Sequence
 
 from OpenSSL import SSL
@@ -512,11 +512,6 @@ class RecipientResult:
     stage: str
     #: True when ``reply`` came from the peer (DSN Diagnostic-Code "smtp; ...")
     remote: bool = True
-
-
-@dataclass
-class _Transaction:
-    results: list[RecipientResult | None] = field(default_factory=list)
 
 
 # -- the session -------------------------------------------------------------------------------
