@@ -292,3 +292,44 @@ def test_boundaries_match_by_prefix_innermost_first():
     kids = m.root.children
     assert len(kids) == 3 and kids[0].is_multipart and len(kids[0].children) == 1
     assert [m.data[k.body_start:k.end] for k in kids[1:]] == [b"second", b"third"]
+
+
+def test_imap_string_round_trips_through_the_tokenizer():
+    rng = random.Random(5)
+    for _ in range(500):
+        value = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
+        if rng.random() < 0.5:
+            value = bytes(rng.choice(b'ab \\"(){}[]%*\r\n\t') for _ in range(rng.randint(0, 20)))
+        toks = tokenize(b"x " + imap_string(value))
+        assert toks[1] == value
+
+
+def test_fuzzed_messages_never_break_search():
+    from tmmail.imap.search import parse_search, search
+
+    rng = random.Random(17)
+    msgs = corpus()
+    prog = parse_search(tokenize(b'OR OR TEXT "caf\xc3\xa9" BODY x OR SUBJECT a OR SENTON 1-Jan-2024 HEADER Content-Type ""'))
+
+    class S:
+        flags: set[str] = set()
+        size = 1
+        internal_date = 0.0
+
+        def __init__(self, i, raw):
+            self.seq = self.uid = i
+            self.raw = raw
+
+        def load(self):
+            return self.raw
+
+    batch = []
+    for i in range(200):
+        raw = bytearray(rng.choice(msgs))
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randint(0, len(raw))
+            raw[pos:pos] = rng.choice([b"=", b"=?utf-8?b?", b"?=", b"\n--", b"\xff\xfe", b"charset=utf-16;",
+                                       b"Content-Transfer-Encoding: base64\n", b"Date: 99 Foo 2024\n"])
+        batch.append(S(i + 1, bytes(raw)))
+    found = search(prog, batch, len(batch), len(batch))
+    assert 0 < len(found) <= len(batch)
