@@ -1,0 +1,426 @@
+"""POP3 on real sockets: poplib and raw clients against POP3Factory in the reactor thread."""
+
+from __future__ import annotations
+
+import base64
+import os
+import poplib
+import socket
+import ssl
+import time
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet import ssl as tssl
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from tests.smtpharness import PASSWORD, client_tls, write_tables
+from tmmail import config, maildir
+from tmmail.cred import Authenticator
+from tmmail.pop3 import DotStuffer, POP3Factory, TopLimiter
+from tmmail.providers import ProviderStore
+from tmmail.store import Store
+from tmmail.tlsutil import generate_self_signed
+
+ALICE = "alice@example.com"
+
+
+class Harness:
+    def __init__(self, root, runner, pop3: dict | None = None, auth: dict | None = None) -> None:
+        self.root = str(root)
+        self.runner = runner
+        config_dir = os.path.join(self.root, "config")
+        write_tables(config_dir)
+        auth_settings = {"free_failures": 100, "block_after": 1000}
+        auth_settings.update(auth or {})
+        pop3_settings = {"idle_timeout": 20.0}
+        pop3_settings.update(pop3 or {})
+        self.settings = config.parse(
+            {"server": {"hostname": "mx.example.com", "state_dir": self.root, "config_dir": config_dir},
+             "pop3": pop3_settings, "auth": auth_settings},
+            os.path.join(self.root, "tmmail.toml"),
+        )
+        self.providers = ProviderStore(config_dir, interval=0.0)
+        cert, key = os.path.join(self.root, "server.crt"), os.path.join(self.root, "server.key")
+        generate_self_signed("mx.example.com", cert, key)
+        with open(cert, "rb") as fc, open(key, "rb") as fk:
+            self.tls = tssl.PrivateCertificate.loadPEM(fc.read() + fk.read()).options()
+        self.authenticator = Authenticator(self.providers, self.settings.auth, reactor)
+        self.ports = []
+        self.maildir = maildir.mailbox_path(self.settings.postoffices_dir, "ACME", "ALICE")
+        maildir.create(self.maildir)
+
+    def start(self, role: str = "pop3") -> int:
+        factory = POP3Factory(self.settings, role, self.providers, self.authenticator, self.tls, reactor=reactor)
+        wrapped = TLSMemoryBIOFactory(self.tls, False, factory) if role == "pop3s" else factory
+        port = self.runner.listen(wrapped)
+        self.ports.append(port)
+        return port.getHost().port
+
+    def stop(self) -> None:
+        for port in self.ports:
+            self.runner.call(port.stopListening)
+
+    def deliver(self, data: bytes) -> str:
+        src = os.path.join(self.root, "msg.eml")
+        with open(src, "wb") as f:
+            f.write(data)
+        return maildir.deliver(self.maildir, src)
+
+    def count(self) -> int:
+        return sum(len(os.listdir(os.path.join(self.maildir, d))) for d in ("new", "cur"))
+
+
+@pytest.fixture
+def h(tmp_path, reactor_thread):
+    harness = Harness(tmp_path, reactor_thread)
+    yield harness
+    harness.stop()
+
+
+def login(port: int) -> poplib.POP3:
+    pop = poplib.POP3("127.0.0.1", port, timeout=10)
+    pop.stls(client_tls())
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    return pop
+
+
+class Raw:
+    def __init__(self, port: int, tls: bool = False) -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = client_tls().wrap_socket(s) if tls else s
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                rest, self.buf = self.buf, b""
+                return rest
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def multi(self) -> list[bytes]:
+        first = self.line()
+        assert first.startswith(b"+OK"), first
+        out = []
+        while True:
+            line = self.line()
+            if line == b".":
+                return out
+            out.append(line)
+
+    def starttls(self) -> None:
+        assert not self.buf
+        self.sock = client_tls().wrap_socket(self.sock)
+
+    def closed(self) -> bool:
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+
+def stuff_in_chunks(data: bytes, size: int) -> bytes:
+    s = DotStuffer()
+    return b"".join(s.feed(data[i:i + size]) for i in range(0, len(data), size)) + s.finish()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 4096, 1 << 20])
+def test_dot_stuffer_is_independent_of_chunking(size):
+    data = b".a\n..b\nc\n.\n\n.\r\nmixed\r\nbare\rcr\nend."
+    expected = b"..a\r\n...b\r\nc\r\n..\r\n\r\n..\r\nmixed\r\nbare\rcr\r\nend.\r\n.\r\n"
+    assert stuff_in_chunks(data, size) == expected
+
+
+def test_dot_stuffer_empty_and_trailing_newline():
+    assert stuff_in_chunks(b"", 10) == b".\r\n"
+    assert stuff_in_chunks(b"x\n", 10) == b"x\r\n.\r\n"
+
+
+def test_top_limiter():
+    msg = b"A: 1\nB: 2\n\nl1\nl2\nl3\n"
+    for size in (1, 3, 100):
+        for n, want in [(0, b"A: 1\nB: 2\n\n"), (2, b"A: 1\nB: 2\n\nl1\nl2\n"), (9, msg)]:
+            lim = TopLimiter(n)
+            out = b""
+            for i in range(0, len(msg), size):
+                out += lim.feed(msg[i:i + size])
+                if lim.done:
+                    break
+            assert out == want, (size, n)
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+def test_retr_after_stls_is_byte_identical(h):
+    body = b"".join(b"line %d\n" % i for i in range(5))
+    msg = b"From: a@example.com\nSubject: one\n\n" + body
+    h.deliver(msg)
+    pop = login(h.start())
+    count, size = pop.stat()
+    assert count == 1 and size == len(msg) + msg.count(b"\n")
+    resp, lines, octets = pop.retr(1)
+    assert b"\r\n".join(lines) + b"\r\n" == msg.replace(b"\n", b"\r\n")
+    assert pop.list()[1] == [b"1 %d" % size]
+    pop.quit()
+
+
+def test_dot_stuffing_at_16k_boundaries_round_trips(h):
+    # lines starting with "." everywhere, including exactly at 16 KiB chunk boundaries
+    parts = [b"Subject: dots\n\n"]
+    total = len(parts[0])
+    i = 0
+    while total < 5 * 16384:
+        boundary = 16384 - total % 16384
+        if boundary < 80:
+            line = b"x" * (boundary - 1) + b"\n"  # the next line starts exactly at a boundary
+        else:
+            line = (b"." * (1 + i % 3)) + b"%d dotted\n" % i
+        parts.append(line)
+        total += len(line)
+        i += 1
+    parts.append(b".\n..\n.end")
+    msg = b"".join(parts)
+    h.deliver(msg)
+    pop = login(h.start())
+    _, lines, _ = pop.retr(1)  # poplib un-stuffs
+    assert b"\r\n".join(lines) == msg.replace(b"\n", b"\r\n")
+    _, top, _ = pop.top(1, 3)
+    assert top[:4] == [b"Subject: dots", b"", b".0 dotted", b"..1 dotted"]
+    assert len(top) == 5
+    pop.quit()
+
+
+def test_capabilities_before_and_after_stls(h):
+    port = h.start()
+    pop = poplib.POP3("127.0.0.1", port, timeout=10)
+    caps = pop.capa()
+    assert "STLS" in caps and "USER" not in caps and "SASL" not in caps
+    assert {"TOP", "UIDL", "RESP-CODES", "PIPELINING", "IMPLEMENTATION"} <= set(caps)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        pop.user(ALICE)
+    pop.stls(client_tls())
+    caps = pop.capa()
+    assert "STLS" not in caps and caps["SASL"] == ["PLAIN"] and "USER" in caps
+    pop.quit()
+
+
+def test_plaintext_allowed_by_setting(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, pop3={"allow_plaintext_auth": True})
+    try:
+        pop = poplib.POP3("127.0.0.1", h.start(), timeout=10)
+        pop.user(ALICE)
+        assert pop.pass_(PASSWORD).startswith(b"+OK")
+        pop.quit()
+    finally:
+        h.stop()
+
+
+def test_pop3s_implicit_tls(h):
+    h.deliver(b"Subject: s\n\nhi\n")
+    pop = poplib.POP3_SSL("127.0.0.1", h.start("pop3s"), context=client_tls(), timeout=10)
+    assert "STLS" not in pop.capa()
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    assert pop.stat()[0] == 1
+    pop.quit()
+
+
+def test_auth_plain_initial_response_and_continuation(h):
+    port = h.start("pop3s")
+    token = base64.b64encode(b"\0" + ALICE.encode() + b"\0" + PASSWORD.encode())
+    r = Raw(port, tls=True)
+    assert r.line().startswith(b"+OK")
+    r.send(b"AUTH PLAIN " + token + b"\r\n")
+    assert r.line().startswith(b"+OK")
+    r.send(b"QUIT\r\n")
+    assert r.line().startswith(b"+OK")
+    r = Raw(port, tls=True)
+    r.line()
+    r.send(b"AUTH PLAIN\r\n")
+    assert r.line() == b"+ "
+    r.send(token + b"\r\n")
+    assert r.line().startswith(b"+OK")
+    r = Raw(port, tls=True)
+    r.line()
+    r.send(b"AUTH PLAIN\r\n")
+    r.line()
+    r.send(b"*\r\n")
+    assert r.line().startswith(b"-ERR")
+    r.send(b"AUTH PLAIN " + base64.b64encode(b"\0" + ALICE.encode() + b"\0wrong") + b"\r\n")
+    assert r.line().startswith(b"-ERR [AUTH]")
+    r.send(b"AUTH CRAM-MD5\r\n")
+    assert r.line().startswith(b"-ERR")
+    r.send(b"AUTH PLAIN !!!notbase64\r\n")
+    assert r.line().startswith(b"-ERR")
+    r.send(b"NOOP\r\n")  # still in AUTHORIZATION
+    assert r.line().startswith(b"-ERR")
+
+
+def test_wrong_password_and_blocked_login(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, auth={"free_failures": 0, "base_delay": 0.01, "max_delay": 0.01,
+                                               "block_after": 2})
+    try:
+        port = h.start("pop3s")
+        r = Raw(port, tls=True)
+        r.line()
+        replies = []
+        for _ in range(3):
+            r.send(b"USER " + ALICE.encode() + b"\r\nPASS nope\r\n")
+            r.line()
+            replies.append(r.line())
+        assert replies[0].startswith(b"-ERR [AUTH]")
+        assert replies[-1].startswith(b"-ERR [SYS/TEMP]")
+    finally:
+        h.stop()
+
+
+def test_stls_discards_pipelined_plaintext(h):
+    port = h.start()
+    r = Raw(port)
+    r.line()
+    r.send(b"STLS\r\nUSER injected@example.com\r\n")
+    assert r.line().startswith(b"+OK")
+    r.starttls()
+    r.send(b"PASS " + PASSWORD.encode() + b"\r\n")
+    # the injected USER was dropped: PASS without USER
+    assert r.line().startswith(b"-ERR")
+
+
+def test_uidl_stable_across_new_to_cur_and_flag_changes(h):
+    h.deliver(b"Subject: 1\n\none\n")
+    h.deliver(b"Subject: 2\n\ntwo\n")
+    port = h.start("pop3s")
+    pop = poplib.POP3_SSL("127.0.0.1", port, context=client_tls(), timeout=10)
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    first = pop.uidl()[1]
+    pop.quit()
+    # an IMAP session moves the messages to cur/ and marks one read
+    imap_view = Store(h.maildir).open("INBOX")
+    imap_view.store_flags([1], ["\\Seen"], "add")
+    assert not os.listdir(os.path.join(h.maildir, "new"))
+    pop = poplib.POP3_SSL("127.0.0.1", port, context=client_tls(), timeout=10)
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    assert pop.uidl()[1] == first
+    assert pop.uidl(2).split()[-1] == first[1].split()[-1]
+    uv = imap_view.uidvalidity
+    assert first[0] == b"1 %08X%08X" % (1, uv)
+    pop.quit()
+
+
+def test_deletes_happen_only_at_quit(h):
+    for i in range(3):
+        h.deliver(b"Subject: %d\n\nbody\n" % i)
+    port = h.start()
+    pop = login(port)
+    pop.dele(1)
+    pop.dele(2)
+    with pytest.raises(poplib.error_proto):
+        pop.dele(1)  # already deleted
+    with pytest.raises(poplib.error_proto):
+        pop.retr(1)
+    assert pop.stat()[0] == 1
+    pop.rset()
+    assert pop.stat()[0] == 3
+    pop.dele(3)
+    assert h.count() == 3  # nothing removed before QUIT
+    assert b"1 messages deleted" in pop.quit()
+    assert h.count() == 2
+
+
+def test_dropped_connection_deletes_nothing(h):
+    for i in range(2):
+        h.deliver(b"Subject: %d\n\nbody\n" % i)
+    port = h.start()
+    pop = login(port)
+    pop.dele(1)
+    pop.dele(2)
+    pop.sock.shutdown(socket.SHUT_RDWR)  # drop the connection without QUIT
+    pop.sock.close()
+    pop.file.close()
+    # once the session is gone the maildrop is free again, and complete
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            pop = login(port)
+            break
+        except poplib.error_proto as e:
+            assert b"IN-USE" in e.args[0] and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert pop.stat()[0] == 2
+    pop.quit()
+    assert h.count() == 2
+
+
+def test_second_session_gets_in_use(h):
+    port = h.start()
+    first = login(port)
+    second = poplib.POP3("127.0.0.1", port, timeout=10)
+    second.stls(client_tls())
+    second.user(ALICE)
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_(PASSWORD)
+    first.quit()
+    login(port).quit()
+
+
+def test_bad_commands_and_pipelining(h):
+    h.deliver(b"Subject: p\n\nhi\n")
+    port = h.start("pop3s")
+    r = Raw(port, tls=True)
+    r.line()
+    r.send(b"USER " + ALICE.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\nSTAT\r\nBOGUS\r\n"
+           b"LIST 99\r\nLIST x\r\nRETR 1\r\nUIDL 1\r\nNOOP\r\n")
+    assert r.line().startswith(b"+OK")
+    assert r.line().startswith(b"+OK")
+    assert r.line() == b"+OK 1 %d" % len(b"Subject: p\r\n\r\nhi\r\n")
+    assert r.line().startswith(b"-ERR")
+    assert r.line().startswith(b"-ERR")
+    assert r.line().startswith(b"-ERR")
+    assert r.multi() == [b"Subject: p", b"", b"hi"]
+    assert r.line().startswith(b"+OK 1 ")
+    assert r.line() == b"+OK"
+    r.send(b"X" * 10000 + b"\r\n")
+    assert r.line().startswith(b"-ERR")
+    assert r.closed()
+
+
+def test_idle_timeout_closes(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, pop3={"idle_timeout": 0.3})
+    try:
+        r = Raw(h.start())
+        r.line()
+        r.sock.settimeout(10)
+        assert r.line().startswith(b"-ERR")
+        assert r.closed()
+    finally:
+        h.stop()
+
+
+def test_message_removed_by_other_session_is_an_error_not_a_drop(h):
+    h.deliver(b"Subject: gone\n\nx\n")
+    h.deliver(b"Subject: stays\n\ny\n")
+    pop = login(h.start())
+    view = Store(h.maildir).open("INBOX")
+    view.store_flags([1], ["\\Deleted"], "add")
+    view.expunge()
+    with pytest.raises(poplib.error_proto):
+        pop.retr(1)
+    assert pop.retr(2)[1][-1] == b"y"
+    pop.quit()

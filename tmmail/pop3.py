@@ -1,0 +1,682 @@
+"""POP3 service over the Maildir store (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS, RFC 5034 SASL).
+
+Written fresh on a bounded line splitter instead of subclassing ``twisted.mail.pop3.POP3`` (see
+the survey, §3/§4: no STLS, joke CAPA entries, deletions before QUIT, chunk-boundary stuffing).
+
+* One command at a time: pipelined commands (RFC 2449 PIPELINING) wait in a bounded queue while
+  a command runs (login, opening the maildrop, streaming a message, QUIT).
+* The maildrop is a snapshot of INBOX taken at login (RFC 1939 §5: message numbers are fixed for
+  the session); UIDL is Dovecot's ``%08Xu%08Xv`` (UID, UIDVALIDITY), stable across new/ -> cur/
+  moves and flag renames by other clients.
+* DELE only marks; files are removed in the UPDATE state after QUIT (RFC 1939 §6); a dropped
+  connection deletes nothing.  One session per maildrop (``-ERR [IN-USE]``, RFC 2449 §8.1.2),
+  also across processes through an flock on ``tmmail-pop3.lock``.
+* RETR/TOP stream the file through a producer with a stateful LF->CRLF + dot-stuffing
+  transformer (RFC 1939 §3), so chunk boundaries never matter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import fcntl
+import os
+from typing import Any, BinaryIO, Callable
+
+from twisted.internet import defer, interfaces, protocol, threads
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from tmmail import maildir
+from tmmail.store import Store, StoreError
+
+log = Logger()
+
+MAX_LINE = 4096
+MAX_QUEUED = 64
+MAX_ERRORS = 20
+CHUNK = 16 * 1024
+LOCK_FILE = "tmmail-pop3.lock"
+IMPLEMENTATION = b"TMmail"
+
+# -- replies (RFC 1939, RFC 2449 §8 response codes, RFC 3206) ----------------------------------------
+GREETING = b"+OK TMmail POP3 server ready"
+OK_BYE = b"+OK Bye"
+OK_BEGIN_TLS = b"+OK Begin TLS negotiation"
+OK_USER = b"+OK Send your password"
+OK_RSET = b"+OK Maildrop reset"
+OK_NOOP = b"+OK"
+OK_DELE = b"+OK Message deleted"
+OK_CAPA = b"+OK Capability list follows"
+ERR_UNKNOWN = b"-ERR Unknown command"
+ERR_SYNTAX = b"-ERR Syntax error"
+ERR_STATE = b"-ERR Command not valid in this state"
+ERR_LINE = b"-ERR Line too long"
+ERR_TOO_MANY = b"-ERR Too many errors, closing connection"
+ERR_QUEUE = b"-ERR Too many pipelined commands"
+ERR_NEED_TLS = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection, use STLS"
+ERR_AUTH_FAILED = b"-ERR [AUTH] Authentication failed"
+ERR_AUTH_BLOCKED = b"-ERR [SYS/TEMP] Too many failed logins, try again later"
+ERR_AUTH_MECH = b"-ERR [AUTH] Unsupported authentication mechanism"
+ERR_AUTH_CANCEL = b"-ERR Authentication cancelled"
+ERR_AUTH_B64 = b"-ERR [AUTH] Invalid base64 data"
+ERR_NO_USER = b"-ERR USER first"
+ERR_IN_USE = b"-ERR [IN-USE] Maildrop is locked by another session"
+ERR_MAILDROP = b"-ERR [SYS/TEMP] Unable to open the maildrop, try again later"
+ERR_NO_MSG = b"-ERR No such message"
+ERR_DELETED = b"-ERR Message already deleted"
+ERR_GONE = b"-ERR Message was removed by another session"
+ERR_UPDATE = b"-ERR [SYS/TEMP] Some deleted messages could not be removed"
+ERR_TLS_ACTIVE = b"-ERR TLS already active"
+ERR_TLS_UNAVAILABLE = b"-ERR TLS not available"
+ERR_TIMEOUT = b"-ERR Idle timeout, closing connection"
+
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+
+#: maildrops locked by sessions of this process (realpath of the Maildir)
+_locked: set[str] = set()
+
+
+class DotStuffer:
+    """LF (or CRLF) message bytes -> CRLF, dot-stuffed lines for POP3/SMTP, chunk by chunk.
+
+    State carries over between chunks: whether the next byte starts a line, and a CR held back
+    in case the next chunk starts with LF.  ``finish()`` returns the bytes that end the
+    multi-line response (a CRLF if the message did not end with one, then ``.`` CRLF).
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self._cr = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._cr + chunk
+        self._cr = b""
+        if data.endswith(b"\r"):
+            self._cr = b"\r"
+            data = data[:-1]
+        if not data:
+            return b""
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self.at_line_start and data[:1] == b".":
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        self.at_line_start = data.endswith(b"\r\n")
+        return data
+
+    def finish(self) -> bytes:
+        out = b""
+        if self._cr:
+            out = self._cr
+            self._cr = b""
+            self.at_line_start = False
+        if not self.at_line_start:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+
+class TopLimiter:
+    """Passes the header, the blank line and the first ``lines`` body lines (RFC 1939 TOP)."""
+
+    def __init__(self, lines: int) -> None:
+        self.remaining = lines
+        self.in_header = True
+        self.at_line_start = True
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        pos = 0
+        n = len(chunk)
+        while pos < n and not self.done:
+            if not self.in_header and self.remaining <= 0:
+                self.done = True
+                break
+            nl = chunk.find(b"\n", pos)
+            end = n if nl < 0 else nl + 1
+            piece = chunk[pos:end]
+            if self.in_header and self.at_line_start and piece in (b"\n", b"\r\n"):
+                self.in_header = False  # the blank line separating header and body
+                out += piece
+            else:
+                out += piece
+                if nl >= 0 and not self.in_header:
+                    self.remaining -= 1
+            self.at_line_start = nl >= 0
+            pos = end
+        if not self.in_header and self.remaining <= 0:
+            self.done = True
+        return bytes(out)
+
+
+@implementer(interfaces.IPullProducer)
+class MessageProducer:
+    """Streams one message file to the transport: (TOP limit) -> DotStuffer -> chunks."""
+
+    def __init__(self, transport: Any, f: BinaryIO, top: int | None, on_progress: Callable[[], None]) -> None:
+        self.transport = transport
+        self.file = f
+        self.stuffer = DotStuffer()
+        self.limiter = TopLimiter(top) if top is not None else None
+        self.on_progress = on_progress
+        self.deferred: defer.Deferred[None] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[None]:
+        self.transport.registerProducer(self, False)
+        return self.deferred
+
+    def resumeProducing(self) -> None:
+        if self.deferred.called:
+            return
+        try:
+            chunk = self.file.read(CHUNK)
+        except OSError as e:
+            self._end(e)
+            return
+        if self.limiter is not None and chunk:
+            chunk = self.limiter.feed(chunk)
+            if self.limiter.done:
+                self.transport.write(self.stuffer.feed(chunk))
+                chunk = b""
+        if not chunk:
+            self.transport.write(self.stuffer.finish())
+            self._end(None)
+            return
+        data = self.stuffer.feed(chunk)
+        if data:
+            self.transport.write(data)
+        self.on_progress()
+
+    def stopProducing(self) -> None:
+        self._end(ConnectionError("connection lost while sending"))
+
+    def _end(self, error: Exception | None) -> None:
+        if self.deferred.called:
+            return
+        self.file.close()
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        if error is None:
+            self.deferred.callback(None)
+        else:
+            self.deferred.errback(error)
+
+
+class Maildrop:
+    """The session's snapshot of INBOX: numbering, sizes, UIDLs, deletion marks."""
+
+    def __init__(self, folder: Any, lock_fd: int, key: str) -> None:
+        self.folder = folder
+        self.messages = list(folder.messages)
+        self.deleted: set[int] = set()
+        self.lock_fd = lock_fd
+        self.key = key
+        uv = folder.uidvalidity
+        self.uidls = [b"%08X%08X" % (m.uid, uv) for m in self.messages]
+
+    def release(self) -> None:
+        if self.lock_fd >= 0:
+            try:
+                os.close(self.lock_fd)  # closing drops the flock
+            finally:
+                self.lock_fd = -1
+                _locked.discard(self.key)
+
+
+def open_maildrop(path: str) -> Maildrop:
+    """Lock and snapshot a maildrop (blocking: run in a thread).  Raises BlockingIOError if in use."""
+    maildir.create(path)
+    key = os.path.realpath(path)
+    if key in _locked:
+        raise BlockingIOError(errno.EWOULDBLOCK, "maildrop in use")
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BlockingIOError(errno.EWOULDBLOCK, "maildrop in use") from None
+    if key in _locked:  # raced with another thread of this process
+        os.close(fd)
+        raise BlockingIOError(errno.EWOULDBLOCK, "maildrop in use")
+    _locked.add(key)
+    try:
+        folder = Store(path).open("INBOX", readonly=True, claim_recent=False)
+        return Maildrop(folder, fd, key)
+    except BaseException:
+        _locked.discard(key)
+        os.close(fd)
+        raise
+
+
+class POP3Server(protocol.Protocol, TimeoutMixin):
+    """One POP3 session."""
+
+    def __init__(self, factory: "POP3Factory") -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.state = AUTHORIZATION
+        self.secure = factory.role == "pop3s"
+        self.buffer = b""
+        self.queue: list[bytes] = []
+        self.busy = False
+        self.errors = 0
+        self.user: str | None = None
+        self.sasl: str | None = None  # waiting for a SASL continuation line
+        self.maildrop: Maildrop | None = None
+        self.closing = False
+        self.login: str | None = None
+        self._last_line = ""
+        self.callLater = factory.reactor.callLater  # TimeoutMixin uses it
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", str(peer))
+        self.setTimeout(self.settings.pop3.idle_timeout)
+        self.reply(GREETING)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.setTimeout(None)
+        self.closing = True
+        if self.maildrop is not None:
+            self.maildrop.release()  # nothing is deleted: UPDATE only follows QUIT
+            self.maildrop = None
+
+    def timeoutConnection(self) -> None:
+        log.info("POP3 idle timeout for {peer}", peer=self.peer)
+        self.reply(ERR_TIMEOUT)
+        self.close()
+
+    def reply(self, line: bytes) -> None:
+        if not self.closing:
+            self.transport.write(line + b"\r\n")
+
+    def multiline(self, first: bytes, lines: list[bytes]) -> None:
+        body = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+        self.transport.write(first + b"\r\n" + body + b".\r\n")
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buffer += data
+        while True:
+            nl = self.buffer.find(b"\n")
+            if nl < 0:
+                break
+            line = self.buffer[:nl]
+            self.buffer = self.buffer[nl + 1:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > MAX_LINE:
+                return self._line_too_long()
+            if len(self.queue) >= MAX_QUEUED:
+                self.reply(ERR_QUEUE)
+                return self.close()
+            self.queue.append(line)
+        if len(self.buffer) > MAX_LINE:
+            return self._line_too_long()
+        self._drain()
+
+    def _line_too_long(self) -> None:
+        self.reply(ERR_LINE)
+        self.close()
+
+    def _drain(self) -> None:
+        while self.queue and not self.busy and not self.closing:
+            line = self.queue.pop(0)
+            self.resetTimeout()
+            result = self._dispatch(line)
+            if isinstance(result, defer.Deferred):
+                self.busy = True
+                result.addErrback(self._internal_error)
+                result.addBoth(self._done)
+
+    def _done(self, _: Any) -> None:
+        self.busy = False
+        self.resetTimeout()
+        if not self.closing:
+            self._drain()
+
+    def _internal_error(self, failure: Any) -> None:
+        log.failure("POP3 command failed for {peer}", failure, peer=self.peer)
+        self.reply(b"-ERR [SYS/TEMP] Internal error")
+
+    def _dispatch(self, line: bytes) -> Any:
+        self._last_line = line.decode("utf-8", "replace")
+        if self.sasl is not None:
+            return self._sasl_continue(line)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(ERR_SYNTAX)
+        parts = text.split(" ")
+        cmd = parts[0].upper()
+        args = [p for p in parts[1:] if p != ""]
+        handler = getattr(self, "do_" + cmd, None) if cmd.isalpha() else None
+        if handler is None:
+            return self._error(ERR_UNKNOWN)
+        allowed = getattr(handler, "states", (AUTHORIZATION, TRANSACTION))
+        if self.state not in allowed:
+            return self._error(ERR_STATE)
+        return handler(args)
+
+    def _error(self, line: bytes) -> None:
+        self.errors += 1
+        self.reply(line)
+        if self.errors >= MAX_ERRORS:
+            self.reply(ERR_TOO_MANY)
+            self.close()
+
+    # -- AUTHORIZATION ----------------------------------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self.secure or self.settings.pop3.allow_plaintext_auth
+
+    def capabilities(self) -> list[bytes]:
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"]
+        if self.state == AUTHORIZATION:
+            if self._auth_allowed():
+                caps += [b"USER", b"SASL PLAIN"]
+            if not self.secure and self.factory.tls is not None:
+                caps.append(b"STLS")
+        caps.append(b"IMPLEMENTATION " + IMPLEMENTATION)
+        return caps
+
+    def do_CAPA(self, args: list[str]) -> None:
+        self.multiline(OK_CAPA, self.capabilities())
+
+    def do_STLS(self, args: list[str]) -> None:
+        if self.secure:
+            return self._error(ERR_TLS_ACTIVE)
+        if self.factory.tls is None:
+            return self._error(ERR_TLS_UNAVAILABLE)
+        self.reply(OK_BEGIN_TLS)
+        # RFC 2595 §3.1 / RFC 3207-style: anything the client sent after STLS is discarded
+        self.buffer = b""
+        self.queue.clear()
+        self.user = None
+        self.transport.startTLS(self.factory.tls)
+        self.secure = True
+
+    do_STLS.states = (AUTHORIZATION,)  # type: ignore[attr-defined]
+
+    def do_USER(self, args: list[str]) -> None:
+        if not self._auth_allowed():
+            return self._error(ERR_NEED_TLS)
+        if len(args) != 1:
+            return self._error(ERR_SYNTAX)
+        self.user = args[0]
+        self.reply(OK_USER)
+
+    do_USER.states = (AUTHORIZATION,)  # type: ignore[attr-defined]
+
+    def do_PASS(self, args: list[str]) -> Any:
+        if not self._auth_allowed():
+            return self._error(ERR_NEED_TLS)
+        if self.user is None:
+            return self._error(ERR_NO_USER)
+        user, self.user = self.user, None
+        # RFC 1939 §7: the password may contain spaces
+        password = self._raw_args
+        return self._login(user, password)
+
+    do_PASS.states = (AUTHORIZATION,)  # type: ignore[attr-defined]
+
+    @property
+    def _raw_args(self) -> str:
+        return self._last_line.split(" ", 1)[1] if " " in self._last_line else ""
+
+    def do_AUTH(self, args: list[str]) -> Any:
+        if not args:
+            self.multiline(b"+OK Supported mechanisms follow", [b"PLAIN"] if self._auth_allowed() else [])
+            return None
+        if not self._auth_allowed():
+            return self._error(ERR_NEED_TLS)
+        if args[0].upper() != "PLAIN" or len(args) > 2:
+            return self._error(ERR_AUTH_MECH)
+        if len(args) == 2:
+            return self._sasl_plain(args[1])
+        self.sasl = "PLAIN"
+        self.reply(b"+ ")
+        return None
+
+    do_AUTH.states = (AUTHORIZATION,)  # type: ignore[attr-defined]
+
+    def _sasl_continue(self, line: bytes) -> Any:
+        self.sasl = None
+        text = line.decode("ascii", "replace").strip()
+        if text == "*":
+            return self._error(ERR_AUTH_CANCEL)
+        return self._sasl_plain(text)
+
+    def _sasl_plain(self, response: str) -> Any:
+        """RFC 4616: ``[authzid] NUL authcid NUL passwd``; "=" is an empty initial response."""
+        if response == "=":
+            response = ""
+        try:
+            raw = base64.b64decode(response, validate=True)
+            authzid, authcid, password = raw.decode("utf-8").split("\0")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            return self._error(ERR_AUTH_B64)
+        if authzid and authzid.lower() != authcid.lower():
+            return self._error(ERR_AUTH_FAILED)
+        return self._login(authcid, password)
+
+    def _login(self, login: str, password: str) -> defer.Deferred[None]:
+        from tmmail.cred import LoginBlocked, LoginFailed
+
+        d = self.factory.authenticator.authenticate(login, password, self.peer)
+
+        def ok(entry: Any) -> Any:
+            if self.closing:
+                return None
+            path = maildir.mailbox_path(self.settings.postoffices_dir, entry.postoffice, entry.mailbox)
+            self.login = entry.login
+            return threads.deferToThreadPool(self.factory.reactor, self.factory.reactor.getThreadPool(),
+                                             open_maildrop, path).addCallbacks(opened, not_opened)
+
+        def opened(drop: Maildrop) -> None:
+            if self.closing:
+                drop.release()
+                return
+            self.maildrop = drop
+            self.state = TRANSACTION
+            log.info("POP3 login {login} from {peer}: {count} messages", login=self.login,
+                     peer=self.peer, count=len(drop.messages))
+            self.reply(b"+OK Maildrop has %d messages" % len(drop.messages))
+
+        def not_opened(failure: Any) -> None:
+            if failure.check(BlockingIOError):
+                log.info("POP3 maildrop of {login} in use ({peer})", login=self.login, peer=self.peer)
+                self.reply(ERR_IN_USE)
+            else:
+                log.failure("POP3 cannot open maildrop of {login}", failure, login=self.login)
+                self.reply(ERR_MAILDROP)
+
+        def failed(failure: Any) -> None:
+            if failure.check(LoginBlocked):
+                self._error(ERR_AUTH_BLOCKED)
+            elif failure.check(LoginFailed):
+                self._error(ERR_AUTH_FAILED)
+            else:
+                log.failure("POP3 authentication error", failure)
+                self.reply(b"-ERR [SYS/TEMP] Authentication unavailable")
+
+        d.addCallbacks(ok, failed)
+        return d
+
+    def do_QUIT(self, args: list[str]) -> Any:
+        if self.state == AUTHORIZATION:
+            self.reply(OK_BYE)
+            return self.close()
+        self.state = UPDATE
+        drop = self.maildrop
+        assert drop is not None
+        uids = [drop.messages[i].uid for i in sorted(drop.deleted)]
+
+        def update() -> int:
+            if uids:
+                drop.folder.delete_messages(uids)
+            return len(uids)
+
+        def done(count: int) -> None:
+            log.info("POP3 {login} quit, {count} deleted", login=self.login, count=count)
+            self.reply(b"+OK Bye, %d messages deleted" % count)
+
+        def failed(failure: Any) -> None:
+            log.failure("POP3 update failed for {login}", failure, login=self.login)
+            self.reply(ERR_UPDATE)
+
+        def finish(_: Any) -> None:
+            drop.release()
+            self.maildrop = None
+            self.close()
+
+        d = threads.deferToThreadPool(self.factory.reactor, self.factory.reactor.getThreadPool(), update)
+        d.addCallbacks(done, failed)
+        d.addBoth(finish)
+        return d
+
+    do_QUIT.states = (AUTHORIZATION, TRANSACTION)  # type: ignore[attr-defined]
+
+    # -- TRANSACTION ----------------------------------------------------------------------------
+
+    def _msg(self, arg: str) -> int | None:
+        """0-based index for a message-number argument, or None after replying -ERR."""
+        drop = self.maildrop
+        assert drop is not None
+        if not arg.isdigit() or len(arg) > 9:
+            self._error(ERR_SYNTAX)
+            return None
+        n = int(arg)
+        if not 1 <= n <= len(drop.messages):
+            self._error(ERR_NO_MSG)
+            return None
+        if n - 1 in drop.deleted:
+            self._error(ERR_DELETED)
+            return None
+        return n - 1
+
+    def do_STAT(self, args: list[str]) -> None:
+        drop = self.maildrop
+        live = [m for i, m in enumerate(drop.messages) if i not in drop.deleted]
+        self.reply(b"+OK %d %d" % (len(live), sum(m.size for m in live)))
+
+    do_STAT.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_LIST(self, args: list[str]) -> None:
+        drop = self.maildrop
+        if args:
+            i = self._msg(args[0])
+            if i is not None:
+                self.reply(b"+OK %d %d" % (i + 1, drop.messages[i].size))
+            return
+        lines = [b"%d %d" % (i + 1, m.size) for i, m in enumerate(drop.messages) if i not in drop.deleted]
+        self.multiline(b"+OK %d messages" % len(lines), lines)
+
+    do_LIST.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_UIDL(self, args: list[str]) -> None:
+        drop = self.maildrop
+        if args:
+            i = self._msg(args[0])
+            if i is not None:
+                self.reply(b"+OK %d %s" % (i + 1, drop.uidls[i]))
+            return
+        lines = [b"%d %s" % (i + 1, u) for i, u in enumerate(drop.uidls) if i not in drop.deleted]
+        self.multiline(b"+OK", lines)
+
+    do_UIDL.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_DELE(self, args: list[str]) -> None:
+        if len(args) != 1:
+            return self._error(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is not None:
+            self.maildrop.deleted.add(i)
+            self.reply(OK_DELE)
+
+    do_DELE.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_RSET(self, args: list[str]) -> None:
+        self.maildrop.deleted.clear()
+        self.reply(OK_RSET)
+
+    do_RSET.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_NOOP(self, args: list[str]) -> None:
+        self.reply(OK_NOOP)
+
+    do_NOOP.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_RETR(self, args: list[str]) -> Any:
+        if len(args) != 1:
+            return self._error(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is None:
+            return None
+        return self._send(i, None, b"+OK %d octets" % self.maildrop.messages[i].size)
+
+    do_RETR.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def do_TOP(self, args: list[str]) -> Any:
+        if len(args) != 2 or not args[1].isdigit():
+            return self._error(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is None:
+            return None
+        return self._send(i, int(args[1]), b"+OK Top of message follows")
+
+    do_TOP.states = (TRANSACTION,)  # type: ignore[attr-defined]
+
+    def _send(self, i: int, top: int | None, first: bytes) -> Any:
+        drop = self.maildrop
+        try:
+            f = drop.folder.open(drop.messages[i].uid)
+        except (StoreError, OSError):
+            return self._error(ERR_GONE)
+        self.transport.write(first + b"\r\n")
+        producer = MessageProducer(self.transport, f, top, self.resetTimeout)
+        return producer.start()
+
+    # APOP and the survey's "joke" commands are not implemented: unknown command -> -ERR
+
+
+class POP3Factory(protocol.ServerFactory):
+    """``POP3Factory(settings, role, provider_store, authenticator, tls_context_factory, reactor=None)``.
+
+    ``role`` is "pop3" (STLS offered) or "pop3s" (the listener wraps the connection in TLS).
+    """
+
+    protocol = POP3Server
+
+    def __init__(self, settings: Any, role: str, provider_store: Any, authenticator: Any,
+                 tls_context_factory: Any, reactor: Any = None) -> None:
+        if role not in ("pop3", "pop3s"):
+            raise ValueError(f"bad POP3 role {role!r}")
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.settings = settings
+        self.role = role
+        self.providers = provider_store
+        self.authenticator = authenticator
+        self.tls = tls_context_factory
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> POP3Server:
+        p = POP3Server(self)
+        p.factory = self
+        return p
