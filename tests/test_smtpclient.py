@@ -386,6 +386,16 @@ def test_smtputf8_address_to_a_server_without_it(reactor_thread, tmp_path):
     assert sink.messages == []
 
 
+def test_idn_domain_goes_as_a_labels_to_a_server_without_smtputf8(reactor_thread, tmp_path):
+    path = write(tmp_path, BODY)
+    with Sink(smtputf8=False) as sink:
+        (results,), _ = run(reactor_thread, sink.port, config(), [message(path, "bob@bücher.test", sender="a@münchen.test")])
+    assert results[0].status == DELIVERED
+    assert sink.messages[0].rcpt_tos == ["bob@xn--bcher-kva.test"]
+    assert sink.messages[0].mail_from == "a@xn--mnchen-3ya.test"
+    assert "SMTPUTF8" not in sink.messages[0].mail_options
+
+
 def test_smtputf8_address_to_a_server_with_it(reactor_thread, tmp_path):
     path = write(tmp_path, BODY)
     with Sink() as sink:

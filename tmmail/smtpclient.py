@@ -27,7 +27,7 @@ import base64
 import collections
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Sequence
 
 from OpenSSL import SSL
@@ -628,6 +628,11 @@ class Session:
                 raise ReplyError("RSET", reply)
         utf8_needed = not (msg.sender.isascii() and all(r.address.isascii() for r in msg.recipients))
         if utf8_needed and not self.has("SMTPUTF8"):
+            # internationalised domains have an ASCII form (IDNA A-labels); local parts do not
+            converted = _ascii_message(msg)
+            if converted is not None:
+                msg, utf8_needed = converted, False
+        if utf8_needed and not self.has("SMTPUTF8"):
             # RFC 6531 §3.2: an address that needs SMTPUTF8 cannot go to a server without it
             refusal = Reply(553, ("5.6.7 the receiving server does not support SMTPUTF8 (non-ASCII address)",))
             for i in range(len(results)):
@@ -757,6 +762,33 @@ class Session:
 class _Empty:
     def read(self, n: int = -1) -> bytes:
         return b""
+
+
+def ascii_address(address: str) -> str | None:
+    """``user@bücher.example`` -> ``user@xn--bcher-kva.example``; None if the local part is not
+    ASCII (RFC 6531 §3.2: such an address cannot be sent without SMTPUTF8)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address if address.isascii() else None
+    if not local.isascii():
+        return None
+    if domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None
+
+
+def _ascii_message(msg: OutboundMessage) -> OutboundMessage | None:
+    sender = ascii_address(msg.sender) if msg.sender else ""
+    rcpts = []
+    for r in msg.recipients:
+        a = ascii_address(r.address)
+        if a is None or sender is None:
+            return None
+        rcpts.append(replace(r, address=a))
+    return replace(msg, sender=sender, recipients=tuple(rcpts))
 
 
 def _result_for(reply: Reply, stage: str) -> RecipientResult:
