@@ -14,6 +14,7 @@ from tmmail.spool import (
     BADMAIL,
     CORRUPT,
     DEFERRED,
+    HOLD,
     INCOMING,
     TMP,
     Spool,
@@ -45,7 +46,7 @@ def files(spool: Spool, state: str) -> list[str]:
 def test_creates_directories(tmp_path) -> None:
     Spool(str(tmp_path / "spool"))
     assert sorted(os.listdir(tmp_path / "spool")) == sorted(
-        ["tmp", "incoming", "active", "deferred", "badmail", "corrupt"]
+        ["tmp", "incoming", "active", "deferred", "badmail", "corrupt", "hold"]
     )
 
 
@@ -252,3 +253,13 @@ def test_recover_half_removal_with_stale_envelope(tmp_path, step: int) -> None:
         os.unlink(spool.message_path(ACTIVE, qid))
     found = restarted(spool).recover()
     assert found[ACTIVE] == [] and files(spool, ACTIVE) == [] and files(spool, CORRUPT) == []
+
+
+def test_recover_completes_half_claim_into_hold(tmp_path) -> None:
+    # `tmmail queue hold` moves .eml then .env from deferred/ to hold/, as the runner does
+    spool = Spool(str(tmp_path))
+    qid = receive(spool)
+    spool.move(qid, INCOMING, DEFERRED)
+    os.rename(spool.path(DEFERRED, qid, ".eml"), spool.path(HOLD, qid, ".eml"))
+    found = restarted(spool).recover()
+    assert found[HOLD] == [qid] and found[DEFERRED] == [] and found[CORRUPT] == []

@@ -32,8 +32,10 @@ ACTIVE = "active"
 DEFERRED = "deferred"
 BADMAIL = "badmail"
 CORRUPT = "corrupt"
+#: messages an administrator put on hold (tmmail.cli_queue); the runner never takes them
+HOLD = "hold"
 #: directories holding committed messages (everything but tmp/)
-QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT)
+QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT, HOLD)
 ALL_DIRS = (TMP,) + QUEUE_STATES
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
