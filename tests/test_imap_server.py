@@ -523,3 +523,34 @@ def test_lower_case_commands_and_items(env):
     assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (") and b"\\Seen" in line
     assert cmd(s, f, b"d", b"search unseen")[0] == b"* SEARCH\r\n"
     s.close()
+
+
+def test_random_commands_never_break_the_session(env):
+    """Seeded random command soup in the selected state: every command gets a tagged answer,
+    none is a server bug, and the session still works afterwards."""
+    import random
+
+    for n in range(1, 4):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    words = [b"FETCH", b"UID", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"LIST", b"STATUS", b"EXPUNGE",
+             b"SELECT", b"EXAMINE", b"CREATE", b"RENAME", b"NOOP", b"CHECK", b"LSUB", b"ENABLE", b"ID"]
+    args = [b"1", b"*", b"1:*", b"2:1", b"0", b"4294967296", b"-1", b"1,,2", b"(", b")", b"()", b'"x"',
+            b'""', b"INBOX", b"Trash", b"NIL", b"FLAGS", b"+FLAGS.SILENT", b"(\\Seen)", b"\\Bogus",
+            b"BODY[]", b"BODY.PEEK[1.2.3]<5.2>", b"BODY[HEADER.FIELDS ()]", b"(UID FLAGS", b"ALL",
+            b"OR", b"NOT", b"SUBJECT", b"CHARSET", b"UTF-8", b"BEFORE", b"1-Jan-2020", b"LARGER",
+            b"&-", b"&AOQ", b"a/b", b"%", b"(MESSAGES UNSEEN)", b"RFC822.SIZE", b"ENVELOPE",
+            b"BODYSTRUCTURE", b"BINARY[1]", b"[", b"]", b"\\", b'"\\"', b"\xff\xfe"]
+    rnd = random.Random(int(os.environ.get("IMAP_FUZZ_SEED", "3501")))
+    s, f = login_raw(env)
+    cmd(s, f, b"sel", b"SELECT INBOX")
+    for i in range(400):
+        line = b" ".join([rnd.choice(words)] + [rnd.choice(args) for _ in range(rnd.randint(0, 5))])
+        tag = b"r%d" % i
+        last = cmd(s, f, tag, line)[-1]
+        assert last.split(b" ")[1] in (b"OK", b"NO", b"BAD"), (line, last)
+        assert b"SERVERBUG" not in last, (line, last)
+        if b"SELECT" not in line and b"EXAMINE" not in line:
+            continue
+        cmd(s, f, b"re%d" % i, b"SELECT INBOX")  # keep a mailbox selected
+    assert cmd(s, f, b"end", b"NOOP")[-1].startswith(b"end OK")
+    s.close()

@@ -16,8 +16,8 @@ from tmmail.imap.encoding import ParseError, utf7_decode
 SEP = "/"
 
 
-class BadName(Exception):
-    """A mailbox name the server refuses; ``str(e)`` is the text after ``NO``."""
+class BadName(ParseError):
+    """A malformed mailbox name or pattern; ``str(e)`` is the reason given to the client."""
 
 
 def normalize(name: str) -> str:
