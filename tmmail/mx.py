@@ -212,7 +212,9 @@ class Resolver:
         except (dns.exception.DNSException, OSError) as e:
             raise _Failure(f"{e.__class__.__name__}: {e}") from None
         records = list(answer)
-        self._store(key, records, float(answer.rrset.ttl) if answer.rrset is not None else 0.0)
+        # the smallest TTL along a CNAME chain (dnspython's expiration is in real time)
+        ttl = min(float(answer.rrset.ttl), answer.expiration - time.time()) if answer.rrset is not None else 0.0
+        self._store(key, records, ttl)
         return records
 
     def _store(self, key: tuple[str, int], value: Any, ttl: float) -> None:

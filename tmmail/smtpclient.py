@@ -55,6 +55,7 @@ __all__ = [
     "ConnectionDropped",
     "ProtocolError",
     "xtext",
+    "ascii_address",
     "DELIVERED",
     "DEFERRED",
     "FAILED",
@@ -607,6 +608,8 @@ class Session:
     async def send(self, msg: OutboundMessage) -> list[RecipientResult]:
         """Run one mail transaction; one RecipientResult per ``msg.recipients`` entry."""
         n = len(msg.recipients)
+        if not n:
+            return []
         results: list[RecipientResult | None] = [None] * n
         try:
             await self._send(msg, results)
