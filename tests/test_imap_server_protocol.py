@@ -347,3 +347,39 @@ def test_many_pipelined_commands_without_recursion(env):
     assert last[-1].startswith(b"n1499 OK")
     assert sum(1 for ln in last if ln.startswith(b"i") and b" OK " in ln) == 1500
     s.close()
+
+
+def test_random_bytes_never_break_the_session(env):
+    """Seeded random byte lines (no literal markers) before login: each gets one BAD/NO/OK,
+    the connection survives, and a normal login still works."""
+    import random
+
+    rnd = random.Random(7888)
+    alphabet = bytes(b for b in range(1, 256) if b not in (0x0A, 0x0D, 0x7B))
+    s, f = raw_session(env)
+    for i in range(300):
+        body = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 60)))
+        if body.split(b" ", 1)[0].upper() in (b"LOGOUT", b"STARTTLS", b"AUTHENTICATE", b"IDLE"):
+            continue
+        s.sendall(b"q%d " % i + body + b"\r\n")
+        line = f.readline()
+        assert line.startswith(b"q%d " % i) or line.startswith(b"* "), (body, line)
+        while line.startswith(b"* ") and not line.startswith(b"* BAD"):
+            line = f.readline()
+        assert b"SERVERBUG" not in line, (body, line)
+        if i % 10 == 0:  # a good command now and then: 50 BADs in a row end the session
+            s.sendall(b"ok%d NOOP\r\n" % i)
+            assert read_until_tag(f, b"ok%d" % i)[-1].startswith(b"ok%d OK" % i)
+    s.sendall(b'z LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    assert read_until_tag(f, b"z")[-1].startswith(b"z OK")
+    s.close()
+
+
+def test_fifty_bad_commands_in_a_row_close_the_connection(env):
+    s, f = raw_session(env)
+    s.sendall(b"".join(b"b%d FROB\r\n" % i for i in range(60)))
+    lines = [f.readline() for _ in range(51)]
+    assert all(ln.startswith(b"b%d BAD" % i) for i, ln in enumerate(lines[:50]))
+    assert lines[50].startswith(b"* BYE")
+    assert f.readline() == b""
+    s.close()
