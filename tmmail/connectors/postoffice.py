@@ -135,7 +135,9 @@ class PostOfficeConnector:
             outcomes.append(done[key])
         return outcomes
 
-    def _deliver_one(self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str) -> DeliveryError | None:
+    def _deliver_one(
+        self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str
+    ) -> DeliveryError | None:
         po_name, _, mbx_name = str(target.value).partition("/")
         mbx = snap.mailbox(po_name, mbx_name)
         if mbx is None:
