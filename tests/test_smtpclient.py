@@ -485,3 +485,32 @@ def test_helo_fallback_and_bounded_reply_lines(reactor_thread, tmp_path):
         assert isinstance(err, ProtocolError)
     finally:
         reactor_thread.call(port.stopListening)
+
+
+class Stalling(Scripted):
+    """Answers like a server up to 354 and then stops reading: the client's writes stall."""
+
+    def dataReceived(self, data):
+        if getattr(self, "stalled", False):
+            return
+        super().dataReceived(data)
+        if b"DATA\r\n" in data:
+            self.stalled = True
+            self.transport.pauseProducing()
+
+
+def test_stalled_data_transfer_times_out(reactor_thread, tmp_path):
+    answers = {b"EHLO": b"250 stall.test\r\n", b"MAIL": b"250 ok\r\n", b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n"}
+    factory = protocol.Factory.forProtocol(lambda: Stalling(b"220 stall.test\r\n", answers))
+    port = reactor_thread.listen(factory)
+    try:
+        path = write(tmp_path, (b"z" * 999 + b"\n") * 32768)  # 32 MB: more than the socket buffers
+        t0 = time.monotonic()
+        (results,), session = run(reactor_thread, port.getHost().port, config(command_timeout=1.0),
+                                  [message(path, "a@stall.test")])
+        assert results[0].status == DEFERRED and results[0].stage == "connection"
+        assert "no reply within 1 seconds" in results[0].reply.text
+        assert not session.usable
+        assert time.monotonic() - t0 < 20
+    finally:
+        reactor_thread.call(port.stopListening)
