@@ -554,3 +554,33 @@ def test_random_commands_never_break_the_session(env):
         cmd(s, f, b"re%d" % i, b"SELECT INBOX")  # keep a mailbox selected
     assert cmd(s, f, b"end", b"NOOP")[-1].startswith(b"end OK")
     s.close()
+
+
+def fill(env, count: int) -> None:
+    """Write ``count`` messages straight into new/ (as a fast MDA would), UIDs in order."""
+    md = env.maildir()
+    for i in range(1, count + 1):
+        data = message(i)
+        base = f"{1700000000 + i}.M{i:06d}P1Q{i}.fill"
+        vsize = len(data) + data.count(b"\n")
+        name = f"{base},S={len(data)},W={vsize}"
+        with open(os.path.join(md, "tmp", base), "wb") as f:
+            f.write(data)
+        os.rename(os.path.join(md, "tmp", base), os.path.join(md, "new", name))
+
+
+def test_bulk_flag_changes_and_implicit_seen_run_off_the_reactor(env):
+    fill(env, 300)
+    s, f = login_raw(env)
+    assert b"* 300 EXISTS" in b"".join(cmd(s, f, b"a", b"SELECT INBOX"))
+    lines = cmd(s, f, b"b", b"STORE 1:* +FLAGS (\\Flagged)")
+    assert len(lines) == 301 and all(b"\\Flagged" in ln for ln in lines[:-1])
+    assert cmd(s, f, b"c", b"SEARCH FLAGGED")[0] == b"* SEARCH " + b" ".join(b"%d" % i for i in range(1, 301)) + b"\r\n"
+    lines = cmd(s, f, b"d", b"FETCH 1:250 (BODY[HEADER.FIELDS (SUBJECT)])")
+    assert lines[-1].startswith(b"d OK")
+    assert sum(1 for ln in lines if b"FLAGS (" in ln and b"\\Seen" in ln) == 250
+    assert cmd(s, f, b"e", b"SEARCH UNSEEN")[0] == b"* SEARCH " + b" ".join(b"%d" % i for i in range(251, 301)) + b"\r\n"
+    lines = cmd(s, f, b"g", b"UID STORE 1:* -FLAGS.SILENT (\\Flagged \\Seen)")
+    assert lines == [b"g OK UID STORE completed\r\n"]
+    assert cmd(s, f, b"h", b"SEARCH OR SEEN FLAGGED")[0] == b"* SEARCH\r\n"
+    s.close()

@@ -29,6 +29,8 @@ _FLAG_KEYS = frozenset({b"ALL", b"ANSWERED", b"DELETED", b"DRAFT", b"FLAGGED", b
                         b"RECENT", b"SEEN", b"UNANSWERED", b"UNDELETED", b"UNDRAFT", b"UNFLAGGED",
                         b"UNSEEN", b"NOT", b"OR"})
 _BATCH_BYTES = 256 * 1024
+#: flag changes on more messages than this run in a thread (each one is a rename)
+_INLINE_FLAG_CHANGES = 200
 _SLICE_SECONDS = 0.02
 
 
@@ -254,19 +256,51 @@ class MessageCommands:
         seqs = self._targets(args[0], uid)
         sel = self.selected
         name = b"UID FETCH" if uid else b"FETCH"
+        seen_done: Any = None
         if any(i.sets_seen for i in items):
             items = with_flags(items)
             if not sel.read_only:
                 msgs = sel.messages
                 unseen = [msgs[s - 1].uid for s in seqs if "\\Seen" not in msgs[s - 1].flags]
                 if unseen:
-                    try:
-                        sel.folder.store_flags(unseen, ["\\Seen"], "add")
-                    except Exception as e:  # e.g. expunged meanwhile: still answer the FETCH
-                        if not is_store_error(e):
-                            raise
-                        self.log.info("IMAP implicit \\Seen failed for {login}: {error}",
-                                      login=self.login, error=e)
+                    seen_done = self.set_flags(unseen, ["\\Seen"], "add")
+        if isinstance(seen_done, defer.Deferred):
+            # many renames ran in a thread; a failure (expunged meanwhile) still answers the FETCH
+            seen_done.addErrback(self._seen_failed)
+            seen_done.addCallback(lambda _: self._fetch_answer(tag, seqs, items, name))
+            return seen_done
+        if isinstance(seen_done, Exception):
+            self._seen_failed(seen_done)
+        return self._fetch_answer(tag, seqs, items, name)
+
+    def _seen_failed(self, error: Any) -> None:
+        value = getattr(error, "value", error)
+        if not is_store_error(value):
+            if hasattr(error, "raiseException"):
+                error.raiseException()
+            raise value
+        self.log.info("IMAP implicit \\Seen failed for {login}: {error}", login=self.login, error=value)
+
+    def set_flags(self, uids: list[int], flags: list[str], mode: str) -> Any:
+        """Change flags: inline for a few messages (renames are cheap), in a thread for many.
+
+        Returns None, a Deferred (thread), or the StoreError raised inline.
+        """
+        folder = self.selected.folder
+        if len(uids) > _INLINE_FLAG_CHANGES:
+            return self.blocking(folder.store_flags, uids, flags, mode)
+        try:
+            folder.store_flags(uids, flags, mode)
+        except Exception as e:
+            if is_store_error(e):
+                return e
+            raise
+        return None
+
+    def _fetch_answer(self, tag: bytes, seqs: list[int], items: list[Any], name: bytes) -> Any:
+        if self.selected is None:
+            self.tagged(tag, R.NO_SERVERBUG)
+            return None
         if all(i.name in _FAST_ITEMS for i in items):
             self._fetch_fast(seqs, items)
             self.tagged(tag, R.OK_COMPLETED % name)
@@ -419,26 +453,29 @@ class MessageCommands:
         msgs = sel.messages
         uids = [msgs[s - 1].uid for s in seqs]
         name = b"UID STORE" if uid else b"STORE"
-        if uids:
-            try:
-                sel.folder.store_flags(uids, flags, modes[item])
-            except Exception as e:
-                if is_store_error(e):
-                    self.tagged(tag, store_error_reply(e))
-                    return None
-                raise
-        if not silent:
-            msgs = sel.messages
-            fb = sel.flags_table()
-            out = []
-            for s in seqs:
-                info = msgs[s - 1]
-                if uid:
-                    out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
-                else:
-                    out.append(b"* %d FETCH (FLAGS %s)\r\n" % (s, fb(info)))
-            self._out.extend(out)
-        self.tagged(tag, R.OK_COMPLETED % name)
+        result = self.set_flags(uids, flags, modes[item]) if uids else None
+        if isinstance(result, Exception):
+            self.tagged(tag, store_error_reply(result))
+            return None
+
+        def answer(_: Any = None) -> None:
+            if not silent and self.selected is sel:
+                msgs = sel.messages
+                fb = sel.flags_table()
+                out = []
+                for s in seqs:
+                    info = msgs[s - 1]
+                    if uid:
+                        out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
+                    else:
+                        out.append(b"* %d FETCH (FLAGS %s)\r\n" % (s, fb(info)))
+                self._out.extend(out)
+            self.tagged(tag, R.OK_COMPLETED % name)
+
+        if isinstance(result, defer.Deferred):
+            result.addCallback(answer)
+            return self.store_call(tag, result)
+        answer()
         return None
 
     # -- COPY / MOVE -----------------------------------------------------------------------
