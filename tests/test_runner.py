@@ -345,6 +345,7 @@ def test_delay_notice_sent_once(make) -> None:
     assert "Delayed" in parse(notice)["Subject"]
     _, rcpt = dsn_fields(notice)
     assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.4.1" and "Will-Retry-Until" in rcpt
+    assert parse(notice).get_payload()[2].get_content_type() == "text/rfc822-headers"
     assert qid in w.ids(DEFERRED) + w.ids(ACTIVE)
 
 
@@ -558,4 +559,86 @@ def test_kill_9_during_delivery_loses_nothing(make, tmp_path) -> None:
         assert set(subjects) == {b"m%d" % i for i in range(n)}  # nothing lost
         # at most the messages in flight at the kill are delivered twice
         assert len(subjects) - n <= w.runner.max_active
+    assert w.ids(CORRUPT) == [] and w.ids(BADMAIL) == []
+
+
+CHILD_REMOTE = r"""
+import os, sys
+from twisted.internet import defer, reactor, task
+from tmmail import config
+from tmmail.providers import ProviderStore
+from tmmail.runner import Runner
+from tmmail.spool import Spool
+state, cfg, log = sys.argv[1], sys.argv[2], sys.argv[3]
+out = open(log, "a")
+
+class SlowPeer:
+    scheme = "SMTP"
+    def batch_key(self, target):
+        return target.value.rsplit("@", 1)[1]
+    def deliver(self, envelope, items, path):
+        def done():
+            for _, t in items:  # the peer has it: log before answering, like a remote 250
+                out.write(f"{envelope.queue_id} {t.value}\n")
+            out.flush()
+            os.fsync(out.fileno())
+            return [None] * len(items)
+        return task.deferLater(reactor, 0.01, done)
+
+settings = config.parse({"server": {"hostname": "mx.example.com", "state_dir": state, "config_dir": cfg},
+                         "queue": {"scan_interval": 0.05, "io_threads": 2, "retry_initial": 600}})
+store = ProviderStore(cfg)
+runner = Runner(settings, Spool(settings.spool_dir), store, [SlowPeer()], reactor)
+reactor.callWhenRunning(runner.start)
+reactor.run()
+"""
+
+
+def test_kill_9_during_remote_delivery_no_hammering(make, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    class Recorder(FakeSMTP):
+        def deliver(self, envelope: Any, items: Any, message_path: str) -> Any:
+            self.calls.append([(envelope.queue_id, t.value) for _, t in items])
+            return defer.succeed([None] * len(items))
+
+    peer = Recorder()
+    w = make(smtp=peer)
+    n = 80
+    sent: set[tuple[str, str]] = set()
+    for _ in range(n):
+        qid = w.send(["a@one.example", "b@two.example"])
+        sent |= {(qid, "a@one.example"), (qid, "b@two.example")}
+    log_path = tmp_path / "peer.log"
+    log_path.write_text("")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_REMOTE, str(tmp_path), str(tmp_path / "config"), str(log_path)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    try:
+        wait_for(lambda: len(log_path.read_text().splitlines()) >= n // 2, timeout=30)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    before = {tuple(line.split()) for line in log_path.read_text().splitlines()}
+    assert len(before) < 2 * n  # killed in the middle
+    w.start()
+    wait_for(lambda: w.settled(), timeout=30)
+    w.idle()
+    # messages being tried at the kill wait for their saved back-off (600 s): not retried at once
+    in_flight = set(w.ids(DEFERRED))
+    assert len(in_flight) <= 8  # the child's max_active
+    early = {pair for call in peer.calls for pair in call}
+    assert not any(q in in_flight for q, _ in early)
+    # the administrator flushes the queue: they go out too
+    w.runner.flush()
+    wait_for(lambda: not w.ids(DEFERRED) and w.settled(), timeout=30)
+    w.idle()
+    after = [pair for call in peer.calls for pair in call]
+    assert sent <= before | set(after)  # nothing lost
+    assert len(after) == len(set(after))  # the restarted runner sent nothing twice
+    duplicates = before & set(after)
+    assert {q for q, _ in duplicates} <= in_flight  # only what was on the wire at the kill
     assert w.ids(CORRUPT) == [] and w.ids(BADMAIL) == []

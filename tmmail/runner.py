@@ -578,7 +578,8 @@ class Runner:
             arrival=env.arrival,
             now=now,
             envid=env.envid,
-            ret=env.ret,
+            # a delay notice carries only the header: the message itself is still on its way
+            ret="HDRS" if all(r.action == dsn.DELAYED for r in rows) else env.ret,
             max_return=limit,
             original_complete=complete,
             queue_id=env.queue_id,
