@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -23,8 +24,13 @@ from tests.server import free_port
 from tests.test_imap_server import client, cmd, deliver, login_raw, message
 from tests.test_imap_server_concurrency import wait_line
 
-#: Dovecot refuses to access mail as root: the Maildir is handed to "nobody" for it
-MAIL_UID = 65534
+#: Dovecot refuses to access mail as root: run as root, the Maildir is handed to "nobody";
+#: run as an ordinary user, Dovecot runs entirely as that user
+AS_ROOT = os.geteuid() == 0
+MAIL_UID = 65534 if AS_ROOT else os.geteuid()
+_ME = pwd.getpwuid(os.geteuid()).pw_name
+INTERNAL_USER = "dovecot" if AS_ROOT else _ME
+LOGIN_USER = "dovenull" if AS_ROOT else _ME
 DOVECOT_PASSWORD = "dovepass"
 
 
@@ -38,10 +44,12 @@ def shared_root():
 
 
 def chown_tree(path: str, uid: int) -> None:
-    os.chown(path, uid, uid)
+    if not AS_ROOT:
+        return  # both servers already run as this user
+    os.chown(path, uid, 65534)
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), uid, uid)
+            os.chown(os.path.join(dirpath, name), uid, 65534)
 
 
 class Dovecot:
@@ -54,7 +62,8 @@ class Dovecot:
         self.log = os.path.join(self.root, "dovecot.log")
         users = os.path.join(self.root, "users")
         with open(users, "w") as f:
-            f.write(f"alice:{{PLAIN}}{DOVECOT_PASSWORD}:{MAIL_UID}:{MAIL_UID}::{root}::\n")
+            gid = 65534 if AS_ROOT else os.getegid()
+            f.write(f"alice:{{PLAIN}}{DOVECOT_PASSWORD}:{MAIL_UID}:{gid}::{root}::\n")
         os.chmod(users, 0o644)
         self.conf = os.path.join(self.root, "dovecot.conf")
         with open(self.conf, "w") as f:
@@ -67,9 +76,9 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {self.log}
-default_internal_user = dovecot
-default_login_user = dovenull
-first_valid_uid = 100
+default_internal_user = {INTERNAL_USER}
+default_login_user = {LOGIN_USER}
+first_valid_uid = {min(100, MAIL_UID)}
 mail_location = maildir:{maildir}
 mail_privileged_group =
 namespace inbox {{
