@@ -89,8 +89,10 @@ class Runner:
         self.reactor = reactor
         self._own_pool = threadpool is None
         self.pool = threadpool or ThreadPool(1, max(1, self.queue.io_threads), name="tmmail-runner")
-        #: messages handled at once (each may have several batches out)
-        self.max_active = max(4, self.queue.io_threads * 4)
+        #: messages handled at once; most of them wait on the network (the SMTP connector has its
+        #: own connection limits), so this is large enough that one slow destination cannot take
+        #: every slot; blocking I/O is bounded by the thread pools, not by this
+        self.max_active = max(64, self.queue.io_threads * 32)
         self.error_retry = ERROR_RETRY
         pm = self.queue.postmaster
         self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
