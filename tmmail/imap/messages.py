@@ -14,8 +14,8 @@ import time
 from typing import Any, Iterator
 
 from twisted.internet import defer
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from tmmail.imap import responses as R
 from tmmail.imap.account import is_store_error, store_error_reply

@@ -21,9 +21,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from tmmail.imap import responses as R
+from tmmail.imap.encoding import Atom, ParseError, tokenize
 from tmmail.imap.mailboxes import MailboxCommands, MailboxNameError
 from tmmail.imap.messages import MessageCommands
-from tmmail.imap.encoding import Atom, ParseError, tokenize
 from tmmail.imap.reader import (
     Command,
     CommandReader,
