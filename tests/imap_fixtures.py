@@ -28,13 +28,16 @@ def fast_hash(password: str) -> str:
     return _HASH_CACHE[password]
 
 
-def write_tables(config_dir: str, users: dict[str, tuple[str, str]]) -> None:
+def write_tables(config_dir: str, users: dict[str, tuple[str, str]],
+                 quotas: dict[str, int] | None = None) -> None:
+    quotas = quotas or {}
     os.makedirs(config_dir, exist_ok=True)
     pos = sorted({po for po, _ in users.values()})
     tables = {
         "DOMAINS.tab": "".join(f"example.com\t{po}\t1\t\t\n" for po in pos[:1]),
         "POSTOFFICE.tab": "".join(f"{po}\t1\t\n" for po in pos),
-        "MAILBOX.tab": "".join(f"{po}\t{mb}\t1\t0\t0\t\n" for po, mb in users.values()),
+        "MAILBOX.tab": "".join(f"{po}\t{mb}\t1\t{quotas.get(login, 0)}\t0\t\n"
+                               for login, (po, mb) in users.items()),
         "AUTH.tab": "".join(f"{login}\t{po}/{mb}\t{fast_hash(PASSWORD)}\tUSER\n"
                             for login, (po, mb) in users.items()),
     }
@@ -86,7 +89,8 @@ def certificate(tmp_root: str) -> tuple[str, str]:
 
 
 def start_imap(reactor_thread: Any, tmp_path: Any, role: str = "imap", imap: dict | None = None,
-               users: dict | None = None, with_tls: bool = True, auth: dict | None = None) -> IMAPEnv:
+               users: dict | None = None, with_tls: bool = True, auth: dict | None = None,
+               quotas: dict | None = None) -> IMAPEnv:
     """Tables, settings, Maildirs and a listening IMAPFactory; stopped by ``stop_imap``."""
     from twisted.internet import reactor
 
@@ -97,7 +101,7 @@ def start_imap(reactor_thread: Any, tmp_path: Any, role: str = "imap", imap: dic
 
     root = str(tmp_path)
     users = users or USERS
-    write_tables(os.path.join(root, "config"), users)
+    write_tables(os.path.join(root, "config"), users, quotas)
     imap_settings = {"allow_plaintext_auth": True}
     imap_settings.update(imap or {})
     auth_settings = {"free_failures": 100, "base_delay": 0.0}

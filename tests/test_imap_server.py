@@ -584,3 +584,21 @@ def test_bulk_flag_changes_and_implicit_seen_run_off_the_reactor(env):
     assert lines == [b"g OK UID STORE completed\r\n"]
     assert cmd(s, f, b"h", b"SEARCH OR SEEN FLAGGED")[0] == b"* SEARCH\r\n"
     s.close()
+
+
+def test_quota_refuses_append_and_copy_with_overquota(reactor_thread, tmp_path):
+    env = start_imap(reactor_thread, tmp_path, quotas={"alice@example.com": 6000})
+    try:
+        c = client(env)
+        c.append("INBOX", message(1, body="a" * 2000 + "\n"))
+        c.append("INBOX", message(2, body="b" * 2000 + "\n"))
+        with pytest.raises(IMAPClient.Error, match="OVERQUOTA"):
+            c.append("INBOX", message(3, body="c" * 3000 + "\n"))
+        c.select_folder("INBOX")
+        with pytest.raises(IMAPClient.Error, match="OVERQUOTA"):
+            c.copy([1, 2], "Archive")
+        c.move([1], "Archive")  # moving does not add data
+        assert c.folder_status("Archive", ["MESSAGES"])[b"MESSAGES"] == 1
+        c.logout()
+    finally:
+        stop_imap(reactor_thread, env)

@@ -1,7 +1,9 @@
-"""The mail store a login opens, and the mapping of store errors to IMAP replies.
+"""The mail store a login opens, its quota, and the mapping of store errors to IMAP replies.
 
 One job: turn a successful login (``tmmail.cred`` AuthEntry) into the mailbox's
-:class:`tmmail.store.Store`, and a ``StoreError`` into the ``NO [code] text`` of RFC 5530.
+:class:`tmmail.store.Store`, check MAILBOX.tab's quota before APPEND/COPY add data (RFC 9208
+``[OVERQUOTA]``, the same rule and sizer SMTP delivery uses), and turn a ``StoreError`` into
+the ``NO [code] text`` of RFC 5530.
 """
 
 from __future__ import annotations
@@ -22,6 +24,36 @@ def open_store(settings: Any, entry: Any) -> Any:
     return Store(path)
 
 
+class OverQuota(Exception):
+    """Adding the data would pass the mailbox's QUOTA_BYTES."""
+
+
+def _sizer() -> Any:
+    global _SIZER
+    if _SIZER is None:
+        from tmmail.connectors.postoffice import MaildirSizer
+
+        _SIZER = MaildirSizer()
+    return _SIZER
+
+
+_SIZER: Any = None
+
+
+def mailbox_quota(provider_store: Any, entry: Any) -> int:
+    """QUOTA_BYTES of the login's mailbox (0 = none), from the current provider tables."""
+    if provider_store is None or entry is None:
+        return 0
+    mbx = provider_store.current().mailbox(entry.postoffice, entry.mailbox)
+    return mbx.quota if mbx is not None else 0
+
+
+def check_quota(root: str, quota: int, adding: int) -> None:
+    """Raise OverQuota if ``adding`` bytes would pass ``quota`` (blocking: scans the Maildir)."""
+    if quota > 0 and adding > 0 and _sizer().size(root) + adding > quota:
+        raise OverQuota("Quota exceeded (mailbox is full)")
+
+
 #: StoreError subclass name -> IMAP response code (RFC 5530)
 _CODES = {
     "NoSuchFolder": b"NONEXISTENT",
@@ -36,7 +68,8 @@ _CODES = {
 
 
 def is_store_error(exc: BaseException) -> bool:
-    return any(cls.__name__ == "StoreError" for cls in type(exc).__mro__)
+    """A StoreError (or OverQuota): answered with NO, not as a server bug."""
+    return isinstance(exc, OverQuota) or any(cls.__name__ == "StoreError" for cls in type(exc).__mro__)
 
 
 def store_error_reply(exc: BaseException, trycreate: bool = False) -> bytes:

@@ -17,7 +17,7 @@ from twisted.internet import defer, task, threads
 
 from tmmail.imap import names
 from tmmail.imap import responses as R
-from tmmail.imap.account import is_store_error, store_error_reply
+from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
 from tmmail.imap.encoding import Atom, ParseError, astring, utf7_encode
 from tmmail.imap.session import SelectedMailbox
 
@@ -413,7 +413,8 @@ class MailboxCommands:
         if len(data) > self.settings.max_literal_size:
             self.tagged(tag, R.NO_TOO_BIG)
             return None
-        d = self.blocking(self.account.append, name, data, flags, date)
+        d = self.blocking(self._append_checked, mailbox_quota(self.factory.provider_store, self.entry),
+                          name, data, flags, date)
 
         def done(result: tuple[int, int]) -> None:
             uidvalidity, uid = result
@@ -422,6 +423,13 @@ class MailboxCommands:
 
         d.addCallback(done)
         return self.store_call(tag, d, trycreate=True)
+
+
+    def _append_checked(self, quota: int, name: str, data: bytes, flags: list[str],
+                        date: float | None) -> tuple[int, int]:
+        """In a thread: the quota check, then the durable append."""
+        check_quota(self.account.root, quota, len(data))
+        return self.account.append(name, data, flags, date)
 
 
 class MailboxNameError(ParseError):

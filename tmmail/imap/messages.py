@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from tmmail.imap import responses as R
-from tmmail.imap.account import is_store_error, store_error_reply
+from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
 from tmmail.imap.encoding import Atom, ParseError
 from tmmail.imap.fetch import fetch_data, format_internal_date, parse_fetch_items, with_flags
 from tmmail.imap.mailboxes import parse_flags
@@ -510,7 +510,14 @@ class MessageCommands:
         if move:
             d = self.blocking(sel.folder.move, uids, dest)
         else:
-            d = self.blocking(sel.folder.copy, uids, dest)
+            adding = sum(msgs[s - 1].size for s in seqs)
+            quota = mailbox_quota(self.factory.provider_store, self.entry)
+
+            def copy_checked() -> Any:
+                check_quota(self.account.root, quota, adding)
+                return sel.folder.copy(uids, dest)
+
+            d = self.blocking(copy_checked)
 
         def done(result: Any) -> None:
             uidvalidity, pairs = result[0], result[1]

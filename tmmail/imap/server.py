@@ -60,6 +60,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.secure = factory.role == "imaps"
         self.peer = "?"
         self.login: str | None = None
+        self.entry: Any = None  # the AuthEntry of the login
         self.account: Any = None  # the login's tmmail.store.Store
         self.selected: Any = None  # tmmail.imap.session.SelectedMailbox
         self._poll: Any = None
@@ -396,6 +397,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             if self._closing:
                 return
             self.account = account
+            self.entry = entry
             self.login = entry.login
             self.state = AUTH
             self.setTimeout(self.settings.idle_timeout_authenticated)
