@@ -139,7 +139,8 @@ class Server:
                 "tmmail", "--config", self.config]
         for role in roles:
             args += [f"--{role}", f"tcp:{self.ports[role]}:interface=127.0.0.1"]
-        self.proc = subprocess.Popen(args, cwd=self.root, stdout=subprocess.DEVNULL,
+        self._out = open(os.path.join(self.root, "twistd.out"), "ab")
+        self.proc = subprocess.Popen(args, cwd=self.root, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         for role in roles:
@@ -156,11 +157,14 @@ class Server:
         return self
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return f.read()[-20000:]
-        except OSError:
-            return ""
+        text = ""
+        for path in (os.path.join(self.root, "twistd.out"), self.logfile):
+            try:
+                with open(path, errors="replace") as f:
+                    text += f.read()[-20000:]
+            except OSError:
+                pass
+        return text
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
