@@ -380,3 +380,20 @@ def test_concurrent_processes_appending_get_distinct_uids(md):
     f = Store(md).open("INBOX", readonly=True)
     assert [m.uid for m in f.messages] == list(range(1, 61))
     assert len({m.base for m in f.messages}) == 60
+
+
+def test_uidlist_forgets_expunged_messages_but_never_reuses_uids(md):
+    st = Store(md)
+    for _ in range(150):
+        st.append("INBOX", MSG)
+    f = st.open("INBOX")
+    f.store_flags(range(1, 150), ["\\Deleted"], "add")
+    f.expunge()
+    # later scans (and the next UID assignment) drop the stale records from dovecot-uidlist
+    st.status("INBOX")
+    st.append("INBOX", MSG)
+    st.status("INBOX")
+    ul = uidlist.read(md)
+    assert sorted(r.uid for r in ul.records.values()) == [150, 151]
+    assert ul.nextuid == 152
+    assert [m.uid for m in f.refresh().new] == [151]

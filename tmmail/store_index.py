@@ -28,7 +28,7 @@ from tmmail import maildir, uidlist
 from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
 
 #: directory mtimes younger than this may hide a later change in the same timestamp tick
-UNTRUSTED_SECONDS = 2.0
+UNTRUSTED_SECONDS = 1.5
 
 
 class FolderGone(Exception):
@@ -88,7 +88,21 @@ class MessageInfo:
         return f"MessageInfo(uid={self.uid}, name={self.subdir}/{self.name!r})"
 
 
+_flags_cache: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
+
+
 def flags_of(letters: str, keywords: list[str]) -> frozenset[str]:
+    """IMAP flags for ``:2,`` letters (memoised: a folder has few distinct combinations)."""
+    key = (letters, tuple(keywords))
+    got = _flags_cache.get(key)
+    if got is None:
+        if len(_flags_cache) > 4096:
+            _flags_cache.clear()
+        got = _flags_cache[key] = _flags_of(letters, keywords)
+    return got
+
+
+def _flags_of(letters: str, keywords: list[str]) -> frozenset[str]:
     out = []
     for ch in letters:
         flag = LETTER_FLAGS.get(ch)
@@ -130,6 +144,8 @@ class FolderIndex:
         self._kw_stamp: tuple | None = None
         self._sorted: list[MessageInfo] | None = None
         self._counts: tuple[int, int] | None = None
+        self._prev_listing: set[str] | None = None
+        self._prev_nextuid = 1
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -191,10 +207,10 @@ class FolderIndex:
             except FileNotFoundError:
                 continue
             for name in names:
-                if name.startswith("."):
+                if name[0] == ".":
                     continue
-                base = uidlist.base_name(name)
-                found[base] = (subdir, name)
+                i = name.find(":")
+                found[name if i < 0 else name[:i]] = (subdir, name)
         return found
 
     def _scan(self, stamp: tuple) -> bool:
@@ -206,10 +222,7 @@ class FolderIndex:
             for base in missing_known:
                 if base not in second and base in listing:
                     second[base] = listing[base]
-            gone_twice = {b for b in missing_known if b not in second}
             listing = second
-        else:
-            gone_twice = set()
         if stamp[3] != self._kw_stamp:
             keywords = maildir.read_keywords(self.path)
             self._kw_stamp = stamp[3]
@@ -220,14 +233,21 @@ class FolderIndex:
             self._ul_stamp = stamp[2]
         ul = self._ul
         unassigned = [b for b in listing if ul is None or b not in ul.records]
-        if unassigned or ul is None:
+        # records of messages gone in this listing AND the previous one (and already known then):
+        # dropped from the uidlist at the next rewrite, so it does not grow forever
+        forget: set[str] = set()
+        if ul is not None and self._prev_listing is not None and len(ul.records) > len(listing):
+            prev, limit = self._prev_listing, self._prev_nextuid
+            forget = {b for b, r in ul.records.items() if r.uid < limit and b not in listing and b not in prev}
+        if unassigned or ul is None or len(forget) > max(100, len(listing) // 4):
             unassigned.sort(key=lambda b: (maildir.name_time(b) or 0.0, b))
-            forget = {b for b in gone_twice if ul is not None and b in ul.records}
             ul = uidlist.update(self.path, unassigned,
                                 uidvalidity=lambda: maildir.allocate_uidvalidity(self.root), forget=forget)
             self._ul = ul
             self._ul_stamp = uidlist.stamp(self.path)
             stamp = (stamp[0], stamp[1], self._ul_stamp, stamp[3])
+        self._prev_listing = set(listing)
+        self._prev_nextuid = ul.nextuid
         self._stamp = stamp
         records = ul.records
         rebuild = keywords != self.keywords or ul.uidvalidity != self.uidvalidity

@@ -36,7 +36,7 @@ class LockTimeout(Exception):
     """The uidlist (or keywords) lock was held by someone else for too long."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     uid: int
     #: Dovecot's per-record extension fields (e.g. ``W1234``, ``G<guid>``), kept verbatim
@@ -102,6 +102,13 @@ def parse(data: bytes) -> UidList:
             if not line:
                 continue
             head, sep, filename = line.partition(":")
+            if sep and head[-1:] == " " and head[:-1].isdigit():  # fast path: "<uid> :<name>"
+                uid = int(head[:-1])
+                i = filename.find(":")
+                records[filename if i < 0 else filename[:i]] = Record(uid)
+                if uid > last:
+                    last = uid
+                continue
             parts = head.split()
             if not sep or not parts or not parts[0].isdigit() or not filename:
                 raise ValueError(f"bad uidlist record: {line[:80]!r}")
