@@ -168,3 +168,17 @@ def test_map_to_list_or_group_kept(tmp_path) -> None:
 
 def test_garbage_address(snap) -> None:
     assert resolve(snap, "not an address").kind == UNKNOWN_LOCAL
+
+
+def test_routed_domain_is_relayed_to_its_route(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **{**BASE, "DOMAINS": BASE["DOMAINS"] + ["backup.example\tACME\t1\tmail.lan:2525", "dead.example\tACME\t0\tx:25"]},
+        ADDRESS_MAP=["[SMTP:boss@backup.example]\t[SF:ACME/ADMIN]"],
+    )
+    # accepted from anyone (local) and handed to the SMTP connector, which uses the route
+    r = resolve(snap, "anyone@backup.example")
+    assert (r.kind, r.targets) == (LOCAL, (SMTP("anyone@backup.example"),))
+    # map entries still come first
+    assert resolve(snap, "boss@backup.example").targets == (SF("ACME/ADMIN"),)
+    assert resolve(snap, "anyone@dead.example").kind == UNKNOWN_LOCAL

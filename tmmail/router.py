@@ -6,8 +6,10 @@ Pure logic over one immutable providers snapshot.  The order follows MailEnable'
 2. hosted mailboxes: the domain's post office has a MAILBOX row named like the local part
    (case-insensitive), with its redirect setting (1 = redirect, 2 = redirect and keep a copy),
 3. ADDRESS-MAP masks in file order (``[SMTP:*@example.com]`` catch-alls), first match wins,
-4. a domain we do not host is ``remote`` (``[SMTP:addr]``; relay rules decide elsewhere),
-5. anything else in a hosted domain is ``unknown_local`` (SMTP 550 5.1.1, RFC 3463 §3.2).
+4. a domain with a ROUTE in DOMAINS.tab (one we relay for) is ``local`` with target
+   ``[SMTP:addr]``: the SMTP connector sends it to the route host,
+5. a domain we do not host is ``remote`` (``[SMTP:addr]``; relay rules decide elsewhere),
+6. anything else in a hosted domain is ``unknown_local`` (SMTP 550 5.1.1, RFC 3463 §3.2).
 
 Destinations that are addresses (``[SMTP:x@y]``) are resolved again, up to ``MAX_DEPTH`` hops;
 a chain that comes back to an address already on it is a loop.  A disabled domain, post
@@ -86,6 +88,10 @@ def _resolve(providers: Any, address: str, chain: tuple[str, ...]) -> tuple[str,
             return LOCAL, _expand(providers, list(row.destinations), chain)
 
     if domain is not None:
+        if domain.enabled and domain.route.strip():
+            # a domain we relay for (backup MX, a server behind us): the SMTP connector sends
+            # it to the ROUTE host (tmmail.routes); accepted from anyone, like our own mail
+            return LOCAL, (InternalAddress("SMTP", str(parsed)),)
         raise _Unresolvable("no such user here" if domain.enabled else "domain disabled")
     return REMOTE, (InternalAddress("SMTP", str(parsed)),)
 
