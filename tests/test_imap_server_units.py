@@ -116,3 +116,30 @@ def test_flags_only_search_detection():
     for text in (b"1:5 UNSEEN", b"SUBJECT x", b"UID 3", b"LARGER 5", b"SINCE 1-Jan-2020",
                  b"KEYWORD", b"CHARSET UTF-8 BODY x"):
         assert not flags_only(tokenize(text)), text
+
+
+def test_timeouts_follow_the_injected_clock(tmp_path):
+    """Protocol unit on StringTransport + task.Clock: 60 s before login, then BYE."""
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from tmmail import config
+    from tmmail.imap.server import IMAPFactory
+
+    clock = task.Clock()
+    settings = config.parse({"server": {"state_dir": str(tmp_path)},
+                             "imap": {"idle_timeout_unauthenticated": 60.0}})
+    factory = IMAPFactory(settings, "imap", None, None, None, reactor=clock)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert transport.value().startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+    assert b"STARTTLS" not in transport.value()  # no TLS context: not offered
+    clock.advance(59)
+    proto.dataReceived(b"a NOOP\r\n")
+    assert transport.value().endswith(b"a OK NOOP completed\r\n")
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.value().endswith(b"* BYE Autologout; idle for too long\r\n")
+    assert transport.disconnecting

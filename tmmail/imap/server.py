@@ -56,6 +56,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
     def __init__(self, factory: "IMAPFactory") -> None:
         self.factory = factory
         self.settings = factory.settings.imap
+        self.callLater = factory.reactor.callLater  # TimeoutMixin: the injected reactor's clock
         self.state = NOT_AUTH
         self.secure = factory.role == "imaps"
         self.peer = "?"
