@@ -374,19 +374,17 @@ class MailboxCommands:
             if isinstance(it, list) or bytes(it).upper() not in _STATUS_ITEMS:
                 raise ParseError("Unknown STATUS item")
             items.append(bytes(it).upper())
-        try:
-            st = self.account.status(name)
-        except Exception as e:
-            if is_store_error(e):
-                self.tagged(tag, store_error_reply(e))
-                return None
-            raise
-        values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
-                  b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
-        body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
-        self.untagged(b"STATUS " + encode_name(name) + b" (" + body + b")")
-        self.with_updates(tag, b"STATUS")
-        return None
+        d = self.blocking(self.account.status, name)  # a first look may index the whole folder
+
+        def answer(st: Any) -> None:
+            values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
+                      b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
+            body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
+            self.untagged(b"STATUS " + encode_name(name) + b" (" + body + b")")
+            self.with_updates(tag, b"STATUS")
+
+        d.addCallback(answer)
+        return self.store_call(tag, d)
 
     # -- APPEND ----------------------------------------------------------------------------
     def do_APPEND(self, tag: bytes, args: list) -> Any:
