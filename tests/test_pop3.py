@@ -424,3 +424,32 @@ def test_message_removed_by_other_session_is_an_error_not_a_drop(h):
         pop.retr(1)
     assert pop.retr(2)[1][-1] == b"y"
     pop.quit()
+
+
+def test_connection_dropped_during_large_retr(h):
+    big = b"Subject: big\n\n" + b"".join(b".%07d and some text to make the line longer\n" % i for i in range(60000))
+    h.deliver(big)
+    port = h.start()
+    r = Raw(port)
+    r.line()
+    r.send(b"STLS\r\n")
+    r.line()
+    r.starttls()
+    r.send(b"USER " + ALICE.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    r.line(), r.line()
+    r.send(b"RETR 1\r\n")
+    assert r.line() == b"+OK %d octets" % (len(big) + big.count(b"\n"))
+    assert r.line() == b"Subject: big"
+    r.sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            pop = login(port)
+            break
+        except poplib.error_proto as e:
+            assert b"IN-USE" in e.args[0] and time.monotonic() < deadline
+            time.sleep(0.05)
+    _, lines, _ = pop.retr(1)
+    assert len(lines) == 60002 and lines[-1] == b".0059999 and some text to make the line longer"
+    pop.quit()
+    assert h.count() == 1

@@ -1,4 +1,4 @@
-"""POP3 service over the Maildir store (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS, RFC 5034 SASL).
+"""POP3 service over the Maildir store (RFC 1939; RFC 2449 CAPA; RFC 2595 STLS; RFC 5034 SASL; RFC 3206).
 
 Written fresh on a bounded line splitter instead of subclassing ``twisted.mail.pop3.POP3`` (see
 the survey, §3/§4: no STLS, joke CAPA entries, deletions before QUIT, chunk-boundary stuffing).
@@ -190,7 +190,8 @@ class MessageProducer:
         self.on_progress()
 
     def stopProducing(self) -> None:
-        self._end(ConnectionError("connection lost while sending"))
+        """The connection went away mid-message: stop quietly (nothing to report to anyone)."""
+        self._end(None)
 
     def _end(self, error: Exception | None) -> None:
         if self.deferred.called:
@@ -384,7 +385,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return self.secure or self.settings.pop3.allow_plaintext_auth
 
     def capabilities(self) -> list[bytes]:
-        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"]
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.state == AUTHORIZATION:
             if self._auth_allowed():
                 caps += [b"USER", b"SASL PLAIN"]
