@@ -232,6 +232,21 @@ class FolderIndex:
             self._ul = uidlist.read(self.path)
             self._ul_stamp = stamp[2]
         ul = self._ul
+        if ul is not None and self._prev_listing is not None:
+            # a message that got its UID since the last scan but is missing from this listing
+            # (readdir raced with its rename): look once more, or a later, higher UID would be
+            # shown first and this one could never be appended in UID order
+            late = []
+            for base in reversed(list(ul.records)):
+                if ul.records[base].uid < self._prev_nextuid:
+                    break
+                if base not in listing:
+                    late.append(base)
+            if late:
+                again = self._listing()
+                for base in late:
+                    if base in again:
+                        listing[base] = again[base]
         unassigned = [b for b in listing if ul is None or b not in ul.records]
         # records of messages gone in this listing AND the previous one (and already known then):
         # dropped from the uidlist at the next rewrite, so it does not grow forever
