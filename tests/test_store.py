@@ -397,3 +397,30 @@ def test_uidlist_forgets_expunged_messages_but_never_reuses_uids(md):
     assert sorted(r.uid for r in ul.records.values()) == [150, 151]
     assert ul.nextuid == 152
     assert [m.uid for m in f.refresh().new] == [151]
+
+
+def test_inotify_reports_changes_by_other_writers(md, reactor_thread):
+    import threading
+    import time
+
+    from tmmail.store_inotify import FolderNotifier
+
+    notifier = reactor_thread.call(FolderNotifier)
+    assert notifier.available  # Linux
+    fired = threading.Event()
+    cancel = reactor_thread.call(notifier.watch, md, lambda path: fired.set())
+    try:
+        # another process's delivery: a plain rename into new/
+        tmp = os.path.join(md, "tmp", "1700000000.M1P99.other")
+        with open(tmp, "wb") as f:
+            f.write(MSG)
+        os.rename(tmp, os.path.join(md, "new", "1700000000.M1P99.other"))
+        assert fired.wait(5)
+        assert [m.base for m in Store(md).open("INBOX").messages] == ["1700000000.M1P99.other"]
+        reactor_thread.call(cancel)
+        fired.clear()
+        deliver(md)
+        time.sleep(0.3)
+        assert not fired.is_set()
+    finally:
+        reactor_thread.call(notifier.stop)
