@@ -22,22 +22,23 @@ import binascii
 import errno
 import fcntl
 import os
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
-from twisted.internet import defer, interfaces, protocol, threads
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
-from zope.interface import implementer
 
 from tmmail import maildir
+from tmmail.pop3_stream import DotStuffer, MessageProducer, TopLimiter
 from tmmail.store import Store, StoreError
+
+__all__ = ["POP3Factory", "POP3Server", "DotStuffer", "TopLimiter", "MessageProducer", "open_maildrop"]
 
 log = Logger()
 
 MAX_LINE = 4096
 MAX_QUEUED = 64
 MAX_ERRORS = 20
-CHUNK = 16 * 1024
 LOCK_FILE = "tmmail-pop3.lock"
 IMPLEMENTATION = b"TMmail"
 
@@ -77,134 +78,6 @@ AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 
 #: maildrops locked by sessions of this process (realpath of the Maildir)
 _locked: set[str] = set()
-
-
-class DotStuffer:
-    """LF (or CRLF) message bytes -> CRLF, dot-stuffed lines for POP3/SMTP, chunk by chunk.
-
-    State carries over between chunks: whether the next byte starts a line, and a CR held back
-    in case the next chunk starts with LF.  ``finish()`` returns the bytes that end the
-    multi-line response (a CRLF if the message did not end with one, then ``.`` CRLF).
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self._cr = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._cr + chunk
-        self._cr = b""
-        if data.endswith(b"\r"):
-            self._cr = b"\r"
-            data = data[:-1]
-        if not data:
-            return b""
-        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if self.at_line_start and data[:1] == b".":
-            data = b"." + data
-        data = data.replace(b"\r\n.", b"\r\n..")
-        self.at_line_start = data.endswith(b"\r\n")
-        return data
-
-    def finish(self) -> bytes:
-        out = b""
-        if self._cr:
-            out = self._cr
-            self._cr = b""
-            self.at_line_start = False
-        if not self.at_line_start:
-            out += b"\r\n"
-        return out + b".\r\n"
-
-
-class TopLimiter:
-    """Passes the header, the blank line and the first ``lines`` body lines (RFC 1939 TOP)."""
-
-    def __init__(self, lines: int) -> None:
-        self.remaining = lines
-        self.in_header = True
-        self.at_line_start = True
-        self.done = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        out = bytearray()
-        pos = 0
-        n = len(chunk)
-        while pos < n and not self.done:
-            if not self.in_header and self.remaining <= 0:
-                self.done = True
-                break
-            nl = chunk.find(b"\n", pos)
-            end = n if nl < 0 else nl + 1
-            piece = chunk[pos:end]
-            if self.in_header and self.at_line_start and piece in (b"\n", b"\r\n"):
-                self.in_header = False  # the blank line separating header and body
-                out += piece
-            else:
-                out += piece
-                if nl >= 0 and not self.in_header:
-                    self.remaining -= 1
-            self.at_line_start = nl >= 0
-            pos = end
-        if not self.in_header and self.remaining <= 0:
-            self.done = True
-        return bytes(out)
-
-
-@implementer(interfaces.IPullProducer)
-class MessageProducer:
-    """Streams one message file to the transport: (TOP limit) -> DotStuffer -> chunks."""
-
-    def __init__(self, transport: Any, f: BinaryIO, top: int | None, on_progress: Callable[[], None]) -> None:
-        self.transport = transport
-        self.file = f
-        self.stuffer = DotStuffer()
-        self.limiter = TopLimiter(top) if top is not None else None
-        self.on_progress = on_progress
-        self.deferred: defer.Deferred[None] = defer.Deferred()
-
-    def start(self) -> defer.Deferred[None]:
-        self.transport.registerProducer(self, False)
-        return self.deferred
-
-    def resumeProducing(self) -> None:
-        if self.deferred.called:
-            return
-        try:
-            chunk = self.file.read(CHUNK)
-        except OSError as e:
-            self._end(e)
-            return
-        if self.limiter is not None and chunk:
-            chunk = self.limiter.feed(chunk)
-            if self.limiter.done:
-                self.transport.write(self.stuffer.feed(chunk))
-                chunk = b""
-        if not chunk:
-            self.transport.write(self.stuffer.finish())
-            self._end(None)
-            return
-        data = self.stuffer.feed(chunk)
-        if data:
-            self.transport.write(data)
-        self.on_progress()
-
-    def stopProducing(self) -> None:
-        """The connection went away mid-message: stop quietly (nothing to report to anyone)."""
-        self._end(None)
-
-    def _end(self, error: Exception | None) -> None:
-        if self.deferred.called:
-            return
-        self.file.close()
-        try:
-            self.transport.unregisterProducer()
-        except Exception:
-            pass
-        if error is None:
-            self.deferred.callback(None)
-        else:
-            self.deferred.errback(error)
 
 
 class Maildrop:

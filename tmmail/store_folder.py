@@ -1,0 +1,413 @@
+"""A session's view of one folder (IMAP SELECT/EXAMINE, the POP3 maildrop).
+
+Sequence numbers, \\Recent, pending expunges, flag changes, expunge, copy and move over the
+shared per-folder index (tmmail.store_index).  Blocking; see docs/contracts.md ("Store").
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+
+from tmmail import maildir, uidlist
+from tmmail.store_common import (SYSTEM_FLAGS, NoSuchMessage, StoreError, _busy, _ensure_keywords,
+                                 _flag_letters, _fsync_dir)
+from tmmail.store_index import FolderIndex, MessageInfo, keyword_letters
+
+if TYPE_CHECKING:
+    from tmmail.store import Store
+
+
+@dataclass
+class Changes:
+    #: (seq before this refresh, uid), descending seq: send EXPUNGE in this order
+    expunged: list[tuple[int, int]] = field(default_factory=list)
+    #: appended to folder.messages (send EXISTS)
+    new: list[MessageInfo] = field(default_factory=list)
+    #: (seq after expunges, info) of messages whose flags others changed (send FETCH FLAGS)
+    flags: list[tuple[int, MessageInfo]] = field(default_factory=list)
+    exists: int = 0
+    recent: int = 0
+    uidvalidity_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.expunged or self.new or self.flags or self.uidvalidity_changed)
+
+
+class Folder:
+    """One session's view of a folder: sequence numbers, \\Recent, pending expunges."""
+
+    def __init__(self, store: Store, name: str, index: FolderIndex, readonly: bool, claim_recent: bool) -> None:
+        self.store = store
+        self.name = name
+        self.readonly = readonly
+        self._index = index
+        self._claim = claim_recent
+        self.recent: set[int] = set()
+        self._gone: set[int] = set()
+        with index.lock:
+            index.sync()
+            if claim_recent:
+                self._claim_recent()
+            self.messages: list[MessageInfo] = list(index.messages())
+            self._uids = [m.uid for m in self.messages]
+            self._version = index.version
+            self.uidvalidity = index.uidvalidity
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def uidnext(self) -> int:
+        return self._index.nextuid
+
+    @property
+    def path(self) -> str:
+        return self._index.path
+
+    @property
+    def permanent_flags(self) -> list[str]:
+        kws = [k for k in self._index.keywords if k]
+        out = list(SYSTEM_FLAGS) + kws
+        if len(kws) < len(maildir.KEYWORD_LETTERS):
+            out.append("\\*")
+        return out
+
+    @property
+    def flags(self) -> list[str]:
+        """FLAGS response: system flags and the keywords defined in this folder."""
+        return list(SYSTEM_FLAGS) + [k for k in self._index.keywords if k]
+
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect.bisect_left(self._uids, uid)
+        if i < len(self._uids) and self._uids[i] == uid:
+            return i + 1
+        return None
+
+    def info(self, uid: int) -> MessageInfo | None:
+        seq = self.seq_of(uid)
+        return self.messages[seq - 1] if seq else None
+
+    # -- refresh --------------------------------------------------------------------------------
+
+    def _claim_recent(self) -> None:
+        idx = self._index
+        if not idx.counts()[0]:
+            return
+        for info in list(idx.messages()):
+            if info.subdir != "new":
+                continue
+            name = maildir.make_name(info.base, info.letters)
+            try:
+                os.rename(info.filename, os.path.join(idx.path, "cur", name))
+            except FileNotFoundError:
+                continue  # another session (or Dovecot) claimed it
+            idx.replace(info, name, "cur", info.letters)
+            self.recent.add(info.uid)
+
+    @_busy
+    def refresh(self, expunges: bool = True) -> Changes:
+        idx = self._index
+        changes = Changes()
+        with idx.lock:
+            idx.sync()
+            if self._claim:
+                self._claim_recent()
+            if idx.version == self._version and not (expunges and self._gone):
+                changes.exists = len(self.messages)
+                changes.recent = len(self.recent)
+                return changes
+            if idx.uidvalidity != self.uidvalidity and idx.exists and idx.by_uid:
+                changes.uidvalidity_changed = True
+                return changes
+            current = idx.by_uid
+            kept: list[MessageInfo] = []
+            changed: list[MessageInfo] = []
+            for i, info in enumerate(self.messages):
+                cur = current.get(info.uid)
+                if cur is None or cur.base != info.base:
+                    if expunges:
+                        changes.expunged.append((i + 1, info.uid))
+                        self._gone.discard(info.uid)
+                        self.recent.discard(info.uid)
+                    else:
+                        self._gone.add(info.uid)
+                        kept.append(info)
+                    continue
+                if cur is not info and cur.flags != info.flags:
+                    changed.append(cur)
+                kept.append(cur)
+            top = self._uids[-1] if self._uids else 0
+            changes.new = [m for m in idx.messages() if m.uid > top]
+            self.messages = kept + changes.new
+            self._uids = [m.uid for m in self.messages]
+            self._version = idx.version
+            changes.expunged.reverse()
+            changes.flags = [(self.seq_of(m.uid) or 0, m) for m in changed]
+            changes.exists = len(self.messages)
+            changes.recent = len(self.recent)
+            return changes
+
+    # -- content --------------------------------------------------------------------------------
+
+    def _current(self, uid: int) -> MessageInfo:
+        if uid in self._gone:
+            raise NoSuchMessage("message has been expunged")
+        info = self._index.by_uid.get(uid)
+        if info is None:
+            raise NoSuchMessage("message has been expunged")
+        return info
+
+    def open(self, uid: int) -> BinaryIO:
+        """The message file (LF line endings), following renames by other sessions."""
+        info = self._current(uid)
+        try:
+            return open(info.filename, "rb")
+        except FileNotFoundError:
+            fresh = self._index.locate(info)
+            if fresh is None:
+                raise NoSuchMessage("message has been expunged") from None
+            try:
+                return open(fresh.filename, "rb")
+            except FileNotFoundError:
+                raise NoSuchMessage("message has been expunged") from None
+
+    def read(self, uid: int) -> bytes:
+        with self.open(uid) as f:
+            return f.read()
+
+    # -- flags ----------------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError("mailbox is read-only")
+
+    @_busy
+    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str = "add") -> list[tuple[int, MessageInfo]]:
+        """Set/add/remove flags; returns (seq, info) of the messages whose flags changed."""
+        self._writable()
+        if mode not in ("set", "add", "remove"):
+            raise ValueError(mode)
+        sys_letters, keywords = _flag_letters(flags)
+        idx = self._index
+        out: list[tuple[int, MessageInfo]] = []
+        with idx.lock:
+            idx.sync()
+            if mode == "remove":
+                known = keyword_letters(idx.keywords)
+                kw_letters = "".join(known[k.lower()] for k in keywords if k.lower() in known)
+            else:
+                kw_letters = "".join(_ensure_keywords(idx, keywords).values())
+            wanted = set(sys_letters + kw_letters)
+            managed = set("DFRST") | set(maildir.KEYWORD_LETTERS)
+            for uid in sorted(set(uids)):
+                seq = self.seq_of(uid)
+                if seq is None or uid in self._gone:
+                    continue
+                info = idx.by_uid.get(uid)
+                if info is None:
+                    continue
+                have = set(info.letters)
+                if mode == "add":
+                    new = have | wanted
+                elif mode == "remove":
+                    new = have - wanted
+                else:
+                    new = (have - managed) | wanted
+                letters = maildir.sort_letters("".join(new))
+                if letters == info.letters and info.subdir == "cur":
+                    if self.messages[seq - 1] is not info:
+                        self.messages[seq - 1] = info
+                    continue
+                fresh = self._rename_flags(info, letters)
+                if fresh is None:
+                    continue
+                if fresh.flags != self.messages[seq - 1].flags:
+                    out.append((seq, fresh))
+                self.messages[seq - 1] = fresh
+        if out:
+            maildir.notify(idx.path)
+        return out
+
+    def _rename_flags(self, info: MessageInfo, letters: str) -> MessageInfo | None:
+        idx = self._index
+        for _attempt in range(3):
+            name = maildir.make_name(info.base, letters)
+            try:
+                os.rename(info.filename, os.path.join(idx.path, "cur", name))
+            except FileNotFoundError:
+                info = idx.locate(info)
+                if info is None:
+                    return None
+                continue
+            return idx.replace(info, name, "cur", letters)
+        return None
+
+    # -- expunge --------------------------------------------------------------------------------
+
+    @_busy
+    def expunge(self, uids: Iterable[int] | None = None) -> list[tuple[int, int]]:
+        """Delete \\Deleted messages (only those in ``uids`` if given); (seq, uid) descending."""
+        self._writable()
+        wanted = None if uids is None else set(uids)
+        return self._remove(lambda info: "T" in info.letters and (wanted is None or info.uid in wanted))
+
+    @_busy
+    def delete_messages(self, uids: Iterable[int]) -> list[tuple[int, int]]:
+        """Delete these messages whatever their flags (POP3 UPDATE state, RFC 1939 §6)."""
+        wanted = set(uids)
+        return self._remove(lambda info: info.uid in wanted)
+
+    def _remove(self, select: Callable[[MessageInfo], bool]) -> list[tuple[int, int]]:
+        idx = self._index
+        removed: list[MessageInfo] = []
+        gone_uids: set[int] = set()
+        with idx.lock:
+            idx.sync()
+            for m in self.messages:
+                if m.uid in self._gone:
+                    gone_uids.add(m.uid)
+                    continue
+                info = idx.by_uid.get(m.uid)
+                if info is None or not select(info):
+                    continue
+                for _attempt in range(3):
+                    try:
+                        os.unlink(info.filename)
+                    except FileNotFoundError:
+                        info = idx.locate(info)
+                        if info is None:
+                            break
+                        continue
+                    break
+                removed.append(m)
+                gone_uids.add(m.uid)
+            if removed:
+                dirs = {os.path.join(idx.path, m.subdir) for m in removed}
+                for d in dirs:
+                    _fsync_dir(d)
+                idx.remove(removed)
+            result = self._drop(gone_uids)
+        if removed:
+            maildir.notify(idx.path)
+        return result
+
+    def _drop(self, uids: set[int]) -> list[tuple[int, int]]:
+        """Remove ``uids`` from the view; (seq, uid) in descending seq order."""
+        if not uids:
+            return []
+        result = [(i + 1, m.uid) for i, m in enumerate(self.messages) if m.uid in uids]
+        result.reverse()
+        self.messages = [m for m in self.messages if m.uid not in uids]
+        self._uids = [m.uid for m in self.messages]
+        self._gone -= uids
+        self.recent -= uids
+        return result
+
+    # -- copy / move ----------------------------------------------------------------------------
+
+    @_busy
+    def copy(self, uids: Iterable[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """Copy messages (hard links when possible); (dest uidvalidity, [(uid, dest uid)])."""
+        uv, pairs, _ = self._transfer(uids, dest, move=False)
+        return uv, pairs
+
+    @_busy
+    def move(self, uids: Iterable[int], dest: str) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+        """Move messages (renamed, never duplicated); also returns this view's expunges (RFC 6851)."""
+        self._writable()
+        return self._transfer(uids, dest, move=True)
+
+    def _transfer(self, uids: Iterable[int], dest: str, move: bool):
+        idx = self._index
+        dest_idx = self.store._index(dest)
+        if os.path.realpath(dest_idx.path) == os.path.realpath(idx.path) and move:
+            raise StoreError("cannot move a message into the mailbox it is in")
+        wanted = set(uids)
+        with idx.lock:
+            idx.sync()
+            infos = [idx.by_uid[m.uid] for m in self.messages
+                     if m.uid in wanted and m.uid not in self._gone and m.uid in idx.by_uid]
+        if not infos:
+            return dest_idx.uidvalidity or self.store.status(dest).uidvalidity, [], []
+        names: set[str] = set()
+        for info in infos:
+            names |= {f for f in info.flags if not f.startswith("\\")}
+        with dest_idx.lock:
+            dest_idx.sync()
+            kw_map = _ensure_keywords(dest_idx, sorted(names))
+        plan = []  # (info, new base, dest name)
+        for info in infos:
+            s, w = maildir.sizes_from_base(info.base)
+            if s is None:
+                try:
+                    s = os.path.getsize(info.filename)
+                except OSError:
+                    s = None
+            suffix = (f",S={s}" if s is not None else "") + f",W={info.size}"
+            base = maildir.unique_base() + suffix
+            letters = "".join(ch for ch in info.letters if not ("a" <= ch <= "z"))
+            letters += "".join(kw_map[f.lower()] for f in info.flags if not f.startswith("\\"))
+            plan.append((info, base, maildir.make_name(base, letters)))
+        done: list[tuple[MessageInfo, str]] = []
+
+        def place() -> list[str]:
+            cur = os.path.join(dest_idx.path, "cur")
+            for info, base, name in plan:
+                target = os.path.join(cur, name)
+                src = info
+                for _attempt in range(3):
+                    try:
+                        if move:
+                            os.rename(src.filename, target)
+                        else:
+                            _link_or_copy(src.filename, target, os.path.join(dest_idx.path, "tmp", base))
+                    except FileNotFoundError:
+                        src = idx.locate(src)
+                        if src is None:
+                            break
+                        continue
+                    done.append((src, base))
+                    break
+            _fsync_dir(cur)
+            if move:
+                for d in {os.path.join(idx.path, s.subdir) for s, _ in done}:
+                    _fsync_dir(d)
+            return [base for _, base in done]
+
+        ul = uidlist.update(dest_idx.path, place, uidvalidity=lambda: maildir.allocate_uidvalidity(self.store.root))
+        pairs = [(src.uid, ul.records[base].uid) for src, base in done]
+        expunged: list[tuple[int, int]] = []
+        if move and done:
+            with idx.lock:
+                idx.remove([src for src, _ in done])
+                expunged = self._drop({src.uid for src, _ in done})
+            maildir.notify(idx.path)
+        if done:
+            maildir.notify(dest_idx.path)
+        return ul.uidvalidity, pairs, expunged
+
+    def close(self) -> None:
+        self.messages = []
+        self._uids = []
+
+
+def _link_or_copy(src: str, target: str, tmp: str) -> None:
+    """Hard-link ``src`` as ``target``; copy durably through ``tmp`` where links are impossible."""
+    try:
+        os.link(src, target)
+        return
+    except FileNotFoundError:
+        raise
+    except OSError:
+        pass
+    shutil.copyfile(src, tmp)
+    shutil.copystat(src, tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, target)
