@@ -501,8 +501,15 @@ class Stalling(Scripted):
 
 def test_stalled_data_transfer_times_out(reactor_thread, tmp_path):
     answers = {b"EHLO": b"250 stall.test\r\n", b"MAIL": b"250 ok\r\n", b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n"}
-    factory = protocol.Factory.forProtocol(lambda: Stalling(b"220 stall.test\r\n", answers))
-    port = reactor_thread.listen(factory)
+    # a paused server connection is referenced by nothing in the reactor: keep it, or the
+    # garbage collector closes its socket and the client sees a reset instead of silence
+    servers: list[Stalling] = []
+
+    def build() -> Stalling:
+        servers.append(Stalling(b"220 stall.test\r\n", answers))
+        return servers[-1]
+
+    port = reactor_thread.listen(protocol.Factory.forProtocol(build))
     try:
         path = write(tmp_path, (b"z" * 999 + b"\n") * 32768)  # 32 MB: more than the socket buffers
         t0 = time.monotonic()
@@ -512,5 +519,19 @@ def test_stalled_data_transfer_times_out(reactor_thread, tmp_path):
         assert "no reply within 1 seconds" in results[0].reply.text
         assert not session.usable
         assert time.monotonic() - t0 < 20
+    finally:
+        reactor_thread.call(port.stopListening)
+        for server in servers:
+            reactor_thread.call(server.transport.abortConnection)
+
+
+def test_end_of_data_waits_twice_the_command_timeout(reactor_thread, tmp_path):
+    answers = {b"EHLO": b"250 slow.test\r\n", b"MAIL": b"250 ok\r\n", b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n"}
+    port = scripted(reactor_thread, b"220 slow.test\r\n", answers)  # never answers the final dot
+    try:
+        path = write(tmp_path, b"hi\n")
+        (results,), _ = run(reactor_thread, port.getHost().port, config(command_timeout=0.5), [message(path, "a@slow.test")])
+        assert results[0].status == DEFERRED
+        assert "no reply within 1 seconds" in results[0].reply.text
     finally:
         reactor_thread.call(port.stopListening)

@@ -232,6 +232,10 @@ class ClientProtocol(protocol.Protocol):
         self._timed_out = False
         self._handshake: defer.Deferred | None = None
         self._producing = False
+        #: waiting for the reply to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes)
+        self._awaiting_dot = False
+        self._armed_for = timeout
+        self._timeout_text = ""
         self.closed = False
         self.closing_reply: Reply | None = None
         self.tls = False
@@ -266,7 +270,7 @@ class ClientProtocol(protocol.Protocol):
             self._timer.cancel()
         self._timer = None
         if self._timed_out:
-            err: SMTPClientError = Timeout(f"no reply within {self.timeout:g} seconds")
+            err: SMTPClientError = Timeout(self._timeout_text)
         elif reason.check(SSL.Error):
             err = TLSFailed(f"TLS failed: {_ssl_text(reason.value)}")
         else:
@@ -288,15 +292,21 @@ class ClientProtocol(protocol.Protocol):
 
     def _arm(self) -> None:
         """(Re)start the inactivity timer while something is awaited; stop it otherwise."""
-        if self.closed:
+        if self.closed or self._timed_out:
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._timer = self.clock.callLater(self.timeout, self._expire) if self._busy() else None
+        if not self._busy():
+            self._timer = None
+            return
+        # the end of data gets twice the command timeout (default 600 s, RFC 5321 §4.5.3.2.6)
+        self._armed_for = self.timeout * 2 if self._awaiting_dot and not self._producing else self.timeout
+        self._timer = self.clock.callLater(self._armed_for, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
         self._timed_out = True
+        self._timeout_text = f"no reply within {self._armed_for:g} seconds"
         log.info("SMTP peer {peer} timed out", peer=_peer(self.transport))
         self.transport.abortConnection()
 
@@ -390,10 +400,12 @@ class ClientProtocol(protocol.Protocol):
         d = self._expect()
         producer = _BodyProducer(self, fileobj)
         self._producing = True
+        self._awaiting_dot = True
         self._arm()
         self.transport.registerProducer(producer, False)
 
         def done(result: Any) -> Any:
+            self._awaiting_dot = False
             producer.stop()
             return result
 
