@@ -383,3 +383,23 @@ def test_fifty_bad_commands_in_a_row_close_the_connection(env):
     assert lines[50].startswith(b"* BYE")
     assert f.readline() == b""
     s.close()
+
+
+def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
+    e = start_imap(reactor_thread, tmp_path, imap={"max_line_length": 1000})
+    try:
+        s, f = raw_session(e)
+        s.sendall(b"a AUTHENTICATE PLAIN\r\n")
+        assert f.readline() == b"+ \r\n"
+        s.sendall(b"A" * 3000 + b"\r\n")
+        assert read_until_tag(f, b"a")[-1].startswith(b"a BAD")
+        s.sendall(b'b LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+        s.sendall(b"c IDLE\r\n")
+        assert f.readline().startswith(b"+ ")
+        s.sendall(b"x" * 3000 + b"\r\nDONE\r\n")
+        lines = read_until_tag(f, b"c")
+        assert lines[0].startswith(b"* BAD [TOOBIG]") and lines[-1].startswith(b"c OK")
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)

@@ -180,7 +180,15 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             self.send(R.CONTINUE_READY)
             return
         if isinstance(event, TooLong):
-            self._bad(event.tag or b"*", R.BAD_TOO_LONG)
+            if self._idle_tag is not None:
+                self.untagged(b"BAD [TOOBIG] Line too long, expected DONE")
+            elif self._sasl is not None:  # the response to "+ " was too long: abort the exchange
+                tag = self._sasl[0]
+                self._sasl = None
+                self.reader.raw_lines = False
+                self._bad(tag, R.BAD_AUTH_DATA)
+            else:
+                self._bad(event.tag or b"*", R.BAD_TOO_LONG)
             return
         if isinstance(event, LiteralTooBig):
             tag = event.tag if _valid_tag(event.tag) else b"*"
