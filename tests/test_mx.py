@@ -220,3 +220,16 @@ def test_host_hops_for_ip_and_system_resolver():
     assert r.host_hops_sync("127.0.0.1", 25) == [Hop("127.0.0.1", "127.0.0.1", 25)]
     # system mode resolves route/smarthost names with getaddrinfo, so /etc/hosts works
     assert "127.0.0.1" in r.addresses_sync("localhost")
+
+
+def test_mx_list_is_cut_at_our_own_name(dnsz):
+    dnsz.mx("backup.test", [(10, "primary.backup.test"), (20, "Me.Relay.test"), (30, "tertiary.backup.test")])
+    dnsz.a("primary.backup.test", "127.0.0.1")
+    dnsz.a("tertiary.backup.test", "127.0.0.3")
+    hops = make(dnsz).resolve_sync("backup.test", 25, local_names=("me.relay.test",))
+    assert [h.host for h in hops] == ["primary.backup.test"]
+    # we are the best MX ourselves: delivering would loop
+    dnsz.mx("loop.test", [(10, "me.relay.test"), (20, "other.loop.test")])
+    with pytest.raises(PermanentError) as e:
+        make(dnsz).resolve_sync("loop.test", 25, local_names=("me.relay.test",))
+    assert e.value.enhanced == "5.4.6"

@@ -271,11 +271,13 @@ class Resolver:
 
     # -- MX ----------------------------------------------------------------------------------
 
-    def resolve_sync(self, domain: str, port: int) -> list[Hop]:
+    def resolve_sync(self, domain: str, port: int, local_names: Sequence[str] = ()) -> list[Hop]:
         """BLOCKING: every hop for mail to ``domain`` in the order to try them.
 
-        Raises PermanentError (NXDOMAIN 5.1.2, null MX 5.1.10, no usable host 5.4.4) or
-        TransientError (4.4.3) when the answer cannot be had now.
+        ``local_names``: this server's own names; MX hosts with a preference at or above ours
+        are dropped (RFC 5321 §5.1), so a backup MX never sends mail back to itself.
+        Raises PermanentError (NXDOMAIN 5.1.2, null MX 5.1.10, no usable host 5.4.4, only
+        ourselves left 5.4.6) or TransientError (4.4.3) when the answer cannot be had now.
         """
         literal = domain_literal(domain)
         if literal is not None:
@@ -298,6 +300,12 @@ class Resolver:
         if not real:
             # RFC 7505 §3: "0 ." says the domain accepts no mail
             raise PermanentError(556, "5.1.10", f"domain {domain} does not accept mail (null MX)")
+        mine = {n.lower().rstrip(".") for n in local_names if n}
+        own = [p for p, h in real if h.lower().rstrip(".") in mine]
+        if own:
+            real = [(p, h) for p, h in real if p < min(own)]
+            if not real:
+                raise PermanentError(554, "5.4.6", f"mail for {domain} loops back to myself (I am its best MX)")
         hops: list[Hop] = []
         errors: list[DeliveryError] = []
         for pref, host in order_mx(real, self.rng):
@@ -323,9 +331,9 @@ class Resolver:
             from twisted.internet import reactor  # noqa: PLC0415 - only when none was passed in
         return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
 
-    def resolve(self, domain: str, port: int) -> Any:
+    def resolve(self, domain: str, port: int, local_names: Sequence[str] = ()) -> Any:
         """Deferred[list[Hop]] for ``domain`` (see resolve_sync); the lookup runs in a thread."""
-        return self._in_thread(self.resolve_sync, domain, port)
+        return self._in_thread(self.resolve_sync, domain, port, tuple(local_names))
 
     def host_hops(self, host: str, port: int) -> Any:
         """Deferred[list[Hop]] for a named host (no MX lookup)."""

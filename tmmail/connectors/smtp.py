@@ -228,6 +228,8 @@ class SMTPConnector:
         #: IOpenSSLTrustRoot for verified (smarthost) TLS; None = the platform's CA store
         self.trust_root = trust_root
         self.helo_name = self.relay.helo_name or settings.server.hostname
+        #: our own names: an MX list that names us is cut there (RFC 5321 §5.1)
+        self.local_names = tuple({settings.server.hostname.lower(), self.helo_name.lower()})
         self.pool = _Pool(reactor, self.relay.max_connections_per_domain, self.relay.max_connections, idle_seconds)
         #: address -> until when STARTTLS is skipped (its handshake failed)
         self._no_tls: dict[str, float] = {}
@@ -343,7 +345,7 @@ class SMTPConnector:
             session = None
         try:
             if route.kind == routes.MX:
-                hops = await self.resolver.resolve(domain, route.port)
+                hops = await self.resolver.resolve(domain, route.port, self.local_names)
             else:
                 hops = await self.resolver.host_hops(route.host, route.port)
         except DeliveryError as e:
