@@ -602,3 +602,12 @@ def test_quota_refuses_append_and_copy_with_overquota(reactor_thread, tmp_path):
         c.logout()
     finally:
         stop_imap(reactor_thread, env)
+
+
+def test_absurdly_nested_search_is_bad_not_a_crash(env):
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    assert cmd(s, f, b"b", b"SEARCH " + b"(" * 5000 + b"ALL" + b")" * 5000)[-1].startswith(b"b BAD")
+    assert cmd(s, f, b"c", b"SEARCH " + b"NOT " * 5000 + b"ALL")[-1].startswith(b"c BAD")
+    assert cmd(s, f, b"d", b"NOOP")[-1].startswith(b"d OK")
+    s.close()

@@ -16,6 +16,7 @@ BAD_STATE_NOAUTH = b"BAD Command not valid before login"
 BAD_STATE_AUTH = b"BAD Already logged in"
 BAD_STATE_SELECTED = b"BAD No mailbox selected"
 BAD_TOO_LONG = b"BAD [TOOBIG] Command line too long"
+BAD_TOO_DEEP = b"BAD Command too deeply nested"
 NO_TOO_BIG = b"NO [TOOBIG] Literal too large"
 BAD_INVALID_TAG = b"* BAD Invalid tag\r\n"
 

@@ -258,6 +258,9 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         except ParseError as e:
             self._bad(tag, R.BAD_SYNTAX % str(e).encode())
             return
+        except RecursionError:  # absurdly nested lists or NOT/OR chains
+            self._bad(tag, R.BAD_TOO_DEEP)
+            return
         except Exception:
             self.log.failure("IMAP command {command} failed for {login}", command=name, login=self.login)
             self.tagged(tag, R.NO_SERVERBUG)
@@ -273,6 +276,9 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
                     return
                 if f.check(ParseError):
                     self._bad(tag, R.BAD_SYNTAX % str(f.value).encode())
+                    return
+                if f.check(RecursionError):
+                    self._bad(tag, R.BAD_TOO_DEEP)
                     return
                 self.log.failure("IMAP command {command} failed for {login}", f, command=name,
                                  login=self.login)
