@@ -424,3 +424,38 @@ def test_inotify_reports_changes_by_other_writers(md, reactor_thread):
         assert not fired.is_set()
     finally:
         reactor_thread.call(notifier.stop)
+
+
+def test_store_reports_resulting_flags_changed_by_others(md):
+    st = Store(md)
+    st.append("INBOX", MSG)
+    a, b = st.open("INBOX"), st.open("INBOX")
+    a.store_flags([1], ["\\Seen", "\\Flagged"], "add")
+    # b did not refresh yet; its +FLAGS \Seen changes nothing on disk but b learns the result
+    changed = b.store_flags([1], ["\\Seen"], "add")
+    assert [(seq, m.flags) for seq, m in changed] == [(1, frozenset({"\\Seen", "\\Flagged"}))]
+    assert not b.refresh()
+
+
+def test_large_store_in_batches(md):
+    st = Store(md)
+    cur = os.path.join(md, ".Archive", "cur")
+    for i in range(600):  # existing mail (written directly: no fsync, fast)
+        with open(os.path.join(cur, f"{1700000000 + i}.M{i}P1.host,S=51,W=56:2,"), "wb") as f:
+            f.write(MSG)
+    f = st.open("Archive")
+    changed = f.store_flags(range(1, 601), ["\\Seen"], "add")
+    assert [seq for seq, _ in changed] == list(range(1, 601))
+    assert st.status("Archive").unseen == 0
+
+
+def test_corrupt_uidlist_gives_new_uidvalidity(md):
+    st = Store(md)
+    st.append("INBOX", MSG)
+    view = st.open("INBOX")
+    old = view.uidvalidity
+    with open(os.path.join(md, "dovecot-uidlist"), "wb") as f:
+        f.write(b"garbage\n")
+    assert view.refresh().uidvalidity_changed
+    fresh = st.open("INBOX")
+    assert fresh.uidvalidity > old and [m.uid for m in fresh.messages] == [1]

@@ -20,6 +20,8 @@ from tmmail.store_index import FolderIndex, MessageInfo, keyword_letters
 if TYPE_CHECKING:
     from tmmail.store import Store
 
+FLAG_BATCH = 256
+
 
 @dataclass
 class Changes:
@@ -200,33 +202,39 @@ class Folder:
                 kw_letters = "".join(known[k.lower()] for k in keywords if k.lower() in known)
             else:
                 kw_letters = "".join(_ensure_keywords(idx, keywords).values())
-            wanted = set(sys_letters + kw_letters)
-            managed = set("DFRST") | set(maildir.KEYWORD_LETTERS)
-            for uid in sorted(set(uids)):
-                seq = self.seq_of(uid)
-                if seq is None or uid in self._gone:
-                    continue
-                info = idx.by_uid.get(uid)
-                if info is None:
-                    continue
-                have = set(info.letters)
-                if mode == "add":
-                    new = have | wanted
-                elif mode == "remove":
-                    new = have - wanted
-                else:
-                    new = (have - managed) | wanted
-                letters = maildir.sort_letters("".join(new))
-                if letters == info.letters and info.subdir == "cur":
-                    if self.messages[seq - 1] is not info:
-                        self.messages[seq - 1] = info
-                    continue
-                fresh = self._rename_flags(info, letters)
-                if fresh is None:
-                    continue
-                if fresh.flags != self.messages[seq - 1].flags:
-                    out.append((seq, fresh))
-                self.messages[seq - 1] = fresh
+        wanted = set(sys_letters + kw_letters)
+        managed = set("DFRST") | set(maildir.KEYWORD_LETTERS)
+        todo = sorted(set(uids))
+        # in batches, so a large STORE in a worker thread does not hold the shared index lock
+        # (and so every other session's refresh() on the reactor thread) for its whole duration
+        for start in range(0, len(todo), FLAG_BATCH):
+            with idx.lock:
+                for uid in todo[start:start + FLAG_BATCH]:
+                    seq = self.seq_of(uid)
+                    if seq is None or uid in self._gone:
+                        continue
+                    info = idx.by_uid.get(uid)
+                    if info is None:
+                        continue
+                    have = set(info.letters)
+                    if mode == "add":
+                        new = have | wanted
+                    elif mode == "remove":
+                        new = have - wanted
+                    else:
+                        new = (have - managed) | wanted
+                    letters = maildir.sort_letters("".join(new))
+                    if letters == info.letters and info.subdir == "cur":
+                        fresh: MessageInfo | None = info
+                    else:
+                        fresh = self._rename_flags(info, letters)
+                        if fresh is None:
+                            continue
+                    # report the resulting flags whenever they differ from what this session
+                    # knew, also when another session had already made the change
+                    if fresh.flags != self.messages[seq - 1].flags:
+                        out.append((seq, fresh))
+                    self.messages[seq - 1] = fresh
         if out:
             maildir.notify(idx.path)
         return out
