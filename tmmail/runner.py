@@ -354,7 +354,6 @@ class Runner:
                     # local deliveries are simply tried again at restart
                     r.next_attempt = self._retry_time(env, r, now)
             if any(scheme not in LOCAL_SCHEMES for scheme, _ in batches):
-                # a crash during the attempt must not make us hammer a peer at restart
                 yield self._save(env)
             for r, err in immediate:
                 self._apply(env, r, err, now)
