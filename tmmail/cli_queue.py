@@ -227,6 +227,11 @@ def _next(r: Any, state: str, now: float) -> str:
     return "in " + _age(r.next_attempt - now)
 
 
+def _cell(text: str) -> str:
+    """One tab-separated field: no tabs or line breaks inside."""
+    return " ".join(str(text).split()) if any(c in str(text) for c in "\t\r\n") else str(text)
+
+
 def _when(t: float) -> str:
     if not t:
         return "-"
@@ -286,8 +291,8 @@ def cmd_list(args: argparse.Namespace, ctx: Any) -> int:
         for r in env.recipients:
             if args.pending and r.final:
                 continue
-            ctx.out(qid, state, _age(now - env.arrival), sender, r.address, r.state, r.attempts,
-                    _next(r, state, now), r.last_reply or "-")
+            ctx.out(qid, state, _age(now - env.arrival), _cell(sender), _cell(r.address), r.state, r.attempts,
+                    _next(r, state, now), _cell(r.last_reply) or "-")
     if args.summary or not count:
         ctx.stderr.write(f"{count} message{'s' if count != 1 else ''} in the queue\n")
     return 0
