@@ -164,3 +164,14 @@ def test_bad_ids(setup):
     conf, _ = setup
     assert run(conf, "hold", "../etc")[0] == 2
     assert run(conf, "release", "NOPE")[0] == 2
+
+
+def test_half_committed_message_is_not_taken(setup):
+    conf, spool = setup
+    # the SMTP server renames .eml into incoming/ first and .env last
+    eml = os.path.join(spool.root, INCOMING, "HALF1.eml")
+    with open(eml, "wb") as f:
+        f.write(b"x\n")
+    status, _, err = run(conf, "hold", "HALF1")
+    assert status == 1 and "being queued right now" in err
+    assert os.path.exists(eml) and not os.listdir(os.path.join(spool.root, HOLD))

@@ -118,7 +118,12 @@ def claim(root: str, qid: str) -> Envelope:
         except FileNotFoundError:
             continue
         # the .eml is ours: the runner can no longer take this message
-        os.rename(_path(root, state, qid, ".env"), _path(root, HOLD, qid, ".env"))
+        try:
+            os.rename(_path(root, state, qid, ".env"), _path(root, HOLD, qid, ".env"))
+        except FileNotFoundError:
+            # not a complete message there (still being committed): put the data back
+            os.rename(_path(root, HOLD, qid, ".eml"), _path(root, state, qid, ".eml"))
+            raise QueueError(f"message {qid} is being queued right now; try again in a moment", EXIT_BUSY) from None
         fsync_dir(os.path.join(root, HOLD))
         fsync_dir(os.path.join(root, state))
         try:
