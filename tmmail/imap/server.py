@@ -393,7 +393,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         except (binascii.Error, ValueError):
             self._bad(tag, R.BAD_AUTH_DATA)
             return None
-        if authzid and authzid != authcid:
+        if authzid and authzid.lower() != authcid.lower():  # no proxy logins; logins ignore case
             self.tagged(tag, R.NO_AUTH_FAILED)
             return None
         return self._authenticate(tag, authcid, password, b"AUTHENTICATE")
