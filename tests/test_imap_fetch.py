@@ -266,3 +266,13 @@ def test_imapclient_parses_every_corpus_response(name):
     assert (env.subject is None) == (root.header("Subject") is None)
     bs = parsed[b"BODYSTRUCTURE"]
     assert bs.is_multipart == root.is_multipart
+
+
+with open(os.path.join(CORPUS, "addresses.expected.json"), encoding="utf-8") as _f:
+    ADDRESSES = json.load(_f)
+
+
+@pytest.mark.parametrize("header", sorted(ADDRESSES))
+def test_envelope_addresses_like_dovecot(header):
+    raw = b"To: " + header.encode("utf-8") + b"\n\nbody\n"
+    assert b"ENVELOPE " + envelope(Message(raw)) == ADDRESSES[header].encode("latin-1")

@@ -55,7 +55,6 @@ class _Literal(String):
 Token = Union[Atom, String, list]
 
 _LITERAL_END = re.compile(rb"~?\{(\d+)(\+?)\}$")
-MAX_LITERAL = 1 << 40
 
 
 def literal_announcement(line: bytes) -> tuple[int, bool] | None:

@@ -621,7 +621,7 @@ def _addr_spec(toks: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | Non
         if colon >= 0:
             adl = b"".join(t for _, t in toks[:colon])
             toks = toks[colon + 1 :]
-    at = max((k for k, t in enumerate(toks) if t[0] == "@"), default=-1)
+    at = next((k for k, t in enumerate(toks) if t[0] == "@"), -1)
     if at < 0:
         local = b"".join(t for _, t in toks)
         return adl, (local or None), None
@@ -645,24 +645,39 @@ def parse_addresses(value: bytes | None) -> list[Address]:
     in_group = False
     cur: list[tuple[str, bytes]] = []
 
-    def emit(item: list[tuple[str, bytes]]) -> None:
-        if not [t for t in item if t[0] != "c"]:
-            return
+    def emit(item: list[tuple[str, bytes]]) -> bool:
+        """Append the address in ``item``; True if it was malformed so that parsing stops."""
+        words = [t for t in item if t[0] != "c"]
+        if not words:
+            return False
+        stop = False
         lt = next((k for k, t in enumerate(item) if t[0] == "<"), -1)
-        if lt >= 0:
+        at = next((k for k, t in enumerate(words) if t[0] == "@"), -1)
+        if lt >= 0 and not any(t[0] == "@" for t in item[:lt]):
             gt = next((k for k in range(lt + 1, len(item)) if item[k][0] == ">"), -1)
             name = _join_words(item[:lt]) or None
             adl, mbox, host = _addr_spec(item[lt + 1 : gt if gt >= 0 else len(item)])
             if gt < 0 and mbox is not None:
                 host = SYNTAX_ERROR     # unterminated "<...", as Dovecot reports it
-        elif not any(k == "@" for k, _ in item) and any(k == "q" for k, _ in item):
+        elif at < 0 and (len(words) > 1 or words[0][0] == "q") and words[0][0] != "@":
             # a display name without an address (e.g. a truncated header)
             name, adl, mbox, host = _join_words(item) or None, None, None, None
+        elif at > 1 and all(k in ("a", "q") for k, _ in words[:at]):
+            # "john doe@x": a phrase where an address was expected (Dovecot stops here)
+            name, adl, mbox, host = _join_words(words[:at]) or None, None, None, None
+            stop = True
         else:
+            if lt >= 0:                 # "a@b <c@d>": the addr-spec counts, the rest is junk
+                item = item[:lt]
+                stop = True
             comments = [t for k, t in item if k == "c"]
             name = comments[-1].strip() or None if comments else None
             adl, mbox, host = _addr_spec(item)
+        if host is not None and host[:1] != b"[" and (
+                host.startswith(b".") or host.endswith(b".") or b".." in host):
+            host = None
         out.append(Address(name, adl, mbox or MISSING_MAILBOX, host or MISSING_DOMAIN))
+        return stop
 
     group_ended = False
     for kind, text in toks:
@@ -670,7 +685,9 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             if not group_ended and not [t for t in cur if t[0] != "c"]:
                 # an empty list element between commas is reported, as Dovecot does
                 out.append(Address(None, None, MISSING_MAILBOX, MISSING_DOMAIN))
-            emit(cur)
+            if emit(cur):
+                cur = []
+                break
             cur = []
             group_ended = False
         elif kind == ":" and not _inside_angle(cur) and not (cur and cur[0][0] == "@"):
@@ -682,12 +699,16 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             out.append(Address(None, None, _join_words(cur) or b"", None))
             in_group = True
             cur = []
-        elif kind == ";" and in_group:
-            emit(cur)
+        elif kind == ";":
+            stop = emit(cur)
             cur = []
+            if not in_group:
+                break                   # ";" outside a group: Dovecot stops parsing
             out.append(Address(None, None, None, None))
             in_group = False
             group_ended = True
+            if stop:
+                break
         else:
             cur.append((kind, text))
             group_ended = False
