@@ -170,7 +170,7 @@ def test_seen_semantics():
 @pytest.mark.parametrize("bad", [
     "(FLAGS", "BODY[", "BODY[1.0]", "BODY[0]", "BODY[MIME]", "BODY[HEADER.FIELDS]",
     "BODY[HEADER.FIELDS ()]", "BODY[TEXT.1]", "NOSUCH", "(FLAGS (UID))", "BODY[]<x.1>",
-    "BINARY[1]", "BODY[1]<1.2", "BODY[1.]",
+    "BINARY[1]", "BODY[1]<1.2", "BODY[1.]", "BODY[]<0." + "9" * 5000 + ">", "BODY[" + "9" * 5000 + "]",
 ])
 def test_bad_fetch_syntax_raises_parse_error(bad):
     with pytest.raises(ParseError):

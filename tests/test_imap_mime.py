@@ -333,3 +333,12 @@ def test_fuzzed_messages_never_break_search():
         batch.append(S(i + 1, bytes(raw)))
     found = search(prog, batch, len(batch), len(batch))
     assert 0 < len(found) <= len(batch)
+
+
+def test_huge_numbers_in_content_do_not_raise():
+    # Python refuses int() of > 4300 digits; content must never reach it unguarded
+    raw = (b"Content-Type: multipart/mixed; boundary=b; name*" + b"9" * 5000 + b"*=x\n"
+           b"Date: Mon, " + b"9" * 5000 + b" Jan 2024 10:00:00 +0000\n\n--b\n\nx\n--b--\n")
+    full_fetch_is_parseable(raw)
+    from tmmail.imap.search import parse_search, search
+    assert search(parse_search(tokenize(b"SENTON 1-Jan-1970")), [Stored(raw)], 1, 1)

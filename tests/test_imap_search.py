@@ -230,7 +230,8 @@ def test_sequence_set_filter_huge_uid_range_without_iterating():
     assert SequenceSet.parse(b"500:*").filter([3, 8], 8) == [8]
 
 
-@pytest.mark.parametrize("bad", [b"", b"0", b"1:0", b"a", b"1:", b":1", b"1,,2", b"1:2:3", b"4294967296", b"$"])
+@pytest.mark.parametrize("bad", [b"", b"0", b"1:0", b"a", b"1:", b":1", b"1,,2", b"1:2:3", b"4294967296", b"$",
+                                 b"1:" + b"9" * 5000])
 def test_sequence_set_invalid(bad):
     with pytest.raises(ParseError):
         SequenceSet.parse(bad)

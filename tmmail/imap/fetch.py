@@ -98,7 +98,7 @@ class FetchItem:
         return lab
 
 
-_BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d+)\.(\d+)>)?$", re.S | re.I)
+_BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d{1,10})\.(\d{1,10})>)?$", re.S | re.I)
 _SECTION = re.compile(r"^((?:[1-9]\d{0,8})(?:\.[1-9]\d{0,8})*)?(?:(?(1)\.)(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME))?(.*)$", re.S | re.I)
 
 

@@ -291,7 +291,7 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
     return _merge_2231(raw)
 
 
-_SECTION = re.compile(r"^(.*?)\*(?:(\d+)\*?|)$", re.S)
+_SECTION = re.compile(r"^(.*?)\*(?:(\d{1,9})\*?|)$", re.S)
 
 
 def _merge_2231(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -43,7 +43,7 @@ class BadCharset(Exception):
 
 # --- sequence sets -------------------------------------------------------------------------
 
-_SEQ_ITEM = re.compile(rb"^(\d+|\*)(?::(\d+|\*))?$")
+_SEQ_ITEM = re.compile(rb"^(\d{1,10}|\*)(?::(\d{1,10}|\*))?$")
 
 
 class SequenceSet:
