@@ -224,6 +224,19 @@ def test_smarthost_with_auth_over_verified_tls(dnsz, mx_port, msg, reactor_threa
     assert dnsz.count("one.example", "MX") == 0
 
 
+def test_smarthost_private_ca_from_settings(dnsz, mx_port, msg, reactor_thread, pki, tmp_path):
+    """relay.smarthost_ca_file names the CA that signs the smarthost: verified TLS without code."""
+    port = free_port()
+    dnsz.a("smarthost.test", "127.0.0.14")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca_pem)
+    s = settings(dnsz, mx_port, smarthost=f"smarthost.test:{port}", smarthost_ca_file=str(ca))
+    conn = make(reactor_thread, s)
+    with Sink(address="127.0.0.14", port=port, tls=pki.server_context()) as sink:
+        assert deliver(reactor_thread, conn, envelope("x@one.example"), msg) == [None]
+    assert sink.messages[0].tls
+
+
 def test_smarthost_certificate_not_trusted(dnsz, mx_port, msg, reactor_thread, pki, tmp_path):
     port = free_port()
     dnsz.a("smarthost.test", "127.0.0.13")

@@ -134,6 +134,8 @@ class RelaySettings:
     smarthost: str = ""
     smarthost_tls: str = "starttls"  # "starttls" | "implicit" | "none"
     smarthost_verify: bool = True
+    #: PEM file of the CA(s) that sign the smarthost certificate; empty = the system CA store
+    smarthost_ca_file: str = ""
     smarthost_user: str = ""
     smarthost_password: str = ""
     max_connections: int = 20

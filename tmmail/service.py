@@ -87,9 +87,19 @@ class MailService(MultiService):
         self.log.info("TMmail started as {hostname}", hostname=self.settings.server.hostname)
 
     def stopService(self) -> Any:
-        d = self.runner.stop()
         from twisted.internet import defer
 
-        d = defer.maybeDeferred(lambda: d)
+        d = defer.maybeDeferred(self.runner.stop)
+
+        def close_connectors(_: Any) -> None:
+            for connector in self.connectors:
+                close = getattr(connector, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as e:  # noqa: BLE001 - stopping must go on
+                        self.log.error("closing {connector} failed: {error}", connector=connector, error=e)
+
+        d.addBoth(close_connectors)
         d.addBoth(lambda _: MultiService.stopService(self))
         return d

@@ -226,6 +226,14 @@ class SMTPConnector:
         self.reactor = reactor
         self.resolver = resolver or Resolver.from_settings(settings, reactor=reactor)
         #: IOpenSSLTrustRoot for verified (smarthost) TLS; None = the platform's CA store
+        if trust_root is None and getattr(self.relay, "smarthost_ca_file", ""):
+            from twisted.internet import ssl  # noqa: PLC0415
+
+            with open(settings.resolve(self.relay.smarthost_ca_file), "rb") as f:
+                pems = f.read()
+            marker = b"-----BEGIN CERTIFICATE-----"
+            certs = [ssl.Certificate.loadPEM(marker + p) for p in pems.split(marker)[1:]]
+            trust_root = ssl.trustRootFromCertificates(certs)
         self.trust_root = trust_root
         self.helo_name = self.relay.helo_name or settings.server.hostname
         #: our own names: an MX list that names us is cut there (RFC 5321 §5.1)
