@@ -62,6 +62,17 @@ LOCAL_SCHEMES = ("SF",)
 ERROR_RETRY = 60.0
 
 
+class _Progress:
+    """The batches of one message still out, and how many of them wait for a destination."""
+
+    __slots__ = ("outstanding", "parked", "released")
+
+    def __init__(self, outstanding: int) -> None:
+        self.outstanding = outstanding
+        self.parked = 0
+        self.released = False
+
+
 def _as_dict(connectors: Any) -> dict[str, Any]:
     if isinstance(connectors, dict):
         return {k.upper(): v for k, v in connectors.items()}
@@ -94,6 +105,14 @@ class Runner:
         #: every slot; blocking I/O is bounded by the thread pools, not by this
         self.max_active = max(64, self.queue.io_threads * 32)
         self.error_retry = ERROR_RETRY
+        #: batches out to one destination (SMTP: per domain) at once; the SMTP connector opens at
+        #: most relay.max_connections_per_domain connections and reuses them for the rest
+        relay = getattr(settings, "relay", None)
+        self.dest_limit = max(8, 8 * int(getattr(relay, "max_connections_per_domain", 4)))
+        self._dest_busy: dict[str, int] = {}
+        self._dest_wait: dict[str, deque[defer.Deferred]] = {}
+        #: messages waiting only for destination places (they hold no slot)
+        self._parked = 0
         pm = self.queue.postmaster
         self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
 
@@ -216,7 +235,12 @@ class Runner:
     # -- scheduling -------------------------------------------------------------------------
 
     def _idle(self) -> bool:
-        return self._inflight == 0 and not self._scanning and (not self._ready or not self._running)
+        return (
+            self._inflight == 0
+            and self._parked == 0
+            and not self._scanning
+            and (not self._ready or not self._running)
+        )
 
     def _check_idle(self) -> None:
         if self._idle():
@@ -345,25 +369,22 @@ class Runner:
                     immediate.append((r, TransientError(*E_NO_CONNECTOR)))
                     continue
                 batches.setdefault((target.scheme, conn.batch_key(target)), []).append((r, target))
-            local = {id(r) for (scheme, _), items in batches.items() if scheme in LOCAL_SCHEMES for r, _ in items}
-            for r in due:
+            for r, err in immediate:
                 r.attempts += 1
                 r.last_attempt = now
-                if id(r) not in local:
-                    # saved before the attempt: a crash during it never makes us hammer a peer;
-                    # local deliveries are simply tried again at restart
-                    r.next_attempt = self._retry_time(env, r, now)
-            if any(scheme not in LOCAL_SCHEMES for scheme, _ in batches):
-                yield self._save(env)
-            for r, err in immediate:
                 self._apply(env, r, err, now)
             path = self.spool.message_path(ACTIVE, qid)
-            outstanding = [len(batches)]
+            progress = _Progress(len(batches))
             work = [
-                self._deliver_batch(env, scheme, items, path, outstanding)
-                for (scheme, _), items in batches.items()
+                self._deliver_batch(env, scheme, key, items, path, progress)
+                for (scheme, key), items in batches.items()
             ]
-            yield defer.DeferredList(work, consumeErrors=True)
+            results = yield defer.DeferredList(work, consumeErrors=True)
+            for ok, failure in results:
+                if not ok:
+                    # an I/O error (the envelope could not be saved): leave the files as
+                    # they are and retry later (see _failed_one)
+                    failure.raiseException()
         yield self._finish(env)
 
     def _retry_time(self, env: Envelope, r: Recipient, now: float) -> float:
@@ -411,21 +432,44 @@ class Runner:
         self,
         env: Envelope,
         scheme: str,
+        key: str,
         items: list[tuple[Recipient, InternalAddress]],
         path: str,
-        outstanding: list[int],
+        progress: _Progress,
     ) -> Any:
         """Deliver one batch; save its outcomes at once unless it is the last one out
-        (then ``_finish`` writes them, or removes the message, right away)."""
+        (then ``_finish`` writes them, or removes the message, right away).
+
+        A batch for a peer first waits for a place among the ``dest_limit`` batches that may be
+        out to one destination, and saves its next attempt time before it goes.
+        """
         conn = self.connectors[scheme]
+        remote = scheme not in LOCAL_SCHEMES
+        dest = f"{scheme}:{key}"
+        if remote:
+            yield self._dest_acquire(dest, env.queue_id, progress)
         try:
-            outcomes = yield defer.maybeDeferred(conn.deliver, env, items, path)
-            outcomes = list(outcomes)
-            if len(outcomes) != len(items):
-                raise ValueError(f"connector {scheme} gave {len(outcomes)} outcomes for {len(items)} items")
-        except Exception as e:
-            log.failure("{queue_id}: connector {scheme} failed", Failure(e), queue_id=env.queue_id, scheme=scheme)
-            outcomes = [TransientError(*E_INTERNAL)] * len(items)
+            now = self.reactor.seconds()
+            for r, _ in items:
+                r.attempts += 1
+                r.last_attempt = now
+                if remote:
+                    # saved before the attempt: a crash during it never makes us hammer a peer
+                    # (local deliveries are simply tried again at restart)
+                    r.next_attempt = self._retry_time(env, r, now)
+            if remote:
+                yield self._save(env)
+            try:
+                outcomes = yield defer.maybeDeferred(conn.deliver, env, items, path)
+                outcomes = list(outcomes)
+                if len(outcomes) != len(items):
+                    raise ValueError(f"connector {scheme} gave {len(outcomes)} outcomes for {len(items)} items")
+            except Exception as e:
+                log.failure("{queue_id}: connector {scheme} failed", Failure(e), queue_id=env.queue_id, scheme=scheme)
+                outcomes = [TransientError(*E_INTERNAL)] * len(items)
+        finally:
+            if remote:
+                self._dest_release(dest)
         now = self.reactor.seconds()
         for (r, _), outcome in zip(items, outcomes):
             if outcome is not None and not isinstance(outcome, DeliveryError):
@@ -433,9 +477,50 @@ class Runner:
                           scheme=scheme, outcome=outcome)
                 outcome = TransientError(*E_INTERNAL)
             self._apply(env, r, outcome, now)
-        outstanding[0] -= 1
-        if outstanding[0] > 0:
+        progress.outstanding -= 1
+        if progress.outstanding > 0:
             yield self._save(env)
+
+    # -- per-destination limit ----------------------------------------------------------------
+
+    def _dest_acquire(self, dest: str, qid: str, progress: _Progress) -> defer.Deferred:
+        """A place for one batch to ``dest``; while a message waits for places for all its
+        remaining batches it gives its slot among ``max_active`` to another message, so a slow
+        destination's backlog does not hold up mail for everyone else."""
+        if self._dest_busy.get(dest, 0) < self.dest_limit:
+            self._dest_busy[dest] = self._dest_busy.get(dest, 0) + 1
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._dest_wait.setdefault(dest, deque()).append(d)
+        progress.parked += 1
+        if progress.parked == progress.outstanding and not progress.released:
+            progress.released = True
+            self._parked += 1
+            self._inflight -= 1
+            self.reactor.callLater(0, self._pump)
+
+        def resumed(result: Any) -> Any:
+            progress.parked -= 1
+            if progress.released:
+                progress.released = False
+                self._parked -= 1
+                self._inflight += 1
+            return result
+
+        d.addCallback(resumed)
+        return d
+
+    def _dest_release(self, dest: str) -> None:
+        waiting = self._dest_wait.get(dest)
+        if waiting:
+            d = waiting.popleft()
+            if not waiting:
+                del self._dest_wait[dest]
+            d.callback(None)  # the place passes on directly
+            return
+        self._dest_busy[dest] -= 1
+        if not self._dest_busy[dest]:
+            del self._dest_busy[dest]
 
     def _apply(self, env: Envelope, r: Recipient, outcome: DeliveryError | None, now: float) -> None:
         r.remote_mta = str(getattr(outcome, "remote_mta", "") or "")
