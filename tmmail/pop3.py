@@ -520,8 +520,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             f = drop.folder.open(drop.messages[i].uid)
         except (StoreError, OSError):
             return self._error(ERR_GONE)
-        self.transport.write(first + b"\r\n")
-        producer = MessageProducer(self.transport, f, top, self.resetTimeout)
+        producer = MessageProducer(self.transport, f, top, self.resetTimeout, first + b"\r\n")
         return producer.start()
 
     # APOP and the survey's "joke" commands are not implemented: unknown command -> -ERR

@@ -91,39 +91,56 @@ class TopLimiter:
 class MessageProducer:
     """Streams one message file to the transport: (TOP limit) -> DotStuffer -> chunks."""
 
-    def __init__(self, transport: Any, f: BinaryIO, top: int | None, on_progress: Callable[[], None]) -> None:
+    def __init__(self, transport: Any, f: BinaryIO, top: int | None, on_progress: Callable[[], None],
+                 first_line: bytes = b"") -> None:
         self.transport = transport
         self.file = f
         self.stuffer = DotStuffer()
         self.limiter = TopLimiter(top) if top is not None else None
         self.on_progress = on_progress
         self.deferred: defer.Deferred[None] = defer.Deferred()
+        #: the "+OK" line goes out in the same write as the first chunk, and the terminating
+        #: "." in the same write as the last one (read-ahead): no small segments for Nagle and
+        #: delayed ACKs to stall (one write for a small message)
+        self._prefix = first_line
+        self._ahead: bytes | None = None
 
     def start(self) -> defer.Deferred[None]:
         self.transport.registerProducer(self, False)
         return self.deferred
 
+    def _read(self) -> bytes:
+        if self._ahead is not None:
+            chunk, self._ahead = self._ahead, None
+            return chunk
+        return self.file.read(CHUNK)
+
     def resumeProducing(self) -> None:
         if self.deferred.called:
             return
         try:
-            chunk = self.file.read(CHUNK)
+            raw = self._read()
+            eof = not raw
+            if not eof:
+                self._ahead = self.file.read(CHUNK)
+                eof = not self._ahead
         except OSError as e:
             self._end(e)
             return
-        if self.limiter is not None and chunk:
-            chunk = self.limiter.feed(chunk)
-            if self.limiter.done:
-                self.transport.write(self.stuffer.feed(chunk))
-                chunk = b""
-        if not chunk:
-            self.transport.write(self.stuffer.finish())
+        chunk = raw
+        if self.limiter is not None and raw:
+            chunk = self.limiter.feed(raw)
+            eof = eof or self.limiter.done
+        out = self._prefix + self.stuffer.feed(chunk)
+        self._prefix = b""
+        if eof:
+            out += self.stuffer.finish()
+        if out:
+            self.transport.write(out)
+        if eof:
             self._end(None)
-            return
-        data = self.stuffer.feed(chunk)
-        if data:
-            self.transport.write(data)
-        self.on_progress()
+        else:
+            self.on_progress()
 
     def stopProducing(self) -> None:
         """The connection went away mid-message: stop quietly (nothing to report to anyone)."""
