@@ -263,3 +263,18 @@ def test_recover_completes_half_claim_into_hold(tmp_path) -> None:
     os.rename(spool.path(DEFERRED, qid, ".eml"), spool.path(HOLD, qid, ".eml"))
     found = restarted(spool).recover()
     assert found[HOLD] == [qid] and found[DEFERRED] == [] and found[CORRUPT] == []
+
+
+def test_failed_commit_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    spool = Spool(str(tmp_path))
+    w = spool.open_message()
+    w.write(DATA)
+
+    def broken_sync() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool._dirsync[INCOMING], "sync", broken_sync)
+    with pytest.raises(OSError):
+        w.commit(Envelope.new(queue_id=w.id, sender="", recipients=["x@y"]))
+    # the SMTP server answers 451: the message must not be delivered behind the client's back
+    assert files(spool, INCOMING) == [] and files(spool, TMP) == []

@@ -156,17 +156,27 @@ class SpoolWriter:
         if envelope.queue_id != self.id:
             raise ValueError("envelope queue id does not match the message")
         sp = self.spool
+        moved = False
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             _write_durably(sp.path(TMP, self.id, ".env"), envelope.to_bytes())
             # .eml first, .env last: the message exists in incoming/ once its .env is there
+            moved = True
             os.rename(sp.path(TMP, self.id, ".eml"), sp.path(INCOMING, self.id, ".eml"))
             os.rename(sp.path(TMP, self.id, ".env"), sp.path(INCOMING, self.id, ".env"))
             sp._dirsync[INCOMING].sync()
         except BaseException:
             self._closed = True
+            if moved:
+                # the client hears 451 and keeps the message: take back what reached incoming/
+                # (.env first, so the runner never sees an envelope without its data)
+                for ext in (".env", ".eml"):
+                    try:
+                        os.unlink(sp.path(INCOMING, self.id, ext))
+                    except OSError:
+                        pass
             self._cleanup()
             raise
         self._closed = True
