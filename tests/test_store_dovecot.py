@@ -39,16 +39,16 @@ class Dovecot:
                 "namespace inbox {\n  inbox = yes\n  separator = /\n}\n"
             )
 
-    def run(self, *commands: bytes | str) -> str:
-        data = b"".join(c.encode() if isinstance(c, str) else c for c in commands) + b"z LOGOUT\r\n"
-        argv = [IMAP_BIN, "-c", self.conf]
+    def run(self, *commands: bytes | str, binary: str = IMAP_BIN, logout: bytes = b"z LOGOUT\r\n") -> str:
+        data = b"".join(c.encode() if isinstance(c, str) else c for c in commands) + logout
+        argv = [binary, "-c", self.conf]
         if self.root:
             subprocess.run(["chown", "-R", "65534:65534", self.home], check=True)
             argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
         p = subprocess.run(argv, input=data, capture_output=True, timeout=30,
                            env={"USER": "test", "HOME": self.home, "PATH": os.environ.get("PATH", "")})
         out = p.stdout.decode("utf-8", "replace")
-        assert "* PREAUTH" in out, out + p.stderr.decode("utf-8", "replace")
+        assert out.startswith(("* PREAUTH", "+OK")), out + p.stderr.decode("utf-8", "replace")
         return out
 
 
@@ -128,3 +128,32 @@ def test_tmmail_reads_what_dovecot_wrote_and_continues_the_uids(dv):
     changes = inbox.refresh()
     assert changes.expunged == [(2, 2)]
     assert [m.uid for m in inbox.messages] == [1, 3]
+
+
+def test_pop3_uidls_match_dovecot(dv):
+    """Switching a mailbox between Dovecot and TMmail must not make POP3 clients download again."""
+    from tmmail.pop3 import open_maildrop
+
+    maildir.create(dv.maildir)
+    src = os.path.join(dv.home, "m.eml")
+    with open(src, "wb") as f:
+        f.write(b"Subject: pop\n\nbody\n")
+    for _ in range(3):
+        maildir.deliver(dv.maildir, src)
+    Store(dv.maildir).open("INBOX").store_flags([2], ["\\Seen"], "add")
+    # a record with Dovecot's migrated-UIDL field
+    ul_path = os.path.join(dv.maildir, "dovecot-uidlist")
+    with open(ul_path) as f:
+        text = f.read()
+    with open(ul_path, "w") as f:
+        f.write(text.replace("\n3 :", "\n3 Pold-server-uidl-3 :"))
+    out = dv.run("UIDL\r\n", binary="/usr/lib/dovecot/pop3", logout=b"QUIT\r\n")
+    theirs = re.findall(r"^(\d+ \S+)\r$", out, re.M)
+    assert len(theirs) == 3 and theirs[2] == "3 old-server-uidl-3"
+    store._indexes.clear()
+    drop = open_maildrop(dv.maildir)
+    try:
+        ours = [f"{i} {u.decode()}" for i, u in enumerate(drop.uidls, 1)]
+    finally:
+        drop.release()
+    assert ours == theirs

@@ -6,7 +6,8 @@ the survey, §3/§4: no STLS, joke CAPA entries, deletions before QUIT, chunk-bo
 * One command at a time: pipelined commands (RFC 2449 PIPELINING) wait in a bounded queue while
   a command runs (login, opening the maildrop, streaming a message, QUIT).
 * The maildrop is a snapshot of INBOX taken at login (RFC 1939 §5: message numbers are fixed for
-  the session); UIDL is Dovecot's ``%08Xu%08Xv`` (UID, UIDVALIDITY), stable across new/ -> cur/
+  the session); UIDL is what Dovecot's default ``%08Xu%08Xv`` prints (lower-case hex of UID and
+  UIDVALIDITY; a ``P`` field in the uidlist record, Dovecot's migrated UIDL, wins), stable across new/ -> cur/
   moves and flag renames by other clients.
 * DELE only marks; files are removed in the UPDATE state after QUIT (RFC 1939 §6); a dropped
   connection deletes nothing.  One session per maildrop (``-ERR [IN-USE]``, RFC 2449 §8.1.2),
@@ -28,7 +29,7 @@ from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from tmmail import maildir
+from tmmail import maildir, uidlist
 from tmmail.pop3_stream import DotStuffer, MessageProducer, TopLimiter
 from tmmail.store import Store, StoreError
 
@@ -90,7 +91,8 @@ class Maildrop:
         self.lock_fd = lock_fd
         self.key = key
         uv = folder.uidvalidity
-        self.uidls = [b"%08X%08X" % (m.uid, uv) for m in self.messages]
+        migrated = _migrated_uidls(folder.path)
+        self.uidls = [migrated.get(m.base) or b"%08x%08x" % (m.uid, uv) for m in self.messages]
 
     def release(self) -> None:
         if self.lock_fd >= 0:
@@ -99,6 +101,22 @@ class Maildrop:
             finally:
                 self.lock_fd = -1
                 _locked.discard(self.key)
+
+
+def _migrated_uidls(folder: str) -> dict[str, bytes]:
+    """base -> UIDL from the ``P<uidl>`` extension Dovecot keeps for migrated POP3 UIDLs."""
+    ul = uidlist.read(folder)
+    out: dict[str, bytes] = {}
+    if ul is None:
+        return out
+    for base, rec in ul.records.items():
+        if "P" in rec.ext:
+            for field in rec.ext.split():
+                if field.startswith("P") and len(field) > 1:
+                    value = field[1:].encode("ascii", "replace")
+                    if len(value) <= 70 and all(0x21 <= c <= 0x7E for c in value):  # RFC 1939 §7
+                        out[base] = value
+    return out
 
 
 def open_maildrop(path: str) -> Maildrop:
