@@ -182,3 +182,33 @@ def test_routed_domain_is_relayed_to_its_route(tmp_path) -> None:
     # map entries still come first
     assert resolve(snap, "boss@backup.example").targets == (SF("ACME/ADMIN"),)
     assert resolve(snap, "anyone@dead.example").kind == UNKNOWN_LOCAL
+
+
+def test_groups(tmp_path) -> None:
+    snap = tables(
+        tmp_path,
+        **BASE,
+        ADDRESS_MAP=["[SMTP:all@example.com]\t[SF:ACME/STAFF]"],
+        GROUP_MAP=[
+            "[SF:ACME/STAFF]\tstaff@example.com\t1\tEveryone",
+            "[SF:ACME/OPS]\tops@example.com\t1",
+            "[SF:ACME/OLD]\told@example.com\t0",
+            "[SF:ACME/LOOP]\tloop@example.com\t1",
+        ],
+        GROUP_MEMBERS=[
+            "[SF:ACME/STAFF]\t[SF:ACME/ADMIN]",
+            "[SF:ACME/STAFF]\t[SF:ACME/OPS]",
+            "[SF:ACME/STAFF]\tout@remote.example",
+            "[SF:ACME/OPS]\t[SMTP:bob@example.com]",
+            "[SF:ACME/OPS]\t[SF:ACME/ADMIN]",
+            "[SF:ACME/OLD]\t[SF:ACME/ADMIN]",
+            "[SF:ACME/LOOP]\t[SF:ACME/LOOP]",
+        ],
+    )
+    expected = (SF("ACME/ADMIN"), SF("ACME/Bob"), SMTP("out@remote.example"))
+    r = resolve(snap, "Staff@example.com")
+    assert r.kind == LOCAL and r.targets == expected  # nested, each member once
+    assert resolve(snap, "all@example.com").targets == expected  # a map row pointing at the group
+    assert resolve(snap, "old@example.com").kind == UNKNOWN_LOCAL  # disabled
+    r = resolve(snap, "loop@example.com")
+    assert r.kind == UNKNOWN_LOCAL and "loop" in r.reason

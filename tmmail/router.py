@@ -4,14 +4,16 @@ Pure logic over one immutable providers snapshot.  The order follows MailEnable'
 
 1. exact ADDRESS-MAP rows (source ``[SMTP:addr]``),
 2. hosted mailboxes: the domain's post office has a MAILBOX row named like the local part
-   (case-insensitive), with its redirect setting (1 = redirect, 2 = redirect and keep a copy),
+   (case-insensitive), with its redirect setting (1 = redirect, 2 = redirect and keep a copy);
+   then groups by their GROUP-MAP address (tmmail.groups), expanded to their members,
 3. ADDRESS-MAP masks in file order (``[SMTP:*@example.com]`` catch-alls), first match wins,
 4. a domain with a ROUTE in DOMAINS.tab (one we relay for) is ``local`` with target
    ``[SMTP:addr]``: the SMTP connector sends it to the route host,
 5. a domain we do not host is ``remote`` (``[SMTP:addr]``; relay rules decide elsewhere),
 6. anything else in a hosted domain is ``unknown_local`` (SMTP 550 5.1.1, RFC 3463 §3.2).
 
-Destinations that are addresses (``[SMTP:x@y]``) are resolved again, up to ``MAX_DEPTH`` hops;
+Destinations that are addresses (``[SMTP:x@y]``) or groups (``[SF:PO/GROUP]``) are resolved
+again, up to ``MAX_DEPTH`` hops;
 a chain that comes back to an address already on it is a loop.  A disabled domain, post
 office or mailbox (STATUS 0) resolves nowhere.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tmmail.address import AddressError, InternalAddress, mask_matches, parse_mailbox
+from tmmail.groups import groups as _group_index
 
 LOCAL = "local"
 REMOTE = "remote"
@@ -83,6 +86,11 @@ def _resolve(providers: Any, address: str, chain: tuple[str, ...]) -> tuple[str,
                 raise _Unresolvable("mailbox disabled")
             return LOCAL, _mailbox_targets(providers, mbx, chain)
 
+    index = _groups(providers)
+    group = index.by_addr(parsed.key) if index is not None else None
+    if group is not None:
+        return LOCAL, _group_targets(providers, group, chain)
+
     for row in providers.map_masks():
         if mask_matches(row.source, parsed):
             return LOCAL, _expand(providers, list(row.destinations), chain)
@@ -94,6 +102,25 @@ def _resolve(providers: Any, address: str, chain: tuple[str, ...]) -> tuple[str,
             return LOCAL, (InternalAddress("SMTP", str(parsed)),)
         raise _Unresolvable("no such user here" if domain.enabled else "domain disabled")
     return REMOTE, (InternalAddress("SMTP", str(parsed)),)
+
+
+def _groups(providers: Any) -> Any:
+    """The GROUP-MAP index of the snapshot (None for a snapshot without raw tables)."""
+    return _group_index(providers) if hasattr(providers, "rows") else None
+
+
+def _group_targets(providers: Any, group: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
+    """A group's members, each resolved (nested groups too); a disabled group resolves nowhere."""
+    key = "group:" + str(group.target).lower()
+    if key in chain:
+        raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
+    if len(chain) >= MAX_DEPTH:
+        raise _Unresolvable(f"alias chain longer than {MAX_DEPTH}")
+    if not group.enabled:
+        raise _Unresolvable("group disabled")
+    if not group.members:
+        raise _Unresolvable("group without members")
+    return _expand(providers, list(group.members), chain + (key,))
 
 
 def _mailbox_enabled(providers: Any, mbx: Any) -> bool:
@@ -153,8 +180,15 @@ def _expand(providers: Any, dests: list[InternalAddress], chain: tuple[str, ...]
                     continue
                 out.extend(_mailbox_targets(providers, mbx, chain))
             else:
-                # not a mailbox: a group or something a connector knows; the post office
-                # connector refuses it permanently if nobody does
+                index = _groups(providers)
+                group = index.get(dest) if index is not None else None
+                if group is not None:
+                    try:
+                        out.extend(_group_targets(providers, group, chain))
+                    except _Unresolvable as e:
+                        failure = e
+                    continue
+                # neither mailbox nor group: the post office connector refuses it (5.1.1)
                 po = providers.postoffice(dest.postoffice)
                 if po is not None and not po.enabled:
                     failure = _Unresolvable("post office disabled")
