@@ -1,0 +1,128 @@
+"""``tmmail badmail``: messages kept in spool/badmail/ (a recipient resolved nowhere, a mail loop).
+
+``list`` (one line per bad recipient: id, age, sender, recipient, last reply), ``show ID``
+(the envelope and the message header), ``requeue ID`` (the bad recipients become pending
+again and are routed afresh: after fixing the address map, say) and ``delete ID``.
+
+The runner never looks into badmail/, so these commands need no claim: ``requeue`` saves the
+edited envelope durably in badmail/ and then moves the message to incoming/ (``.eml`` first,
+``.env`` last, as tmmail.spool does), where the running server picks it up within
+``queue.scan_interval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from tmmail.cli import CLIError
+from tmmail.envelope import FAILED, PENDING, EnvelopeError
+from tmmail.spool import BADMAIL, INCOMING, Spool, valid_queue_id
+
+__all__ = ["register", "requeue"]
+
+
+def _spool(ctx: Any) -> Spool:
+    return Spool(ctx.settings.spool_dir)
+
+
+def _load(spool: Spool, qid: str) -> Any:
+    if not valid_queue_id(qid):
+        raise CLIError(f"bad queue id {qid!r}")
+    try:
+        return spool.load(BADMAIL, qid)
+    except FileNotFoundError:
+        raise CLIError(f"no message {qid} in badmail/") from None
+    except EnvelopeError as e:
+        raise CLIError(f"{qid}: unreadable envelope: {e}") from None
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def cmd_list(args: argparse.Namespace, ctx: Any) -> int:
+    spool = _spool(ctx)
+    now = time.time()
+    for qid, env in spool.iter_envelopes(BADMAIL):
+        if env is None:
+            ctx.out(qid, "?", "?", "?", "unreadable envelope")
+            continue
+        bad = [r for r in env.recipients if r.bad] or [r for r in env.recipients if r.state == FAILED]
+        for r in bad or env.recipients:
+            ctx.out(qid, _age(now - env.arrival), env.sender or "<>", r.address, r.last_reply)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, ctx: Any) -> int:
+    spool = _spool(ctx)
+    env = _load(spool, args.id)
+    ctx.stdout.write(env.to_bytes().decode("utf-8"))
+    ctx.stdout.write("\n")
+    try:
+        with open(spool.message_path(BADMAIL, env.queue_id), "rb") as f:
+            head = f.read(64 * 1024).split(b"\n\n", 1)[0]
+    except FileNotFoundError:
+        raise CLIError(f"{args.id}: message data missing") from None
+    ctx.stdout.write(head.decode("utf-8", "replace") + "\n")
+    return 0
+
+
+def requeue(spool: Spool, qid: str) -> int:
+    """BLOCKING: make the bad recipients pending (routed again), move to incoming/; returns
+    how many recipients were reset."""
+    env = spool.load(BADMAIL, qid)
+    n = 0
+    for r in env.recipients:
+        if r.bad or (r.state == FAILED and not r.target):
+            r.state = PENDING
+            r.bad = False
+            r.target = ""
+            r.attempts = 0
+            r.next_attempt = 0.0
+            r.last_reply = ""
+            r.reported = False
+            n += 1
+    spool.save(BADMAIL, env)
+    spool.move(qid, BADMAIL, INCOMING)
+    return n
+
+
+def cmd_requeue(args: argparse.Namespace, ctx: Any) -> int:
+    spool = _spool(ctx)
+    _load(spool, args.id)
+    n = requeue(spool, args.id)
+    if n == 0:
+        ctx.stdout.write(f"{args.id}: no bad recipients; moved to incoming/ anyway\n")
+    else:
+        ctx.stdout.write(f"{args.id}: {n} recipient(s) queued again for routing\n")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, ctx: Any) -> int:
+    spool = _spool(ctx)
+    _load(spool, args.id)
+    spool.remove(args.id, BADMAIL)
+    ctx.stdout.write(f"{args.id}: deleted\n")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    bp = subparsers.add_parser("badmail", help="messages kept in spool/badmail/")
+    bs = bp.add_subparsers(dest="action", metavar="ACTION")
+    bs.required = True
+    bs.add_parser("list", help="list bad mail (one line per bad recipient)").set_defaults(func=cmd_list)
+    for name, func, text in (
+        ("show", cmd_show, "show a message's envelope and header"),
+        ("requeue", cmd_requeue, "route the bad recipients again (after fixing the tables)"),
+        ("delete", cmd_delete, "delete a message"),
+    ):
+        p = bs.add_parser(name, help=text)
+        p.add_argument("id", metavar="ID")
+        p.set_defaults(func=func)
