@@ -459,3 +459,14 @@ def test_corrupt_uidlist_gives_new_uidvalidity(md):
     assert view.refresh().uidvalidity_changed
     fresh = st.open("INBOX")
     assert fresh.uidvalidity > old and [m.uid for m in fresh.messages] == [1]
+
+
+def test_open_view_learns_that_its_folder_was_recreated(md):
+    st = Store(md)
+    st.create_folder("Tmp")
+    st.append("Tmp", MSG)
+    view = st.open("Tmp")
+    st.delete_folder("Tmp")
+    assert view.refresh().expunged == [(1, 1)]
+    st.create_folder("Tmp")
+    assert view.refresh().uidvalidity_changed

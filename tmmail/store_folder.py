@@ -121,7 +121,7 @@ class Folder:
                 changes.exists = len(self.messages)
                 changes.recent = len(self.recent)
                 return changes
-            if idx.uidvalidity != self.uidvalidity and idx.exists and idx.by_uid:
+            if idx.exists and idx.uidvalidity and idx.uidvalidity != self.uidvalidity:
                 changes.uidvalidity_changed = True
                 return changes
             current = idx.by_uid
