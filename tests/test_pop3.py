@@ -453,3 +453,32 @@ def test_connection_dropped_during_large_retr(h):
     assert len(lines) == 60002 and lines[-1] == b".0059999 and some text to make the line longer"
     pop.quit()
     assert h.count() == 1
+
+
+def test_lock_held_by_another_process_gives_in_use(h):
+    import fcntl
+    import multiprocessing
+
+    ready = multiprocessing.get_context("fork").Event()
+    release = multiprocessing.get_context("fork").Event()
+
+    def holder() -> None:  # another TMmail process serving the same maildrop
+        fd = os.open(os.path.join(h.maildir, "tmmail-pop3.lock"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        ready.set()
+        release.wait(20)
+
+    p = multiprocessing.get_context("fork").Process(target=holder)
+    p.start()
+    try:
+        assert ready.wait(10)
+        port = h.start()
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.stls(client_tls())
+        pop.user(ALICE)
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            pop.pass_(PASSWORD)
+    finally:
+        release.set()
+        p.join(10)
+    login(port).quit()  # the kernel dropped the lock with the process
