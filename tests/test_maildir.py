@@ -81,3 +81,21 @@ def test_folder_dir_mapping():
     assert store_names.dir_to_folder(".Caf&AOk-") == "Café"
     for not_folder in ("..", ".", "..DOVECOT-TRASHED", ".a..b", ".x."):
         assert store_names.dir_to_folder(not_folder) is None
+
+
+def test_deliver_with_delivery_id_is_idempotent(tmp_path):
+    root = str(tmp_path / "Maildir")
+    maildir.create(root, folders=())
+    src = tmp_path / "m"
+    src.write_bytes(b"Subject: once\n\nx\n")
+    first = maildir.deliver(root, str(src), delivery_id="Q123 alice@example.com")
+    # a crash after the rename: the queue delivers again
+    again = maildir.deliver(root, str(src), delivery_id="Q123 alice@example.com")
+    assert again == first
+    assert os.listdir(os.path.join(root, "new")) == [first]
+    # also after an IMAP client moved it to cur/ with flags
+    os.rename(os.path.join(root, "new", first), os.path.join(root, "cur", first + ":2,S"))
+    assert maildir.deliver(root, str(src), delivery_id="Q123 alice@example.com") == first + ":2,S"
+    other = maildir.deliver(root, str(src), delivery_id="Q123 bob@example.com")
+    assert other != first and sorted(os.listdir(os.path.join(root, "new"))) == [other]
+    assert maildir.sizes_from_base(other) == (17, 20)

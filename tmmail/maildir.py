@@ -8,6 +8,7 @@ Messages are stored with LF line endings, as Dovecot does; ``,S=`` is the file s
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import os
 import socket
@@ -58,22 +59,53 @@ def create(maildir: str, folders: tuple[str, ...] = SPECIAL_FOLDERS) -> None:
             f.write("V\t2\n\n" + "".join(name + "\n" for name in folders))
 
 
-def unique_base() -> str:
-    """A Maildir unique name in Dovecot's style: ``sec.M<usec>P<pid>Q<n>.<host>``."""
+def unique_base(marker: str = "") -> str:
+    """A Maildir unique name in Dovecot's style: ``sec.M<usec>P<pid>Q<n>[R<marker>].<host>``."""
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}{marker}.{_HOST}"
 
 
-def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None = None) -> str:
+def delivery_marker(delivery_id: str) -> str:
+    """``R<16 hex>``: the part of a file name that identifies one delivery (queue id + recipient)."""
+    return "R" + hashlib.sha256(delivery_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def find_delivery(root: str, delivery_id: str) -> str | None:
+    """The name of a message already delivered with ``delivery_id`` (in ``new/`` or ``cur/``)."""
+    needle = delivery_marker(delivery_id) + "."
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(os.path.join(root, sub))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if needle in name:
+                return name
+    return None
+
+
+def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None = None,
+            delivery_id: str | None = None) -> str:
     """Copy ``prefix`` + the file at ``src_path`` into ``maildir`` durably; return the new name.
 
     The file is written to ``tmp/``, fsynced, renamed into ``new/`` and the directory is fsynced,
     so once this returns the message survives a crash.  ``src_path`` holds LF-terminated lines.
+
+    ``delivery_id`` (e.g. ``"<queue id> <recipient>"``) makes a repeated delivery a no-op: its hash
+    is part of the file name, and if a message with it is already in ``new/`` or ``cur/`` (the
+    process died after the rename but before the queue recorded the delivery) that name is
+    returned instead of storing a duplicate.  It costs a directory listing.
     """
     root = folder_dir(maildir, folder)
-    base = unique_base()
+    marker = ""
+    if delivery_id is not None:
+        existing = find_delivery(root, delivery_id)
+        if existing is not None:
+            return existing
+        marker = delivery_marker(delivery_id)
+    base = unique_base(marker)
     tmp = os.path.join(root, "tmp", base)
     size = 0
     lines = 0
