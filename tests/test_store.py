@@ -270,11 +270,12 @@ def test_refresh_without_expunges_keeps_sequence_numbers(md):
     a.expunge()
     changes = b.refresh(expunges=False)
     assert changes.expunged == [] and len(b.messages) == 2
+    assert b.pending_expunges == {1}
     with pytest.raises(NoSuchMessage):
         b.read(1)
     assert b.read(2) == MSG
     assert b.refresh().expunged == [(1, 1)]
-    assert [m.uid for m in b.messages] == [2]
+    assert [m.uid for m in b.messages] == [2] and b.pending_expunges == set()
 
 
 def test_changes_by_other_process_are_seen(md):

@@ -82,6 +82,11 @@ class Folder:
         """FLAGS response: system flags and the keywords defined in this folder."""
         return list(SYSTEM_FLAGS) + [k for k in self._index.keywords if k]
 
+    @property
+    def pending_expunges(self) -> set[int]:
+        """UIDs gone from disk but kept in this view by ``refresh(expunges=False)``."""
+        return set(self._gone)
+
     def seq_of(self, uid: int) -> int | None:
         i = bisect.bisect_left(self._uids, uid)
         if i < len(self._uids) and self._uids[i] == uid:
