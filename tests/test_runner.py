@@ -51,7 +51,8 @@ class FakeSMTP:
 
 
 class World:
-    def __init__(self, tmp_path, reactor_thread, mailboxes=MAILBOXES, maps=(), smtp=None, **queue: Any) -> None:
+    def __init__(self, tmp_path, reactor_thread, mailboxes=MAILBOXES, maps=(), smtp=None, events=None,
+                 **queue: Any) -> None:
         cfg = tmp_path / "config"
         cfg.mkdir(exist_ok=True)
         (cfg / "DOMAINS.tab").write_text("example.com\tACME\t1\n")
@@ -70,6 +71,7 @@ class World:
         self.spool = Spool(self.settings.spool_dir)
         self.po = self.settings.postoffices_dir
         self.smtp = smtp
+        self.events = events
         self.runner: Runner | None = None
 
     def start(self) -> Runner:
@@ -78,7 +80,7 @@ class World:
         conns: list[Any] = [PostOfficeConnector(self.settings, self.store, reactor)]
         if self.smtp is not None:
             conns.append(self.smtp)
-        self.runner = Runner(self.settings, self.spool, self.store, conns, reactor)
+        self.runner = Runner(self.settings, self.spool, self.store, conns, reactor, events=self.events)
         self.rt.call(self.runner.start)
         return self.runner
 
@@ -692,3 +694,122 @@ def test_slow_destination_does_not_hold_up_others(make) -> None:
     wait_for(lambda: w.settled() and not w.ids(DEFERRED))
     w.idle()
     assert peer.most == 2
+
+
+# -- transfer events (tmmail.events) ---------------------------------------------------------
+
+
+class Hook:
+    """A transfer-event hook answering from a script of actions (the last one repeats)."""
+
+    name = "test-hook"
+
+    def __init__(self, *actions: Any) -> None:
+        self.actions = list(actions)
+        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def run(self, reactor: Any, event: str, envelope: Any, path: str, targets: Any = ()) -> Any:
+        from tmmail.events import Outcome
+
+        if envelope.origin != "smtp":  # a report of ours (deliver events see those too)
+            from tmmail.events import Outcome
+
+            return defer.succeed(Outcome())
+        assert open(path, "rb").read() == MSG
+        self.calls.append((event, envelope.queue_id, tuple(targets)))
+        action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+        return defer.succeed(Outcome(*action) if isinstance(action, tuple) else Outcome(action))
+
+
+def hooks(**by_event: Hook) -> Any:
+    from tmmail.events import TransferEvents
+
+    return TransferEvents({e: [h] for e, h in by_event.items()}, reactor)
+
+
+def test_pickup_reject_bounces(make) -> None:
+    hook = Hook(("reject", "Virus found: Eicar-Test"))
+    w = make(events=hooks(pickup=hook))
+    w.start()
+    w.send(["bob@example.com"])
+    wait_for(lambda: w.mails("ALICE"))
+    w.idle()
+    assert w.mails("BOB") == []
+    report = w.mails("ALICE")[0]
+    _, rcpt = dsn_fields(report)
+    assert rcpt["Action"] == "failed" and rcpt["Diagnostic-Code"] == "smtp; 550 5.7.1 Virus found: Eicar-Test"
+    # the refused content is not sent back: headers only
+    assert parse(report).get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert hook.calls[0][0] == "pickup"
+    assert all(w.ids(s) == [] for s in (ACTIVE, DEFERRED, BADMAIL, "quarantine"))
+
+
+def test_pickup_retry_then_accept_runs_once_accepted(make) -> None:
+    hook = Hook("retry", "accept")
+    w = make(events=hooks(pickup=hook))
+    w.start()
+    qid = w.send(["bob@example.com", "far@remote.example"])
+    wait_for(lambda: w.ids(DEFERRED) == [qid])
+    r = w.spool.load(DEFERRED, qid).recipients[0]
+    assert r.state == "deferred" and r.last_reply.startswith("451 4.7.1") and w.mails("BOB") == []
+    wait_for(lambda: w.runner.queue_size() == 1)
+    w.runner.flush()
+    wait_for(lambda: w.mails("BOB"))
+    w.idle()
+    env = w.spool.load(DEFERRED, qid)  # far@remote.example waits for an SMTP connector
+    assert env.checked
+    w.runner.flush()
+    wait_for(lambda: w.spool.load(DEFERRED, qid).recipients[1].attempts == 3)
+    assert len(hook.calls) == 2  # not asked again once it accepted
+
+
+def test_pickup_quarantine_puts_message_aside(make) -> None:
+    w = make(events=hooks(pickup=Hook(("quarantine", "suspicious"))))
+    w.start()
+    qid = w.send(["bob@example.com"])
+    wait_for(lambda: w.ids("quarantine") == [qid])
+    w.idle()
+    assert w.mails("BOB") == [] and w.mails("ALICE") == []
+    assert open(w.spool.message_path("quarantine", qid), "rb").read() == MSG
+
+
+def test_deliver_event_per_batch(make) -> None:
+    hook = Hook("accept")
+
+    def decide(reactor: Any, event: str, envelope: Any, path: str, targets: Any = ()) -> Any:
+        from tmmail.events import Outcome
+
+        if envelope.origin == "smtp":
+            hook.calls.append((event, envelope.queue_id, tuple(targets)))
+        refuse = "[SF:ACME/ADMIN]" in targets
+        return defer.succeed(Outcome("reject", "Archive policy") if refuse else Outcome())
+
+    hook.run = decide  # type: ignore[method-assign]
+    w = make(events=hooks(deliver=hook))
+    w.start()
+    w.send(["bob@example.com", "admin@example.com"])
+    wait_for(lambda: w.mails("BOB") and w.mails("ALICE"))
+    w.idle()
+    assert w.mails("ADMIN") == []
+    assert sorted(c[2] for c in hook.calls) == [("[SF:ACME/ADMIN]",), ("[SF:ACME/BOB]",)]
+    _, rcpt = dsn_fields(w.mails("ALICE")[0])
+    assert rcpt["Final-Recipient"] == "rfc822;admin@example.com" and "5.7.1 Archive policy" in rcpt["Diagnostic-Code"]
+
+
+def test_deliver_event_quarantine(make) -> None:
+    w = make(events=hooks(deliver=Hook("quarantine")))
+    w.start()
+    qid = w.send(["bob@example.com"])
+    wait_for(lambda: w.ids("quarantine") == [qid])
+    w.idle()
+    assert w.mails("BOB") == [] and w.mails("ALICE") == []
+
+
+def test_events_loaded_from_settings(make, tmp_path) -> None:
+    w = make()
+    settings = config.parse(
+        {"server": {"hostname": "h", "state_dir": str(tmp_path)},
+         "events": {"pickup": [{"command": ["/bin/true"]}]}}
+    )
+    runner = Runner(settings, w.spool, w.store, [], reactor)
+    assert runner.events.active("pickup") and not runner.events.active("deliver")

@@ -46,7 +46,7 @@ def files(spool: Spool, state: str) -> list[str]:
 def test_creates_directories(tmp_path) -> None:
     Spool(str(tmp_path / "spool"))
     assert sorted(os.listdir(tmp_path / "spool")) == sorted(
-        ["tmp", "incoming", "active", "deferred", "badmail", "corrupt", "hold"]
+        ["tmp", "incoming", "active", "deferred", "badmail", "corrupt", "hold", "quarantine"]
     )
 
 

@@ -116,6 +116,8 @@ class Envelope:
     #: MAIL FROM parameters, upper-case keys: SIZE, BODY, SMTPUTF8, RET, ENVID
     mail_params: dict[str, Any] = field(default_factory=dict)
     origin: str = ORIGIN_SMTP
+    #: the pickup transfer events (tmmail.events) accepted it; they are not run again
+    checked: bool = False
 
     @classmethod
     def new(
@@ -216,6 +218,7 @@ class Envelope:
                 protocol=str(data.get("protocol", "ESMTP")),
                 mail_params=dict(data.get("mail_params") or {}),
                 origin=str(data.get("origin", ORIGIN_SMTP)),
+                checked=bool(data.get("checked", False)),
             )
         except EnvelopeError:
             raise

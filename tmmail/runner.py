@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from tmmail import dsn, schedule
+from tmmail import dsn, events as transfer_events, schedule
 from tmmail.address import AddressError, InternalAddress
 from tmmail.envelope import (
     DEFERRED as R_DEFERRED,
@@ -39,13 +39,14 @@ from tmmail.envelope import (
     FAILED as R_FAILED,
     ORIGIN_DSN,
     ORIGIN_POSTMASTER,
+    ORIGIN_SMTP,
     Envelope,
     EnvelopeError,
     Recipient,
 )
 from tmmail.errors import DeliveryError, PermanentError, TransientError
 from tmmail.router import UNKNOWN_LOCAL, resolve
-from tmmail.spool import ACTIVE, BADMAIL, DEFERRED, INCOMING, Spool
+from tmmail.spool import ACTIVE, BADMAIL, DEFERRED, INCOMING, QUARANTINE, Spool
 
 log = Logger(namespace="tmmail.runner")
 
@@ -55,6 +56,9 @@ E_UNKNOWN_USER = (550, "5.1.1", "Recipient address unknown")
 E_NO_CONNECTOR = (451, "4.4.0", "No connector for this destination yet, will retry")
 E_INTERNAL = (451, "4.3.0", "Internal error during delivery, will retry")
 E_BAD_TARGET = (550, "5.1.2", "Unusable routing target")
+#: transfer events (tmmail.events) refusing or postponing a message
+E_HOOK_REJECT = (550, "5.7.1", "Message refused")
+E_HOOK_RETRY = (451, "4.7.1", "Message held for a content check, will retry")
 
 #: schemes delivered on this machine: no peer to hammer, so no save before the attempt
 LOCAL_SCHEMES = ("SF",)
@@ -65,12 +69,14 @@ ERROR_RETRY = 60.0
 class _Progress:
     """The batches of one message still out, and how many of them wait for a destination."""
 
-    __slots__ = ("outstanding", "parked", "released")
+    __slots__ = ("outstanding", "parked", "released", "quarantine")
 
     def __init__(self, outstanding: int) -> None:
         self.outstanding = outstanding
         self.parked = 0
         self.released = False
+        #: a deliver event's quarantine outcome: the message goes to quarantine/ at the end
+        self.quarantine: Any = None
 
 
 def _as_dict(connectors: Any) -> dict[str, Any]:
@@ -90,7 +96,10 @@ class Runner:
         connectors: Iterable[Any] | dict[str, Any],
         reactor: Any,
         threadpool: ThreadPool | None = None,
+        events: Any = None,
     ) -> None:
+        """``events``: tmmail.events.TransferEvents; by default loaded from ``settings``
+        (``[[events.pickup]]`` / ``[[events.deliver]]``; a bad entry raises ConfigError)."""
         self.settings = settings
         self.queue = settings.queue
         self.hostname = settings.server.hostname
@@ -98,6 +107,7 @@ class Runner:
         self.store = provider_store
         self.connectors = _as_dict(connectors)
         self.reactor = reactor
+        self.events = events if events is not None else transfer_events.load_events(settings, reactor)
         self._own_pool = threadpool is None
         self.pool = threadpool or ThreadPool(1, max(1, self.queue.io_threads), name="tmmail-runner")
         #: messages handled at once; most of them wait on the network (the SMTP connector has its
@@ -350,6 +360,24 @@ class Runner:
         env = yield self._io(self._activate, qid, src)
         if env is None:
             return
+        if not env.checked and env.origin == ORIGIN_SMTP and self.events.active(transfer_events.PICKUP):
+            outcome = yield self.events.run(transfer_events.PICKUP, env, self.spool.message_path(ACTIVE, qid))
+            if outcome.action == transfer_events.QUARANTINE:
+                yield self._quarantine(env, outcome)
+                return
+            if outcome.accepted:
+                env.checked = True
+            else:
+                if outcome.action == transfer_events.REJECT:
+                    env.mail_params["RET"] = "HDRS"  # never send refused content back out
+                now = self.reactor.seconds()
+                for r in env.recipients:
+                    if not r.final:
+                        r.attempts += 1
+                        r.last_attempt = now
+                        self._apply(env, r, self._hook_error(outcome), now)
+                yield self._finish(env)
+                return
         now = self.reactor.seconds()
         forced = qid in self._forced
         self._forced.discard(qid)
@@ -385,7 +413,30 @@ class Runner:
                     # an I/O error (the envelope could not be saved): leave the files as
                     # they are and retry later (see _failed_one)
                     failure.raiseException()
+            if progress.quarantine is not None:
+                yield self._quarantine(env, progress.quarantine)
+                return
         yield self._finish(env)
+
+    @staticmethod
+    def _hook_error(outcome: Any) -> DeliveryError:
+        if outcome.action == transfer_events.REJECT:
+            code, enh, text = E_HOOK_REJECT
+            return PermanentError(code, enh, outcome.text or text)
+        code, enh, text = E_HOOK_RETRY
+        return TransientError(code, enh, outcome.text or text)
+
+    def _quarantine(self, env: Envelope, outcome: Any) -> defer.Deferred:
+        """Put the message aside in quarantine/ (the envelope as it is now); nobody is told."""
+        log.warn("{queue_id}: quarantined by {hook}: {text}", queue_id=env.queue_id,
+                 hook=outcome.hook or "a transfer event", text=outcome.text or "-")
+        data = env.to_bytes()
+
+        def move() -> None:
+            self.spool.save_bytes(ACTIVE, env.queue_id, data)
+            self.spool.move(env.queue_id, ACTIVE, QUARANTINE)
+
+        return self._io(move)
 
     def _retry_time(self, env: Envelope, r: Recipient, now: float) -> float:
         return schedule.clamp_to_expiry(schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue)
@@ -446,6 +497,25 @@ class Runner:
         conn = self.connectors[scheme]
         remote = scheme not in LOCAL_SCHEMES
         dest = f"{scheme}:{key}"
+        if self.events.active(transfer_events.DELIVER):
+            outcome = yield self.events.run(
+                transfer_events.DELIVER, env, path, [str(t) for _, t in items]
+            )
+            if not outcome.accepted:
+                now = self.reactor.seconds()
+                if outcome.action == transfer_events.QUARANTINE:
+                    progress.quarantine = outcome  # the message is put aside when all are back
+                else:
+                    if outcome.action == transfer_events.REJECT:
+                        env.mail_params["RET"] = "HDRS"  # never send refused content back out
+                    for r, _ in items:
+                        r.attempts += 1
+                        r.last_attempt = now
+                        self._apply(env, r, self._hook_error(outcome), now)
+                progress.outstanding -= 1
+                if progress.outstanding > 0:
+                    yield self._save(env)
+                return
         if remote:
             yield self._dest_acquire(dest, env.queue_id, progress)
         try:

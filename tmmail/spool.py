@@ -34,8 +34,10 @@ BADMAIL = "badmail"
 CORRUPT = "corrupt"
 #: messages an administrator put on hold (tmmail.cli_queue); the runner never takes them
 HOLD = "hold"
+#: messages a transfer event (tmmail.events) put aside; nobody is told, the admin decides
+QUARANTINE = "quarantine"
 #: directories holding committed messages (everything but tmp/)
-QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT, HOLD)
+QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT, HOLD, QUARANTINE)
 ALL_DIRS = (TMP,) + QUEUE_STATES
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
