@@ -114,7 +114,7 @@ def main() -> int:
     if args.spawn:
         from tests.server import Server
 
-        srv = Server(tempfile.mkdtemp(prefix="tmmail-bench-")).init()
+        srv = Server(tempfile.mkdtemp(prefix="tmmail-bench-")).init("[imap]\nallow_plaintext_auth = true\n")
         srv.add_mailbox(args.user, args.password)
         populate(srv.maildir(args.user), args.n)
         srv.start(roles=("imap",))
