@@ -129,6 +129,16 @@ def test_many_parts_are_capped():
     assert 1000 <= len(m.root.children) <= 5001
 
 
+def test_boundary_bomb_without_blank_lines_is_linear():
+    # 200,000 empty parts with no blank line: a parser that looks for the blank line from each
+    # part to the end of the message would spend minutes here (the suite's timeout catches it)
+    raw = b"Content-Type: multipart/mixed; boundary=b\n\n" + b"--b\nX: 1\n" * 200000
+    m = Message(raw)
+    assert len(m.root.children) == 5000
+    assert m.data[m.root.children[-1].start:m.root.children[-1].end] == b"X: 1"
+    assert body_structure(m).count(b'("text" "plain"') == 5000
+
+
 def test_crlf_normalisation():
     assert to_crlf(b"a\nb\n") == b"a\r\nb\r\n"
     assert to_crlf(b"a\r\nb\n") == b"a\r\nb\r\n"

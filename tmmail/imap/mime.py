@@ -26,6 +26,9 @@ __all__ = [
 
 MAX_DEPTH = 40        # nesting of multipart / message/rfc822 beyond this is treated as a leaf
 MAX_PARTS = 5000      # total parts parsed per message (defends against boundary bombs)
+MAX_PARAM_FIELD = 64 * 1024      # Content-Type/-Disposition/-Transfer-Encoding bytes looked at
+MAX_ADDRESS_FIELD = 128 * 1024   # address header bytes looked at (~3000 recipients); both keep a
+                                 # hostile header from costing seconds of reactor time per FETCH
 
 _NL = re.compile(rb"\r?\n")
 
@@ -256,7 +259,7 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
     plain ones, sorted by name, their sections joined raw: ``("name*", "utf-8''%E2%82%AC")`` when
     any section is extended, else ``("name", joined)``.
     """
-    s = unfold(s)
+    s = unfold(s)[:MAX_PARAM_FIELD]
     raw: list[tuple[str, str]] = []
     n = len(s)
     while i < n:
@@ -291,7 +294,19 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
     return _merge_2231(raw)
 
 
-_SECTION = re.compile(r"^(.*?)\*(?:(\d{1,9})\*?|)$", re.S)
+def _rfc2231_name(name: str) -> tuple[str, int] | None:
+    """(base, section) for ``base*``, ``base*N`` or ``base*N*``; None for a plain name.
+
+    String operations, not a regex: a name made of thousands of ``*`` must stay linear."""
+    core = name[:-1] if name.endswith("*") else name
+    if core is not name and "*" not in core:
+        return core, 0
+    base, star, num = core.rpartition("*")
+    if star and num.isdigit() and len(num) <= 9 and num.isascii():
+        return base, int(num)
+    if core is not name:
+        return core, 0
+    return None
 
 
 def _merge_2231(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -299,14 +314,13 @@ def _merge_2231(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
     groups: dict[str, tuple[str, list[tuple[int, str]]]] = {}
     extended: set[str] = set()
     for name, value in raw:
-        m = _SECTION.match(name)
-        if not m:
+        split = _rfc2231_name(name)
+        if split is None:
             plain.append((name, value))
             continue
-        key = m.group(1).lower()
-        groups.setdefault(key, (m.group(1), []))[1].append(
-            (int(m.group(2)) if m.group(2) is not None else 0, value)
-        )
+        base, index = split
+        key = base.lower()
+        groups.setdefault(key, (base, []))[1].append((index, value))
         if name.endswith("*"):
             extended.add(key)
     out = plain
@@ -325,7 +339,7 @@ def parse_content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, s
     """
     if value is None:
         return "text", "plain", [], False
-    s = unfold(value)
+    s = unfold(value)[:MAX_PARAM_FIELD]
     n = len(s)
     i = _skip_cfws(s, 0)
     m = _TOKEN.match(s, i)
@@ -354,7 +368,7 @@ def parse_cte(value: bytes | None) -> bytes | None:
     """Content-Transfer-Encoding as written if it is one token (comments allowed), else None."""
     if value is None:
         return None
-    s = unfold(value)
+    s = unfold(value)[:MAX_PARAM_FIELD]
     i = _skip_cfws(s, 0)
     m = _CTE.match(s, i)
     if not m or _skip_cfws(s, m.end()) < len(s):
@@ -364,7 +378,7 @@ def parse_cte(value: bytes | None) -> bytes | None:
 
 def parse_value_and_params(value: bytes) -> tuple[str, list[tuple[str, str]]]:
     """For Content-Disposition: the first token and its parameters."""
-    s = unfold(value)
+    s = unfold(value)[:MAX_PARAM_FIELD]
     i = _skip_cfws(s, 0)
     m = _TOKEN.match(s, i)
     if not m:
@@ -438,17 +452,24 @@ class _Parser:
         self.count += 1
         data = self.data
         n = len(data)
+        # the first enclosing boundary line ahead bounds every search below (no quadratic
+        # rescans when thousands of parts have no blank line)
+        following = self.find_boundary(start)
+        limit = n if following[0] is None else following[0]
+        cut = False
+        stop: int | None = None
+        level, close = -1, False
         if data.startswith(b"\r\n", start):
             fields_end = start                      # empty header, then the blank line
         else:
-            blank = data.find(b"\r\n\r\n", start)
-            fields_end = n if blank < 0 else blank + 2
-        body_start = min(fields_end + 2, n)
-        # a boundary line among the header lines ends the entity there (no body)
-        stop, level, close = self.find_boundary(start, fields_end + 1)
-        cut = stop is not None
-        if cut:
-            fields_end = body_start = max(stop - 2, start)
+            blank = data.find(b"\r\n\r\n", start, limit)
+            fields_end = limit if blank < 0 else blank + 2
+            if blank < 0 and following[0] is not None:
+                # a boundary line among the header lines ends the entity there (no body)
+                cut = True
+                stop, level, close = following
+                fields_end = max(stop - 2, start)
+        body_start = fields_end if cut else min(fields_end + 2, n)
         part = Part(start, body_start, body_start, parse_header_block(data[start:fields_end]))
         typ, sub, params, present = parse_content_type(part.header("Content-Type"))
         if root and not present and part.header("MIME-Version") is None:
@@ -485,7 +506,7 @@ class _Parser:
                 # a cut inner header leaves the CRLF before the boundary in this part
                 part.end = stop if inner.cut and stop is not None else inner.end
             else:
-                stop, level, close = self.find_boundary(body_start)
+                stop, level, close = following if following[0] is not None else (None, -1, False)
                 part.end = n if stop is None else max(stop - 2, body_start)
         if is_message and part.message is None:
             # message/rfc822 always has an enclosed message in BODYSTRUCTURE (RFC 3501 body-type-msg)
@@ -507,9 +528,11 @@ class _Parser:
                     # a last delimiter line without its line end starts no part (Dovecot)
                     part.end = len(data)
                     return None, -1, False
+                if self.count > MAX_PARTS:     # beyond the cap: only walk the boundaries
+                    stop, level, close = self.find_boundary(self._line_end(stop))
+                    continue
                 child, stop, level, close = self.entity(self._line_end(stop), digest, depth + 1)
-                if self.count <= MAX_PARTS:
-                    part.children.append(child)
+                part.children.append(child)
             if stop is None:
                 part.end = len(data)
                 return None, -1, False
@@ -640,7 +663,7 @@ def parse_addresses(value: bytes | None) -> list[Address]:
     """
     if value is None:
         return []
-    toks = _tokens(unfold(value))
+    toks = _tokens(unfold(value)[:MAX_ADDRESS_FIELD])
     out: list[Address] = []
     in_group = False
     cur: list[tuple[str, bytes]] = []
