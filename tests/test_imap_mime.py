@@ -291,8 +291,10 @@ def test_nul_bytes_are_served_as_0x80_with_unchanged_sizes():
     assert m.data == b"Subject: a\x80b\r\n\r\nx\x80y\r\n"
 
 
-def test_string_for_humans_repairs_invalid_utf8():
-    assert string_for_humans(b"caf\xe9  x") == b"{8}\r\ncaf\xef\xbf\xbd x"
+def test_string_for_humans_shows_nul_as_replacement_char_and_keeps_other_bytes():
+    assert string_for_humans(b"caf\xe9  x") == b"{6}\r\ncaf\xe9 x"
+    assert string_for_humans(b"a\x80b") == b"{5}\r\na\xef\xbf\xbdb"
+    assert string_for_humans("\u20ac".encode()) == b"{3}\r\n\xe2\x82\xac"
 
 
 def test_boundaries_match_by_prefix_innermost_first():

@@ -221,10 +221,11 @@ def string_for_humans(value: bytes | str | None) -> bytes:
     if not _HUMAN_CHANGE.search(value):
         return b'"' + value + b'"'
     clean = _HUMAN_WS.sub(b" ", value).strip(b" ").replace(b"\x00", b"\x80")
-    try:
-        clean.decode("utf-8")
-    except UnicodeDecodeError:  # invalid UTF-8 becomes U+FFFD, as Dovecot sends
-        clean = clean.decode("utf-8", "replace").encode("utf-8")
+    if b"\x80" in clean:
+        # a NUL in the message (served as 0x80) shows as U+FFFD, as Dovecot sends it; other
+        # invalid UTF-8 passes through unchanged
+        text = clean.decode("utf-8", "surrogateescape").replace("\udc80", "\ufffd")
+        clean = text.encode("utf-8", "surrogateescape")
     if not clean:
         return b'""'
     return b"{%d}\r\n%s" % (len(clean), clean)

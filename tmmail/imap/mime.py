@@ -682,9 +682,16 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             adl, mbox, host = _addr_spec(item[lt + 1 : gt if gt >= 0 else len(item)])
             if gt < 0 and mbox is not None:
                 host = SYNTAX_ERROR     # unterminated "<...", as Dovecot reports it
-        elif at < 0 and (len(words) > 1 or words[0][0] == "q") and words[0][0] != "@":
-            # a display name without an address (e.g. a truncated header)
-            name, adl, mbox, host = _join_words(item) or None, None, None, None
+        elif at < 0 and words[0][0] in ("a", "q"):
+            run = 0
+            while run < len(words) and words[run][0] in ("a", "q"):
+                run += 1
+            if run > 1 or words[0][0] == "q":
+                # a display name without an address (e.g. a truncated header)
+                name, adl, mbox, host = _join_words(words[:run]) or None, None, None, None
+            else:
+                name, adl, mbox, host = None, None, words[0][1], None
+            stop = run < len(words)         # junk after it ends the list, as in Dovecot
         elif at > 1 and all(k in ("a", "q") for k, _ in words[:at]):
             # "john doe@x": a phrase where an address was expected (Dovecot stops here)
             name, adl, mbox, host = _join_words(words[:at]) or None, None, None, None
@@ -696,6 +703,8 @@ def parse_addresses(value: bytes | None) -> list[Address]:
             comments = [t for k, t in item if k == "c"]
             name = comments[-1].strip() or None if comments else None
             adl, mbox, host = _addr_spec(item)
+            if 0 <= at and at + 2 < len(words):
+                stop = True                 # words after "local@domain": Dovecot stops there
         if host is not None and host[:1] != b"[" and (
                 host.startswith(b".") or host.endswith(b".") or b".." in host):
             host = None
