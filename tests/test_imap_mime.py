@@ -354,3 +354,9 @@ def test_huge_numbers_in_content_do_not_raise():
     full_fetch_is_parseable(raw)
     from tmmail.imap.search import parse_search, search
     assert search(parse_search(tokenize(b"SENTON 1-Jan-1970")), [Stored(raw)], 1, 1)
+
+
+def test_params_with_empty_values_like_dovecot():
+    assert parse_params(b"; a=; b=1") == [("a", ""), ("b", "1")]
+    assert parse_params(b"; a=  ") == [("a", "")]
+    assert parse_params(b'; a="') == []

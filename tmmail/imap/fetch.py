@@ -262,12 +262,12 @@ def _header_chunks(data: bytes, start: int, end: int) -> list[tuple[bytes | None
         pos = nxt
         if line in (b"\r\n", b""):
             continue
+        if not line.endswith(b"\r\n"):
+            line += b"\r\n"                  # the message ended inside this line
         if line[:1] in (b" ", b"\t") and chunks:
             name, prev = chunks[-1]
             chunks[-1] = (name, prev + line)
             continue
-        if not line.endswith(b"\r\n"):
-            line += b"\r\n"
         colon = line.find(b":")
         name = line[:colon].rstrip(b" \t").upper() if colon > 0 else None
         chunks.append((name, line))

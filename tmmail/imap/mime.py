@@ -286,10 +286,8 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
         else:
             # an unquoted value is one token; anything after it up to ";" is ignored (Dovecot)
             mv = _TOKEN.match(s, i)
-            if not mv:
-                continue
-            val = mv.group(0)
-            i = mv.end()
+            val = mv.group(0) if mv else b""   # "name=" keeps an empty value (Dovecot)
+            i = mv.end() if mv else i
         raw.append((_text(pname), _text(val)))
     return _merge_2231(raw)
 
