@@ -228,6 +228,12 @@ def _skip_cfws(s: bytes, i: int) -> int:
 
 def _read_quoted(s: bytes, i: int) -> tuple[bytes, int]:
     """Read a quoted string starting at ``s[i] == '"'``; unterminated strings run to the end."""
+    val, end, _closed = _read_quoted_closed(s, i)
+    return val, end
+
+
+def _read_quoted_closed(s: bytes, i: int) -> tuple[bytes, int, bool]:
+    """As :func:`_read_quoted`, also telling whether the closing quote was found."""
     out = bytearray()
     i += 1
     n = len(s)
@@ -238,10 +244,10 @@ def _read_quoted(s: bytes, i: int) -> tuple[bytes, int]:
             i += 2
             continue
         if c == 0x22:
-            return bytes(out), i + 1
+            return bytes(out), i + 1, True
         out.append(c)
         i += 1
-    return bytes(out), i
+    return bytes(out), i, False
 
 
 def _text(b: bytes) -> str:
@@ -280,8 +286,8 @@ def parse_params(s: bytes, i: int = 0) -> list[tuple[str, str]]:
             continue
         i = _skip_cfws(s, i + 1)
         if i < n and s[i] == 0x22:
-            val, i = _read_quoted(s, i)
-            if i > n or s[i - 1] != 0x22:
+            val, i, closed = _read_quoted_closed(s, i)
+            if not closed:
                 continue
         else:
             # an unquoted value is one token; anything after it up to ";" is ignored (Dovecot)
