@@ -317,3 +317,48 @@ def test_command_parsing() -> None:
     assert M.parse_command(b"Subject: SUBSCRIBE\n\n") == ("subscribe", "")
     assert M.parse_command(b"Subject: what is this\n\n") == ("help", "")
     assert M.failed_recipients(DSN) == ["gone@remote.example"]
+
+
+def test_one_click_unsubscribe(template, tmp_path, reactor_thread) -> None:
+    import urllib.error
+    import urllib.request
+
+    from twisted.web.server import Site
+
+    from tmmail.connectors.listserver_web import UnsubscribeResource
+
+    d = tmp_path / "var"
+    shutil.copytree(template, d)
+    with open(d / "tmmail.toml", "a") as f:
+        f.write('\n[lists]\nunsubscribe_url = "https://lists.example.com/unsubscribe"\n')
+    w = World(d)
+    w.cli("list", "add", "news@example.com", "--postoffice", "EXAMPLE")
+    for m in ("a@remote.example", "b@remote.example"):
+        w.cli("list", "member", "add", "news@example.com", m)
+    w.send("[LS:EXAMPLE/news]", POST)
+    copies = {env.recipients[0].address: parse(raw) for env, raw in w.queued()}
+    assert set(copies) == {"a@remote.example", "b@remote.example"}  # one copy per member
+    msg = copies["a@remote.example"]
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = msg["List-Unsubscribe"].split(">")[0].lstrip("<")
+    assert url.startswith("https://lists.example.com/unsubscribe?") and "member=a%40remote.example" in url
+
+    port = reactor_thread.listen(Site(UnsubscribeResource(w.conn)))
+    local = url.replace("https://lists.example.com", f"http://127.0.0.1:{port.getHost().port}")
+    try:
+        # GET shows a button and changes nothing (link checkers follow links)
+        with urllib.request.urlopen(local, timeout=10) as r:
+            assert r.status == 200 and b"<form method=\"post\">" in r.read()
+        assert "a@remote.example" in ok(w.conf, "list", "member", "list", "news@example.com")
+        # a tampered token is refused
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(local.replace("member=a", "member=b"),
+                                                          data=b"List-Unsubscribe=One-Click"), timeout=10)
+        assert e.value.code == 404
+        req = urllib.request.Request(local, data=b"List-Unsubscribe=One-Click",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        assert ok(w.conf, "list", "member", "list", "news@example.com") == "b@remote.example\tactive\tbounces=0\n"
+    finally:
+        reactor_thread.call(port.stopListening)

@@ -230,7 +230,7 @@ class ListServerConnector:
         if reply_to:
             headers.append(f"Reply-To: {reply_to}")
         data = ("\n".join(headers) + "\n\n" + text.rstrip("\n") + "\n").encode("utf-8")
-        data = M.add_list_headers(data, address=ml.address, post_allowed=ml.posting != "moderated" or True)
+        data = M.add_list_headers(data, address=ml.address)
         self._queue(ml.role_address("bounces"), [to], data)
 
     # -- posts -------------------------------------------------------------------------------
@@ -267,10 +267,29 @@ class ListServerConnector:
             log.info("{queue_id}: {list}: no active members", queue_id=env.queue_id, list=ml.address)
             return None
         data = self.distribution(ml, raw, poster)
+        if self.unsubscribe_url:
+            # RFC 8058 one-click: the URI must name the recipient, so each member gets a copy
+            for member in members:
+                copy = M.add_list_headers(data, address=ml.address, one_click_url=self.one_click_url(ml, member))
+                self._queue(ml.role_address("bounces"), [member], copy)
+            log.info("{queue_id}: {list}: distributed to {count} member(s), one copy each", queue_id=env.queue_id,
+                     list=ml.address, count=len(members))
+            return None
         qid = self._queue(ml.role_address("bounces"), members, data)
         log.info("{queue_id}: {list}: distributed to {count} member(s) as {new}", queue_id=env.queue_id,
                  list=ml.address, count=len(members), new=qid)
         return None
+
+    def one_click_token(self, ml: Any, member: str) -> str:
+        """A token for the one-click URL (no expiry: old messages keep working)."""
+        return hmac.new(self.secret(), f"oneclick\0{ml.address.lower()}\0{member.lower()}".encode(),
+                        hashlib.sha256).hexdigest()[:32]
+
+    def one_click_url(self, ml: Any, member: str) -> str:
+        from urllib.parse import urlencode
+
+        query = urlencode({"list": ml.address, "member": member, "token": self.one_click_token(ml, member)})
+        return f"{self.unsubscribe_url}?{query}"
 
     def _texts(self, ml: Any) -> tuple[str, str]:
         folder = os.path.join(self.settings.state_dir, "lists", ml.target.postoffice, ml.target.name)
@@ -295,8 +314,7 @@ class ListServerConnector:
         data = M.prefix_subject(data, ml.subject_prefix)
         header, footer = self._texts(ml)
         data = M.add_header_footer(data, header, footer)
-        url = f"{self.unsubscribe_url}/{ml.address}" if self.unsubscribe_url else ""
-        return M.add_list_headers(data, address=ml.address, post_allowed=True, one_click_url=url)
+        return M.add_list_headers(data, address=ml.address, post_allowed=True)
 
     # -- requests ----------------------------------------------------------------------------
 
