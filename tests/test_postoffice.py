@@ -142,3 +142,27 @@ def test_half_created_maildir_is_completed(tmp_path) -> None:
     e = env("admin@example.com")
     assert conn.deliver_blocking(e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg) == [None]
     assert len(new_files(po_dir, "ACME", "ADMIN")) == 1
+
+
+def test_recovered_message_not_delivered_twice(tmp_path) -> None:
+    conn, po_dir, msg = setup(tmp_path, ["ACME\tADMIN\t1\t0", "ACME\tBOB\t1\t0"])
+    e = env("admin@example.com", "bob@example.com")
+    admin, bob = [(r, InternalAddress("SF", "ACME/" + n)) for r, n in zip(e.recipients, ("ADMIN", "BOB"))]
+    assert conn.deliver_blocking(e, [admin], msg) == [None]
+    # the server died before the spool recorded it; after the restart the runner tries again
+    e.recovered = True
+    assert conn.deliver_blocking(e, [admin], msg) == [None]
+    assert conn.deliver_blocking(e, [bob], msg) == [None]
+    assert len(new_files(po_dir, "ACME", "ADMIN")) == 1  # recognised, not delivered again
+    assert len(new_files(po_dir, "ACME", "BOB")) == 1  # never delivered: delivered now
+    # the user already read it (moved to cur/ with flags): still recognised
+    new = os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "new")
+    (name,) = os.listdir(new)
+    os.rename(os.path.join(new, name), os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "cur", name + ":2,S"))
+    assert conn.deliver_blocking(e, [admin], msg) == [None]
+    assert new_files(po_dir, "ACME", "ADMIN") == []
+    # a different message of the same size is not mistaken for it
+    other = tmp_path / "other.eml"
+    other.write_bytes(MSG.replace(b"hello", b"HELLO"))
+    assert conn.deliver_blocking(e, [admin], str(other)) == [None]
+    assert len(new_files(po_dir, "ACME", "ADMIN")) == 1

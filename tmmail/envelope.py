@@ -118,6 +118,9 @@ class Envelope:
     origin: str = ORIGIN_SMTP
     #: the pickup transfer events (tmmail.events) accepted it; they are not run again
     checked: bool = False
+    #: not saved: set by the runner when the message was in the middle of delivery when the
+    #: process stopped, so connectors check whether a delivery already happened
+    recovered: bool = field(default=False, compare=False)
 
     @classmethod
     def new(
@@ -183,6 +186,7 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
+        del data["recovered"]
         data = {"version": FORMAT_VERSION, **data}
         for r in data["recipients"]:
             if r["notify"] is not None:

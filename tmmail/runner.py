@@ -123,6 +123,9 @@ class Runner:
         self._dest_wait: dict[str, deque[defer.Deferred]] = {}
         #: messages waiting only for destination places (they hold no slot)
         self._parked = 0
+        #: messages that were being delivered when a process stopped or an I/O error hit:
+        #: their connectors check for deliveries that happened but were not recorded
+        self._resumed: set[str] = set()
         pm = self.queue.postmaster
         self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
 
@@ -168,6 +171,7 @@ class Runner:
     def _recovered(self, result: tuple[dict[str, list[str]], list[tuple[float, str]]]) -> None:
         found, due = result
         for qid in found[ACTIVE]:
+            self._resumed.add(qid)
             self._enqueue(qid, ACTIVE)
         for qid in found[INCOMING]:
             self._enqueue(qid, INCOMING)
@@ -329,6 +333,7 @@ class Runner:
     def _failed_one(self, f: Failure, qid: str) -> None:
         """An I/O error (disk full, ...): the files stay where they are; try again later."""
         log.failure("{queue_id}: processing failed, retrying in {delay} s", f, queue_id=qid, delay=self.error_retry)
+        self._resumed.add(qid)
         self._push(qid, self.reactor.seconds() + self.error_retry)
 
     def _finished_one(self, _: Any, qid: str) -> None:
@@ -359,7 +364,11 @@ class Runner:
     def _process(self, qid: str, src: str) -> Any:
         env = yield self._io(self._activate, qid, src)
         if env is None:
+            self._resumed.discard(qid)
             return
+        if qid in self._resumed:
+            self._resumed.discard(qid)
+            env.recovered = True
         if not env.checked and env.origin == ORIGIN_SMTP and self.events.active(transfer_events.PICKUP):
             outcome = yield self.events.run(transfer_events.PICKUP, env, self.spool.message_path(ACTIVE, qid))
             if outcome.action == transfer_events.QUARANTINE:

@@ -90,6 +90,48 @@ class MaildirSizer:
         return total
 
 
+def _same_content(path: str, prefix: bytes, message_path: str) -> bool:
+    with open(path, "rb") as f, open(message_path, "rb") as src:
+        if f.read(len(prefix)) != prefix:
+            return False
+        while True:
+            a = f.read(1 << 16)
+            b = src.read(1 << 16)
+            if a != b:
+                return False
+            if not a:
+                return True
+
+
+def already_delivered(maildir_path: str, prefix: bytes, message_path: str, arrival: float) -> str | None:
+    """The name of a file in ``new/`` or ``cur/`` holding exactly ``prefix`` + the message.
+
+    Used only for messages that were being delivered when the server stopped (the Maildir
+    rename happened, the spool never heard of it): every spooled message is unique (its
+    Received: header names its queue id), so equal bytes mean this very delivery.  Only files
+    named after the arrival time with the right ``,S=`` size are opened.
+    """
+    size = len(prefix) + os.path.getsize(message_path)
+    since = int(arrival) - 1
+    for sub in ("new", "cur"):
+        folder = os.path.join(maildir_path, sub)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            head = name.split(".", 1)[0]
+            m = _SIZE.search(name)
+            if not head.isdigit() or int(head) < since or m is None or int(m.group(1)) != size:
+                continue
+            try:
+                if _same_content(os.path.join(folder, name), prefix, message_path):
+                    return name
+            except FileNotFoundError:
+                continue
+    return None
+
+
 def _header_value(text: str) -> str:
     return " ".join(text.split())
 
@@ -164,6 +206,14 @@ class PostOfficeConnector:
             if not os.path.exists(os.path.join(path, "subscriptions")):
                 # written last by maildir.create: a crash in the middle of it is finished here
                 maildir.create(path)
+            if getattr(envelope, "recovered", False):
+                name = already_delivered(path, prefix, message_path, envelope.arrival)
+                if name is not None:
+                    log.info(
+                        "{queue_id}: already in {mailbox} as {name} (delivered before a restart)",
+                        queue_id=envelope.queue_id, mailbox=str(target), name=name,
+                    )
+                    return None
             name = maildir.deliver(path, message_path, prefix=prefix)
         except (OSError, ValueError) as e:
             log.error(
