@@ -212,3 +212,16 @@ def test_groups(tmp_path) -> None:
     assert resolve(snap, "old@example.com").kind == UNKNOWN_LOCAL  # disabled
     r = resolve(snap, "loop@example.com")
     assert r.kind == UNKNOWN_LOCAL and "loop" in r.reason
+
+
+def test_srs_only_for_our_domains(tmp_path) -> None:
+    from tmmail.router import RouterOptions
+    from tmmail.srs import SRS
+
+    snap = tables(tmp_path, **BASE, ADDRESS_MAP=[])
+    srs = SRS(b"k")
+    theirs = SRS(b"other").forward("x@y.example", "forwarder.example")
+    r = resolve(snap, theirs, RouterOptions(srs=srs))  # another forwarder's SRS address: plain remote
+    assert (r.kind, r.targets) == (REMOTE, (SMTP(theirs),))
+    ours = srs.forward("x@y.example", "example.com")
+    assert resolve(snap, ours, RouterOptions(srs=srs)).targets == (SMTP("x@y.example"),)

@@ -2,28 +2,34 @@
 
 Pure logic over one immutable providers snapshot.  The order follows MailEnable's MTA:
 
-1. exact ADDRESS-MAP rows (source ``[SMTP:addr]``),
+1. exact ADDRESS-MAP entries (source ``[SMTP:addr]``),
 2. hosted mailboxes: the domain's post office has a MAILBOX row named like the local part
    (case-insensitive), with its redirect setting (1 = redirect, 2 = redirect and keep a copy);
-   then groups by their GROUP-MAP address (tmmail.groups), expanded to their members,
-3. ADDRESS-MAP masks in file order (``[SMTP:*@example.com]`` catch-alls), first match wins,
-4. a domain with a ROUTE in DOMAINS.tab (one we relay for) is ``local`` with target
+   then groups by their GROUP-MAP address (tmmail.groups), expanded to their members, and
+   lists by any of their four addresses (tmmail.connectors.listserver_tables),
+3. sub-addressing (RFC 5233): ``user+tag@d`` goes where ``user@d`` goes by 1-2,
+4. SRS addresses (``SRS0=...@our.domain``, tmmail.srs) go back to the original sender;
+   forged or expired ones resolve nowhere (a catch-all must not swallow them),
+5. ADDRESS-MAP masks in file order, first match wins; a destination may reuse the address
+   (``[SMTP:*@other.example]``: same local part elsewhere; ``[SMTP:*]``: relay it unchanged),
+6. a domain with a ROUTE in DOMAINS.tab (one we relay for) is ``local`` with target
    ``[SMTP:addr]``: the SMTP connector sends it to the route host,
-5. a domain we do not host is ``remote`` (``[SMTP:addr]``; relay rules decide elsewhere),
-6. anything else in a hosted domain is ``unknown_local`` (SMTP 550 5.1.1, RFC 3463 §3.2).
+7. a domain we do not host is ``remote`` (``[SMTP:addr]``; relay rules decide elsewhere),
+8. anything else in a hosted domain is ``unknown_local`` (SMTP 550 5.1.1, RFC 3463 §3.2).
 
 Destinations that are addresses (``[SMTP:x@y]``) or groups (``[SF:PO/GROUP]``) are resolved
-again, up to ``MAX_DEPTH`` hops;
-a chain that comes back to an address already on it is a loop.  A disabled domain, post
-office or mailbox (STATUS 0) resolves nowhere.
+again, up to ``max_depth`` hops; a chain that comes back to an address already on it is a
+loop.  A disabled domain, post office, mailbox, group or list (STATUS 0) resolves nowhere.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tmmail.address import AddressError, InternalAddress, mask_matches, parse_mailbox
+from tmmail.errors import ConfigError
 from tmmail.groups import groups as _group_index
 
 LOCAL = "local"
@@ -32,6 +38,25 @@ UNKNOWN_LOCAL = "unknown_local"
 
 #: alias hops followed before giving up (a loop or a chain too long to be meant)
 MAX_DEPTH = 10
+#: Received: headers a message may carry before it is taken for a loop (RFC 5321 §6.3)
+MAX_RECEIVED = 30
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """Settings of the address map (``[router]`` in tmmail.toml, see options_from_settings)."""
+
+    #: RFC 5233 sub-address separator ("" = off)
+    subaddress_separator: str = "+"
+    #: deliver ``user+Folder@d`` into the mailbox folder ``Folder`` if it exists
+    subaddress_folders: bool = False
+    max_depth: int = MAX_DEPTH
+    max_received: int = MAX_RECEIVED
+    #: tmmail.srs.SRS to recognise bounces to our SRS addresses (None = off)
+    srs: Any = None
+
+
+DEFAULT_OPTIONS = RouterOptions()
 
 
 @dataclass(frozen=True)
@@ -51,10 +76,70 @@ class _Unresolvable(Exception):
     pass
 
 
-def resolve(providers: Any, address: str) -> Resolution:
+def split_subaddress(local: str, separator: str) -> tuple[str, str]:
+    """``("user", "tag")`` for ``user+tag``; ``(local, "")`` without a separator (or at the start)."""
+    if not separator:
+        return local, ""
+    i = local.find(separator)
+    if i <= 0:
+        return local, ""
+    return local[:i], local[i + len(separator):]
+
+
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE)
+
+
+def count_received(head: bytes) -> int:
+    """How many ``Received:`` fields a message header has (continuation lines not counted)."""
+    n = 0
+    for line in head.split(b"\n"):
+        if not line.strip():
+            break
+        if _RECEIVED.match(line):
+            n += 1
+    return n
+
+
+def options_from_settings(settings: Any) -> RouterOptions:
+    """RouterOptions from ``[router]`` (settings.extra); SRS with the secret in the state folder.
+
+    Keys: ``subaddress_separator`` (one character or ""), ``subaddress_folders`` (bool),
+    ``max_depth`` and ``max_received`` (integers >= 1), ``srs`` (bool, default true).
+    """
+    section = (getattr(settings, "extra", None) or {}).get("router") or {}
+    where = getattr(settings, "path", "") or None
+    if not isinstance(section, dict):
+        raise ConfigError("[router] must be a table", where)
+    known = {"subaddress_separator", "subaddress_folders", "max_depth", "max_received", "srs"}
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"unknown setting router.{key}", where)
+    sep = section.get("subaddress_separator", "+")
+    if not isinstance(sep, str) or len(sep) > 1 or sep.isalnum() or sep in "@ \t\"\\":
+        raise ConfigError("router.subaddress_separator must be one punctuation character or empty", where)
+    folders = section.get("subaddress_folders", False)
+    use_srs = section.get("srs", True)
+    if not isinstance(folders, bool) or not isinstance(use_srs, bool):
+        raise ConfigError("router.subaddress_folders and router.srs must be true or false", where)
+    numbers = {}
+    for key, default in (("max_depth", MAX_DEPTH), ("max_received", MAX_RECEIVED)):
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"router.{key} must be an integer of at least 1", where)
+        numbers[key] = value
+    srs = None
+    if use_srs:
+        from tmmail.srs import SRS, load_secret
+
+        srs = SRS(load_secret(settings.state_dir))
+    return RouterOptions(sep, folders, numbers["max_depth"], numbers["max_received"], srs)
+
+
+def resolve(providers: Any, address: str, options: RouterOptions | None = None) -> Resolution:
     """Resolve an RFC 5321 mailbox against a tmmail.providers.Providers snapshot."""
+    opts = options or DEFAULT_OPTIONS
     try:
-        kind, targets = _resolve(providers, address, ())
+        kind, targets = _Resolver(providers, opts).resolve(address, ())
     except _Unresolvable as e:
         return Resolution(UNKNOWN_LOCAL, (), str(e))
     if not targets:
@@ -62,141 +147,173 @@ def resolve(providers: Any, address: str) -> Resolution:
     return Resolution(kind, targets)
 
 
-def _resolve(providers: Any, address: str, chain: tuple[str, ...]) -> tuple[str, tuple[InternalAddress, ...]]:
-    parsed = parse_mailbox(address)
-    if parsed is None:
-        raise _Unresolvable(f"bad address {address!r}")
-    key = parsed.key
-    if key in chain:
-        raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
-    if len(chain) >= MAX_DEPTH:
-        raise _Unresolvable(f"alias chain longer than {MAX_DEPTH}")
-    chain = chain + (key,)
+class _Resolver:
+    def __init__(self, providers: Any, opts: RouterOptions) -> None:
+        self.p = providers
+        self.opts = opts
+        has_rows = hasattr(providers, "rows")
+        self.groups = _group_index(providers) if has_rows else None
+        self.lists = None
+        if has_rows:
+            from tmmail.connectors.listserver_tables import lists
 
-    rows = providers.map_exact(str(parsed))
-    if rows:
-        dests = [d for row in rows for d in row.destinations]
-        return LOCAL, _expand(providers, dests, chain)
+            self.lists = lists(providers)
 
-    domain = providers.domain(parsed.domain)
-    if domain is not None and domain.enabled:
-        mbx = providers.mailbox(domain.postoffice, parsed.local)
-        if mbx is not None:
-            if not _mailbox_enabled(providers, mbx):
-                raise _Unresolvable("mailbox disabled")
-            return LOCAL, _mailbox_targets(providers, mbx, chain)
+    def _enter(self, key: str, chain: tuple[str, ...]) -> tuple[str, ...]:
+        if key in chain:
+            raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
+        if len(chain) >= self.opts.max_depth:
+            raise _Unresolvable(f"alias chain longer than {self.opts.max_depth}")
+        return chain + (key,)
 
-    index = _groups(providers)
-    group = index.by_addr(parsed.key) if index is not None else None
-    if group is not None:
-        return LOCAL, _group_targets(providers, group, chain)
+    def resolve(self, address: str, chain: tuple[str, ...]) -> tuple[str, tuple[InternalAddress, ...]]:
+        parsed = parse_mailbox(address)
+        if parsed is None:
+            raise _Unresolvable(f"bad address {address!r}")
+        chain = self._enter(parsed.key, chain)
 
-    for row in providers.map_masks():
-        if mask_matches(row.source, parsed):
-            return LOCAL, _expand(providers, list(row.destinations), chain)
+        found = self._named(parsed, chain)
+        if found is not None:
+            return LOCAL, found
 
-    if domain is not None:
-        if domain.enabled and domain.route.strip():
-            # a domain we relay for (backup MX, a server behind us): the SMTP connector sends
-            # it to the ROUTE host (tmmail.routes); accepted from anyone, like our own mail
-            return LOCAL, (InternalAddress("SMTP", str(parsed)),)
-        raise _Unresolvable("no such user here" if domain.enabled else "domain disabled")
-    return REMOTE, (InternalAddress("SMTP", str(parsed)),)
+        base, tag = split_subaddress(parsed.local, self.opts.subaddress_separator)
+        if tag:
+            based = parse_mailbox(f"{base}@{parsed.domain}") if '"' not in base else None
+            if based is not None:
+                found = self._named(based, chain)
+                if found is not None:
+                    return LOCAL, found
 
+        if self.opts.srs is not None:
+            from tmmail.srs import SRSError, is_srs
 
-def _groups(providers: Any) -> Any:
-    """The GROUP-MAP index of the snapshot (None for a snapshot without raw tables)."""
-    return _group_index(providers) if hasattr(providers, "rows") else None
+            if is_srs(parsed.local) and self.p.is_hosted_domain(parsed.domain):
+                try:
+                    original = self.opts.srs.reverse(str(parsed))
+                except SRSError as e:
+                    raise _Unresolvable(f"SRS address not valid: {e}") from None
+                _, targets = self.resolve(original, chain)
+                return LOCAL, targets
 
+        for row in self.p.map_masks():
+            if mask_matches(row.source, parsed):
+                return LOCAL, self._expand(list(row.destinations), chain, parsed)
 
-def _group_targets(providers: Any, group: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
-    """A group's members, each resolved (nested groups too); a disabled group resolves nowhere."""
-    key = "group:" + str(group.target).lower()
-    if key in chain:
-        raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
-    if len(chain) >= MAX_DEPTH:
-        raise _Unresolvable(f"alias chain longer than {MAX_DEPTH}")
-    if not group.enabled:
-        raise _Unresolvable("group disabled")
-    if not group.members:
-        raise _Unresolvable("group without members")
-    return _expand(providers, list(group.members), chain + (key,))
+        domain = self.p.domain(parsed.domain)
+        if domain is not None:
+            if domain.enabled and domain.route.strip():
+                # a domain we relay for (backup MX, a server behind us): the SMTP connector
+                # sends it to the ROUTE host (tmmail.routes); accepted from anyone
+                return LOCAL, (InternalAddress("SMTP", str(parsed)),)
+            raise _Unresolvable("no such user here" if domain.enabled else "domain disabled")
+        return REMOTE, (InternalAddress("SMTP", str(parsed)),)
 
+    def _named(self, parsed: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...] | None:
+        """Steps 1-2 for one address: exact map row, mailbox, group, list; None if none."""
+        rows = self.p.map_exact(str(parsed))
+        if rows:
+            return self._expand([d for row in rows for d in row.destinations], chain, parsed)
+        domain = self.p.domain(parsed.domain)
+        if domain is not None and domain.enabled:
+            mbx = self.p.mailbox(domain.postoffice, parsed.local)
+            if mbx is not None:
+                if not self._mailbox_enabled(mbx):
+                    raise _Unresolvable("mailbox disabled")
+                return self._mailbox_targets(mbx, chain)
+        if self.groups is not None:
+            group = self.groups.by_addr(parsed.key)
+            if group is not None:
+                return self._group_targets(group, chain)
+        if self.lists is not None:
+            found = self.lists.find(str(parsed))
+            if found is not None:
+                ml, role = found
+                if not ml.enabled:
+                    raise _Unresolvable("list disabled")
+                return (ml.role_target(role),)
+        return None
 
-def _mailbox_enabled(providers: Any, mbx: Any) -> bool:
-    po = providers.postoffice(mbx.postoffice)
-    return mbx.enabled and (po is None or po.enabled)
+    def _mailbox_enabled(self, mbx: Any) -> bool:
+        po = self.p.postoffice(mbx.postoffice)
+        return mbx.enabled and (po is None or po.enabled)
 
-
-def _mailbox_targets(providers: Any, mbx: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
-    own = InternalAddress("SF", f"{mbx.postoffice}/{mbx.name}")
-    if mbx.redirect_status not in (1, 2) or not mbx.redirect_addresses:
-        return (own,)
-    key = str(own).lower()
-    if key in chain:
-        raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
-    if len(chain) >= MAX_DEPTH:
-        raise _Unresolvable(f"alias chain longer than {MAX_DEPTH}")
-    chain = chain + (key,)
-    dests: list[InternalAddress] = []
-    for text in mbx.redirect_addresses:
-        try:
-            dests.append(InternalAddress.parse(text) if text.startswith("[") else InternalAddress.smtp(text))
-        except AddressError:
-            continue
-    keep = (own,) if mbx.redirect_status == 2 else ()
-    try:
-        redirected = _expand(providers, [d for d in dests if d != own], chain)
-    except _Unresolvable:
-        if keep:
-            return keep
-        raise
-    return tuple(dict.fromkeys(keep + redirected))
-
-
-def _expand(providers: Any, dests: list[InternalAddress], chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
-    """Resolve address destinations again; keep [SF:]/[LS:] ones unless disabled.
-
-    A branch that resolves nowhere is dropped; if every branch does, the reason of the last
-    one is raised (so a loop is reported as a loop).
-    """
-    out: list[InternalAddress] = []
-    failure: _Unresolvable | None = None
-    for dest in dests:
-        if dest.scheme == "SMTP":
-            if dest.is_mask:
-                continue
+    def _mailbox_targets(self, mbx: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
+        own = InternalAddress("SF", f"{mbx.postoffice}/{mbx.name}")
+        if mbx.redirect_status not in (1, 2) or not mbx.redirect_addresses:
+            return (own,)
+        chain = self._enter(str(own).lower(), chain)
+        dests: list[InternalAddress] = []
+        for text in mbx.redirect_addresses:
             try:
-                _, sub = _resolve(providers, dest.value, chain)
+                dests.append(InternalAddress.parse(text) if text.startswith("[") else InternalAddress.smtp(text))
+            except AddressError:
+                continue
+        keep = (own,) if mbx.redirect_status == 2 else ()
+        try:
+            redirected = self._expand([d for d in dests if d != own], chain, None)
+        except _Unresolvable:
+            if keep:
+                return keep
+            raise
+        return tuple(dict.fromkeys(keep + redirected))
+
+    def _group_targets(self, group: Any, chain: tuple[str, ...]) -> tuple[InternalAddress, ...]:
+        """A group's members, each resolved (nested groups too); a disabled group resolves nowhere."""
+        chain = self._enter("group:" + str(group.target).lower(), chain)
+        if not group.enabled:
+            raise _Unresolvable("group disabled")
+        if not group.members:
+            raise _Unresolvable("group without members")
+        return self._expand(list(group.members), chain, None)
+
+    def _expand(
+        self, dests: list[InternalAddress], chain: tuple[str, ...], subject: Any
+    ) -> tuple[InternalAddress, ...]:
+        """Resolve address and group destinations again; keep others unless disabled.
+
+        ``subject`` is the address a mask matched, for ``*`` in a destination.  A branch that
+        resolves nowhere is dropped; if every branch does, the reason of the last one is
+        raised (so a loop is reported as a loop).
+        """
+        out: list[InternalAddress] = []
+        failure: _Unresolvable | None = None
+        for dest in dests:
+            try:
+                out.extend(self._expand_one(dest, chain, subject))
             except _Unresolvable as e:
                 failure = e
-                continue
-            out.extend(sub)
-        elif dest.scheme == "SF":
-            mbx = providers.mailbox(dest.postoffice, dest.name)
+        unique = tuple(dict.fromkeys(out))
+        if not unique and failure is not None:
+            raise failure
+        return unique
+
+    def _expand_one(self, dest: InternalAddress, chain: tuple[str, ...], subject: Any) -> tuple[InternalAddress, ...]:
+        if dest.scheme == "SMTP":
+            value = dest.value
+            if dest.is_mask:
+                if subject is None:
+                    return ()
+                if value == "*":
+                    # relay the address unchanged (resolving it again would match the mask again)
+                    return (InternalAddress("SMTP", str(subject)),)
+                value = value.replace("*", subject.local if "@" in value else str(subject), 1)
+            return self.resolve(value, chain)[1]
+        if dest.scheme == "SF":
+            mbx = self.p.mailbox(dest.postoffice, dest.name)
             if mbx is not None:
-                if not _mailbox_enabled(providers, mbx):
-                    failure = _Unresolvable("mailbox disabled")
-                    continue
-                out.extend(_mailbox_targets(providers, mbx, chain))
-            else:
-                index = _groups(providers)
-                group = index.get(dest) if index is not None else None
-                if group is not None:
-                    try:
-                        out.extend(_group_targets(providers, group, chain))
-                    except _Unresolvable as e:
-                        failure = e
-                    continue
-                # neither mailbox nor group: the post office connector refuses it (5.1.1)
-                po = providers.postoffice(dest.postoffice)
-                if po is not None and not po.enabled:
-                    failure = _Unresolvable("post office disabled")
-                    continue
-                out.append(dest)
-        else:
-            out.append(dest)
-    unique = tuple(dict.fromkeys(out))
-    if not unique and failure is not None:
-        raise failure
-    return unique
+                if not self._mailbox_enabled(mbx):
+                    raise _Unresolvable("mailbox disabled")
+                return self._mailbox_targets(mbx, chain)
+            group = self.groups.get(dest) if self.groups is not None else None
+            if group is not None:
+                return self._group_targets(group, chain)
+            # neither mailbox nor group: the post office connector refuses it (5.1.1)
+            po = self.p.postoffice(dest.postoffice)
+            if po is not None and not po.enabled:
+                raise _Unresolvable("post office disabled")
+            return (dest,)
+        if dest.scheme == "LS" and self.lists is not None:
+            found = self.lists.get(dest)
+            if found is not None and not found[0].enabled:
+                raise _Unresolvable("list disabled")
+        return (dest,)
