@@ -812,3 +812,19 @@ def test_events_loaded_from_settings(make, tmp_path) -> None:
     )
     runner = Runner(settings, w.spool, w.store, [], reactor)
     assert runner.events.active("pickup") and not runner.events.active("deliver")
+
+
+def test_too_many_hops_go_to_badmail(make) -> None:
+    w = make()
+    w.start()
+    hops = b"".join(b"Received: from hop%d.test by hop%d.test; Sun, 22 Nov 2026 07:00:00 +0000\n" % (i, i + 1)
+                    for i in range(31))
+    qid = w.send(["bob@example.com"], data=hops + MSG)
+    wait_for(lambda: w.ids(BADMAIL) == [qid] and w.mails("ALICE"))
+    w.idle()
+    assert w.mails("BOB") == []
+    _, rcpt = dsn_fields(w.mails("ALICE")[0])
+    assert rcpt["Status"] == "5.4.6"
+    # 30 hops are still fine
+    w.send(["bob@example.com"], data=hops.split(b"\n", 1)[1] + MSG)
+    wait_for(lambda: w.mails("BOB"))

@@ -45,7 +45,7 @@ from tmmail.envelope import (
     Recipient,
 )
 from tmmail.errors import DeliveryError, PermanentError, TransientError
-from tmmail.router import UNKNOWN_LOCAL, resolve
+from tmmail.router import UNKNOWN_LOCAL, RouterOptions, count_received, options_from_settings, resolve
 from tmmail.spool import ACTIVE, BADMAIL, DEFERRED, INCOMING, QUARANTINE, Spool
 
 log = Logger(namespace="tmmail.runner")
@@ -53,6 +53,7 @@ log = Logger(namespace="tmmail.runner")
 #: replies the runner itself produces (RFC 3463 enhanced codes)
 R_DELIVERED_OK = "250 2.0.0 Delivered"
 E_UNKNOWN_USER = (550, "5.1.1", "Recipient address unknown")
+E_TOO_MANY_HOPS = (554, "5.4.6", "Too many hops (Received: headers), probably a mail loop")
 E_NO_CONNECTOR = (451, "4.4.0", "No connector for this destination yet, will retry")
 E_INTERNAL = (451, "4.3.0", "Internal error during delivery, will retry")
 E_BAD_TARGET = (550, "5.1.2", "Unusable routing target")
@@ -97,6 +98,7 @@ class Runner:
         reactor: Any,
         threadpool: ThreadPool | None = None,
         events: Any = None,
+        router_options: RouterOptions | None = None,
     ) -> None:
         """``events``: tmmail.events.TransferEvents; by default loaded from ``settings``
         (``[[events.pickup]]`` / ``[[events.deliver]]``; a bad entry raises ConfigError)."""
@@ -108,6 +110,8 @@ class Runner:
         self.connectors = _as_dict(connectors)
         self.reactor = reactor
         self.events = events if events is not None else transfer_events.load_events(settings, reactor)
+        #: sub-addressing, depth and hop limits, SRS ([router] in tmmail.toml)
+        self.router_options = router_options if router_options is not None else options_from_settings(settings)
         self._own_pool = threadpool is None
         self.pool = threadpool or ThreadPool(1, max(1, self.queue.io_threads), name="tmmail-runner")
         #: messages handled at once; most of them wait on the network (the SMTP connector has its
@@ -352,13 +356,26 @@ class Runner:
                 return None  # already handled (a stale scan saw it) or removed by an admin
             # left in active/ by an earlier attempt that hit an I/O error
         try:
-            return self.spool.load(ACTIVE, qid)
+            env = self.spool.load(ACTIVE, qid)
         except FileNotFoundError:
             return None
         except EnvelopeError as e:
             log.error("{queue_id}: unreadable envelope: {error}", queue_id=qid, error=e)
             self.spool.to_corrupt(qid, ACTIVE)
             return None
+        if any(not r.target and not r.final for r in env.recipients):
+            # first routing pass: RFC 5321 §6.3 loop detection by counting Received: fields
+            with open(self.spool.message_path(ACTIVE, qid), "rb") as f:
+                hops = count_received(f.read(1 << 16))
+            if hops > self.router_options.max_received:
+                for r in env.recipients:
+                    if not r.final:
+                        r.state = R_FAILED
+                        r.bad = True
+                        code, enh, text = E_TOO_MANY_HOPS
+                        r.last_reply = f"{code} {enh} {text}: {hops}"
+                log.warn("{queue_id}: {hops} Received: headers, put in badmail/", queue_id=qid, hops=hops)
+        return env
 
     @defer.inlineCallbacks
     def _process(self, qid: str, src: str) -> Any:
@@ -469,7 +486,7 @@ class Runner:
                 out.append(r)
                 continue
             address = self._full_address(r.address)
-            res = resolve(snap, address)
+            res = resolve(snap, address, self.router_options)
             if res.kind == UNKNOWN_LOCAL or not res.targets:
                 r.state = R_FAILED
                 r.bad = True
