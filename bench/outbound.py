@@ -91,6 +91,31 @@ def tree_cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime/stime of the main (reactor) thread and of all other threads together, seconds."""
+    out = {"main_user": 0.0, "main_sys": 0.0, "threads_user": 0.0, "threads_sys": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = _task_fields(pid, int(tid))
+        except (OSError, ValueError):
+            continue
+        who = "main" if int(tid) == pid else "threads"
+        out[who + "_user"] += int(f[11]) / CLK_TCK
+        out[who + "_sys"] += int(f[12]) / CLK_TCK
+    return out
+
+
+def _task_fields(pid: int, tid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        raw = f.read()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], n: int) -> str:
+    """Per-1000-message CPU by thread kind; threads that ended in between are not counted."""
+    return " ".join(f"{k}={(after[k] - before.get(k, 0.0)) * 1000 / max(1, n):.2f}" for k in after)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -393,6 +418,7 @@ def main() -> int:
         start_server(srv, args.profile)
         pid = srv.proc.pid
         cpu = lambda: cpu_seconds(pid)  # noqa: E731
+        split0 = thread_cpu(pid)
         label = f"tmmail {args.client} sessions={args.sessions} domains={args.domains} size={args.size}"
         if args.client == "python":
             sink = SmtpSink(sink_port)
@@ -402,6 +428,7 @@ def main() -> int:
             r = run_script("127.0.0.1", srv.ports["smtp"], sink_port, cpu, args.n, args.size, args.sessions,
                            args.domains, args.timeout)
         report(label, r)
+        print(f"tmmail cpu_s_per_1000 by thread: {cpu_split(split0, thread_cpu(pid), r['relayed'])}", flush=True)
         print(f"tmmail rss_mib={rss_kib(pid) / 1024:.0f}", flush=True)
         if r["relayed"] < r["accepted"]:
             left = {d: len(os.listdir(os.path.join(root, "spool", d))) // 2 for d in ("incoming", "active", "deferred")}
