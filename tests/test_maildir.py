@@ -99,3 +99,25 @@ def test_deliver_with_delivery_id_is_idempotent(tmp_path):
     other = maildir.deliver(root, str(src), delivery_id="Q123 bob@example.com")
     assert other != first and sorted(os.listdir(os.path.join(root, "new"))) == [other]
     assert maildir.sizes_from_base(other) == (17, 20)
+
+
+def _served(data: bytes) -> bytes:
+    """What IMAP sends for stored bytes (the IMAP layer's own conversion)."""
+    from tmmail.imap.mime import to_crlf
+
+    return to_crlf(data)
+
+
+def test_crlf_size_counts_a_crlf_split_between_read_chunks(tmp_path):
+    # a foreign (CRLF) file whose CR is the last byte of the first 64 KiB read and LF the first
+    # of the second: it is one line end, already CRLF, and must not be counted as a bare LF
+    data = b"x" * ((1 << 16) - 1) + b"\r\n" + b"tail\r\nlf only\n"
+    path = tmp_path / "msg"
+    path.write_bytes(data)
+    assert maildir.crlf_size(str(path)) == len(_served(data)) == len(data) + 1
+    # any cut gives the same count
+    for cut in range(len(data) - 20, len(data)):
+        sizer = maildir.WireSizer()
+        sizer.feed(data[:cut])
+        sizer.feed(data[cut:])
+        assert sizer.size == len(_served(data))

@@ -187,17 +187,47 @@ def name_time(base: str) -> float | None:
     return float(head) if head.isdigit() else None
 
 
+class WireSizer:
+    """The size of data in the form IMAP and POP3 serve it (every LF not preceded by CR becomes CRLF,
+    as ``tmmail.imap.mime.to_crlf`` does), counted chunk by chunk.
+
+    A CR at the end of one chunk and the LF starting the next are one CRLF: the last byte is
+    carried over, so the result does not depend on where the chunks are cut.
+    """
+
+    __slots__ = ("size", "_last_cr")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._last_cr = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        bare = chunk.count(b"\n") - chunk.count(b"\r\n")
+        if self._last_cr and chunk[0] == 0x0A:
+            bare -= 1  # CR of the previous chunk + LF of this one
+        self.size += len(chunk) + bare
+        self._last_cr = chunk[-1] == 0x0D
+
+
+def wire_size(data: bytes) -> int:
+    """``,W=``/RFC822.SIZE of stored bytes: their size with every bare LF counted as CRLF."""
+    sizer = WireSizer()
+    sizer.feed(data)
+    return sizer.size
+
+
 def crlf_size(path: str) -> int:
     """Size of the file with LF turned into CRLF (RFC822.SIZE) by reading it once."""
-    size = lines = 0
+    sizer = WireSizer()
     with open(path, "rb") as f:
         while True:
             chunk = f.read(1 << 16)
             if not chunk:
                 break
-            size += len(chunk)
-            lines += chunk.count(b"\n") - chunk.count(b"\r\n")
-    return size + lines
+            sizer.feed(chunk)
+    return sizer.size
 
 
 # -- dovecot-keywords ---------------------------------------------------------------------------
