@@ -166,3 +166,22 @@ def test_recovered_message_not_delivered_twice(tmp_path) -> None:
     other.write_bytes(MSG.replace(b"hello", b"HELLO"))
     assert conn.deliver_blocking(e, [admin], str(other)) == [None]
     assert len(new_files(po_dir, "ACME", "ADMIN")) == 1
+
+
+def test_subaddress_folder(tmp_path) -> None:
+    from tmmail import config
+
+    conn, po_dir, msg = setup(tmp_path, ["ACME\tADMIN\t1\t0"])
+    settings = config.parse({"server": {"state_dir": str(tmp_path)}, "router": {"subaddress_folders": True}})
+    conn = PostOfficeConnector(settings, conn.store, reactor=object())
+    conn.postoffices_dir = po_dir
+    root = os.path.join(po_dir, "ACME", "ADMIN", "Maildir")
+    e = env("admin+lists@example.com", "admin+nosuch@example.com")
+    t = InternalAddress("SF", "ACME/ADMIN")
+    conn.deliver_blocking(e, [(e.recipients[0], t)], msg)  # creates the Maildir; no Lists folder yet
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(root, ".Lists", sub))
+    conn.deliver_blocking(e, [(e.recipients[0], t)], msg)
+    conn.deliver_blocking(e, [(e.recipients[1], t)], msg)
+    assert len(os.listdir(os.path.join(root, ".Lists", "new"))) == 1  # case-insensitive match
+    assert len(os.listdir(os.path.join(root, "new"))) == 2  # no folder yet / no such folder: INBOX

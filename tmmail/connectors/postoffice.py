@@ -150,6 +150,12 @@ class PostOfficeConnector:
         if reactor is None:
             from twisted.internet import reactor
         self.postoffices_dir = settings if isinstance(settings, str) else settings.postoffices_dir
+        #: RFC 5233 sub-addresses as folders ([router] subaddress_folders)
+        self.subaddress_separator = ""
+        if not isinstance(settings, str):
+            section = (getattr(settings, "extra", None) or {}).get("router") or {}
+            if isinstance(section, dict) and section.get("subaddress_folders") is True:
+                self.subaddress_separator = str(section.get("subaddress_separator", "+"))
         self.store = provider_store
         self.reactor = reactor
         self.threadpool = threadpool
@@ -176,6 +182,26 @@ class PostOfficeConnector:
                 done[key] = self._deliver_one(snap, envelope, recipient, target, message_path)
             outcomes.append(done[key])
         return outcomes
+
+    def _subaddress_folder(self, path: str, address: str) -> str | None:
+        """``user+Folder@d`` -> the existing top-level folder named ``Folder`` (any case)."""
+        if not self.subaddress_separator:
+            return None
+        from tmmail.router import split_subaddress
+
+        _, tag = split_subaddress(address.rpartition("@")[0], self.subaddress_separator)
+        if not tag or "/" in tag or tag.startswith("."):
+            return None
+        try:
+            if os.path.isdir(os.path.join(maildir.folder_dir(path, tag), "new")):
+                return tag
+            wanted = "." + tag.lower()
+            for entry in os.listdir(path):
+                if entry.lower() == wanted and os.path.isdir(os.path.join(path, entry, "new")):
+                    return entry[1:]
+        except (OSError, ValueError):
+            return None
+        return None
 
     def _deliver_one(
         self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str
@@ -206,15 +232,16 @@ class PostOfficeConnector:
             if not os.path.exists(os.path.join(path, "subscriptions")):
                 # written last by maildir.create: a crash in the middle of it is finished here
                 maildir.create(path)
+            folder = self._subaddress_folder(path, recipient.address)
             if getattr(envelope, "recovered", False):
-                name = already_delivered(path, prefix, message_path, envelope.arrival)
+                name = already_delivered(maildir.folder_dir(path, folder), prefix, message_path, envelope.arrival)
                 if name is not None:
                     log.info(
                         "{queue_id}: already in {mailbox} as {name} (delivered before a restart)",
                         queue_id=envelope.queue_id, mailbox=str(target), name=name,
                     )
                     return None
-            name = maildir.deliver(path, message_path, prefix=prefix)
+            name = maildir.deliver(path, message_path, prefix=prefix, folder=folder)
         except (OSError, ValueError) as e:
             log.error(
                 "{queue_id}: delivery to {mailbox} failed: {error}",
