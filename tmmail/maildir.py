@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import re
 import socket
 import time
 from typing import Callable, Iterable
@@ -216,6 +217,23 @@ def wire_size(data: bytes) -> int:
     sizer = WireSizer()
     sizer.feed(data)
     return sizer.size
+
+
+def to_lf(data: bytes) -> bytes:
+    """The stored (LF) form of CRLF message data: ``CRLF`` -> ``LF``, except a CRLF that follows
+    another CR (``CR CR LF`` stays as it is).
+
+    Whatever this returns, served again with LF -> CRLF (``to_crlf``: ``CR? LF`` -> ``CRLF``),
+    gives back exactly the CRLF data that came in: turning ``CR CR LF`` into ``CR LF`` would
+    lose the stray CR (what the client stored is not what FETCH BODY[] returns) and make
+    ``,W=`` one octet too large.
+    """
+    if b"\r\r\n" not in data:
+        return data.replace(b"\r\n", b"\n")
+    return _CRLF_NOT_AFTER_CR.sub(b"\n", data)
+
+
+_CRLF_NOT_AFTER_CR = re.compile(rb"(?<!\r)\r\n")
 
 
 def crlf_size(path: str) -> int:

@@ -263,9 +263,8 @@ class Store:
         with idx.lock:
             idx.sync()
             letters += "".join(_ensure_keywords(idx, keywords).values())
-        data = data.replace(b"\r\n", b"\n")
-        lines = data.count(b"\n")
-        base = f"{maildir.unique_base()},S={len(data)},W={len(data) + lines}"
+        data = maildir.to_lf(data)  # stored LF; served CRLF gives back exactly what came in
+        base = f"{maildir.unique_base()},S={len(data)},W={maildir.wire_size(data)}"
         tmp = os.path.join(idx.path, "tmp", base)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
