@@ -69,3 +69,38 @@ def test_imap_append_then_fetch_returns_the_same_bytes_and_size(reactor_thread, 
         c.logout()
     finally:
         stop_imap(reactor_thread, env)
+
+
+def test_to_lf_in_chunks_matches_one_shot():
+    data = AWKWARD * 3 + b"\r\r" + b"\n\r\r\r\n\r"
+    want = maildir.to_lf(data)
+    for size in range(1, 12):
+        conv = maildir.ToLF()
+        got = b"".join(conv.feed(data[i:i + size]) for i in range(0, len(data), size)) + conv.finish()
+        assert got == want, size
+
+
+def test_deliver_crlf_source_is_stored_lf_with_the_served_size(md, tmp_path):
+    # CRLF spool file (as SMTP received it), with a CRLF split across the 64 KiB copy chunks
+    body = b"x" * ((1 << 16) - 1 - len(b"Subject: big\r\n\r\n")) + b"\r\n" + b"more\r\n" * 100
+    data = b"Subject: big\r\n\r\n" + body + AWKWARD
+    src = tmp_path / "spool.eml"
+    src.write_bytes(data)
+    name = maildir.deliver(md, str(src), prefix=b"Return-Path: <a@example.org>\r\n")
+    with open(os.path.join(md, "new", name), "rb") as f:
+        stored = f.read()
+    served = b"Return-Path: <a@example.org>\r\n" + data
+    assert to_crlf(stored) == served
+    assert b"\r\n" not in stored.replace(b"\r\r\n", b"")  # LF line ends (only the stray CRs stay)
+    assert maildir.sizes_from_base(name) == (len(stored), len(served))
+    folder = Store(md).open("INBOX", readonly=True)
+    assert folder.messages[0].size == len(served)
+
+
+def test_deliver_lf_source_unchanged(md, tmp_path):
+    src = tmp_path / "m"
+    src.write_bytes(b"a\nb\n")
+    name = maildir.deliver(md, str(src), prefix=b"X: y\n")
+    assert name.endswith(",S=9,W=12")
+    with open(os.path.join(md, "new", name), "rb") as f:
+        assert f.read() == b"X: y\na\nb\n"

@@ -92,7 +92,9 @@ def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None
     """Copy ``prefix`` + the file at ``src_path`` into ``maildir`` durably; return the new name.
 
     The file is written to ``tmp/``, fsynced, renamed into ``new/`` and the directory is fsynced,
-    so once this returns the message survives a crash.  ``src_path`` holds LF-terminated lines.
+    so once this returns the message survives a crash.  ``prefix`` and ``src_path`` may use LF or
+    CRLF line ends: they are stored with LF (``to_lf``, chunk by chunk) and ``,W=`` is the size
+    of exactly what IMAP serves for the stored bytes.
 
     ``delivery_id`` (e.g. ``"<queue id> <recipient>"``) makes a repeated delivery a no-op: its hash
     is part of the file name, and if a message with it is already in ``new/`` or ``cur/`` (the
@@ -109,22 +111,27 @@ def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None
     base = unique_base(marker)
     tmp = os.path.join(root, "tmp", base)
     size = 0
-    lines = 0
+    wire = WireSizer()
+    lf = ToLF()
+
+    def put(out, data: bytes) -> None:
+        nonlocal size
+        if data:
+            out.write(data)
+            size += len(data)
+            wire.feed(data)
+
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb", closefd=False) as out:
-            if prefix:
-                out.write(prefix)
-                size += len(prefix)
-                lines += prefix.count(b"\n")
+            put(out, lf.feed(prefix))
             with open(src_path, "rb") as src:
                 while True:
                     chunk = src.read(1 << 16)
                     if not chunk:
                         break
-                    out.write(chunk)
-                    size += len(chunk)
-                    lines += chunk.count(b"\n")
+                    put(out, lf.feed(chunk))
+            put(out, lf.finish())
             out.flush()
         os.fsync(fd)
     except BaseException:
@@ -135,7 +142,7 @@ def deliver(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None
             pass
         raise
     os.close(fd)
-    name = f"{base},S={size},W={size + lines}"
+    name = f"{base},S={size},W={wire.size}"
     os.rename(tmp, os.path.join(root, "new", name))
     fsync_dir(os.path.join(root, "new"))
     notify(root)
@@ -234,6 +241,37 @@ def to_lf(data: bytes) -> bytes:
 
 
 _CRLF_NOT_AFTER_CR = re.compile(rb"(?<!\r)\r\n")
+
+
+class ToLF:
+    """``to_lf`` chunk by chunk: the result does not depend on where the chunks are cut.
+
+    A trailing CR is held back until the next chunk shows whether an LF follows; the last byte
+    written is put in front of the next chunk so a ``CR CR LF`` split anywhere is recognised.
+    """
+
+    __slots__ = ("_held", "_prev")
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._prev = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk
+        self._held = b""
+        if data.endswith(b"\r"):
+            data, self._held = data[:-1], b"\r"
+        if not data:
+            return b""
+        # the previous byte can never be changed itself: it is CR only when ``data`` starts with
+        # the CR held back after it, so no CRLF match can begin there
+        out = to_lf(self._prev + data)[len(self._prev):]
+        self._prev = data[-1:]
+        return out
+
+    def finish(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
 
 
 def crlf_size(path: str) -> int:
