@@ -40,7 +40,8 @@ def test_name_helpers():
     assert maildir.split_name("123.M1P2.h") == ("123.M1P2.h", "")
     assert maildir.make_name("b", "aSRbS") == "b:2,RSab"
     assert maildir.sizes_from_base("1.M2.host,S=7") == (7, None)
-    assert maildir.name_time("1700000000.M1P2.h") == 1700000000.0
+    assert maildir.name_time("1700000000.M1P2.h") == 1700000000.000001
+    assert maildir.name_time("1700000000.M250000P2Q1.h") == 1700000000.25
 
 
 def test_keywords_file(tmp_path):
@@ -121,3 +122,25 @@ def test_crlf_size_counts_a_crlf_split_between_read_chunks(tmp_path):
         sizer.feed(data[:cut])
         sizer.feed(data[cut:])
         assert sizer.size == len(_served(data))
+
+
+def test_new_messages_get_uids_in_delivery_order(tmp_path):
+    """Same second: microseconds and the Q counter compare as numbers, not as strings."""
+    from tmmail.store import Store
+
+    root = str(tmp_path / "Maildir")
+    maildir.create(root, folders=())
+    # in delivery order; string order would be M1000 < M20 < M999 and Q10 < Q9
+    order = ["1700000000.M20P7Q1.h", "1700000000.M999P7Q2.h", "1700000000.M1000P7Q3.h",
+             "1700000000.M1000P7Q9.h", "1700000000.M1000P7Q10.h", "1700000001.M5P7Q11.h"]
+    for i, base in enumerate(reversed(order)):  # created in another order than delivered
+        (tmp_path / "Maildir" / "new" / f"{base},S=2,W=3").write_bytes(b"%d\n" % i)
+    folder = Store(root).open("INBOX", readonly=True)
+    assert [m.base.split(",")[0] for m in folder.messages] == order
+    assert [m.uid for m in folder.messages] == [1, 2, 3, 4, 5, 6]
+    # names delivered by maildir.deliver within one second keep their order too
+    src = tmp_path / "m"
+    src.write_bytes(b"x\n")
+    names = [maildir.deliver(root, str(src)) for _ in range(30)]
+    folder.refresh()
+    assert [m.base for m in folder.messages[6:]] == [n for n in names]

@@ -190,9 +190,31 @@ def sizes_from_base(base: str) -> tuple[int | None, int | None]:
 
 
 def name_time(base: str) -> float | None:
-    """The delivery time encoded at the start of a Maildir unique name (``sec.``)."""
-    head = base.split(".", 1)[0]
-    return float(head) if head.isdigit() else None
+    """The delivery time encoded at the start of a Maildir unique name (``sec.``, plus ``M<usec>``)."""
+    key = delivery_order(base)
+    return key[0] + key[1] / 1e6 if key[0] >= 0 else None
+
+
+_USEC_RE = re.compile(r"M(\d+)")
+_COUNTER_RE = re.compile(r"Q(\d+)")
+
+
+def delivery_order(base: str) -> tuple[int, int, int, str]:
+    """Sort key putting Maildir names in delivery order: (seconds, microseconds, Q counter, name).
+
+    ``sec.M<usec>P<pid>Q<n>.host`` (Dovecot's and our names): the microseconds and the per-process
+    counter compare as numbers (``M999`` before ``M1000``, ``Q9`` before ``Q10``), which plain
+    string order gets wrong for messages delivered within one second.  Names without these
+    fields (other delivery agents) sort by their seconds, then by name; names without a leading
+    time sort first (seconds -1).
+    """
+    sec, _, rest = base.partition(".")
+    if not sec.isdigit():
+        return (-1, 0, 0, base)
+    middle = rest.partition(".")[0]  # "M<usec>P<pid>Q<n>" (fields in any order), before the host
+    usec = _USEC_RE.search(middle)
+    counter = _COUNTER_RE.search(middle)
+    return (int(sec), int(usec.group(1)) if usec else 0, int(counter.group(1)) if counter else 0, base)
 
 
 class WireSizer:

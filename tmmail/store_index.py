@@ -255,7 +255,7 @@ class FolderIndex:
             prev, limit = self._prev_listing, self._prev_nextuid
             forget = {b for b, r in ul.records.items() if r.uid < limit and b not in listing and b not in prev}
         if unassigned or ul is None or len(forget) > max(100, len(listing) // 4):
-            unassigned.sort(key=lambda b: (maildir.name_time(b) or 0.0, b))
+            unassigned.sort(key=maildir.delivery_order)  # UIDs in delivery order
             ul = uidlist.update(self.path, unassigned,
                                 uidvalidity=lambda: maildir.allocate_uidvalidity(self.root), forget=forget)
             self._ul = ul
