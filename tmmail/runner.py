@@ -410,8 +410,9 @@ class Runner:
         self._route(env)
         due = [r for r in env.recipients if not r.final and (forced or r.next_attempt <= now)]
         if due:
-            batches: dict[tuple[str, str], list[tuple[Recipient, InternalAddress]]] = {}
+            batches: dict[tuple[str, str, str], list[tuple[Recipient, InternalAddress]]] = {}
             immediate: list[tuple[Recipient, DeliveryError]] = []
+            snap = self.store.current()
             for r in due:
                 try:
                     target = InternalAddress.parse(r.target)
@@ -422,7 +423,8 @@ class Runner:
                 if conn is None:
                     immediate.append((r, TransientError(*E_NO_CONNECTOR)))
                     continue
-                batches.setdefault((target.scheme, conn.batch_key(target)), []).append((r, target))
+                sender = self._outbound_sender(env, r, target, snap)
+                batches.setdefault((target.scheme, conn.batch_key(target), sender), []).append((r, target))
             for r, err in immediate:
                 r.attempts += 1
                 r.last_attempt = now
@@ -430,8 +432,9 @@ class Runner:
             path = self.spool.message_path(ACTIVE, qid)
             progress = _Progress(len(batches))
             work = [
-                self._deliver_batch(env, scheme, key, items, path, progress)
-                for (scheme, key), items in batches.items()
+                self._deliver_batch(env if sender == env.sender else replace(env, sender=sender),
+                                    scheme, key, items, path, progress)
+                for (scheme, key, sender), items in batches.items()
             ]
             results = yield defer.DeferredList(work, consumeErrors=True)
             for ok, failure in results:
@@ -443,6 +446,30 @@ class Runner:
                 yield self._quarantine(env, progress.quarantine)
                 return
         yield self._finish(env)
+
+    def _outbound_sender(self, env: Envelope, r: Recipient, target: InternalAddress, snap: Any) -> str:
+        """The MAIL FROM for a target: SRS when we forward a hosted address to another domain.
+
+        The receiving MTA checks SPF against our IP, so mail we forward (a redirect, an alias,
+        a group member outside) leaves with an SRS address of the recipient's domain; bounces
+        to it come back and the router returns them to the real sender (tmmail.srs).
+        """
+        srs = self.router_options.srs
+        if srs is None or target.scheme != "SMTP" or not env.sender:
+            return env.sender
+        original = self._full_address(r.address)
+        domain = original.rpartition("@")[2].lower()
+        entry = snap.domain(domain)
+        if entry is None or not entry.enabled or entry.route.strip():
+            return env.sender  # relayed for a client or for a routed domain: not a forward
+        if snap.is_hosted_domain(env.sender.rpartition("@")[2]):
+            return env.sender  # our own sender: SPF passes as it is
+        if target.value.lower() == original.lower():
+            return env.sender
+        try:
+            return srs.forward(env.sender, domain)
+        except ValueError:
+            return env.sender
 
     @staticmethod
     def _hook_error(outcome: Any) -> DeliveryError:
