@@ -194,7 +194,7 @@ def test_flags_and_keywords_are_dovecot_compatible_file_names(md):
 
 def test_unknown_letters_like_passed_are_kept(md):
     st = Store(md)
-    st.append("INBOX", MSG)
+    st.append("INBOX", MSG, ["\\Seen"])  # with a flag: straight to cur/
     cur = os.path.join(md, "cur")
     [name] = os.listdir(cur)
     os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":")[0] + ":2,PS"))

@@ -252,7 +252,8 @@ class Store:
         with idx.lock:
             idx.sync()
             new, unseen = idx.counts()
-            return FolderStatus(len(idx.by_uid), new, unseen, idx.nextuid, idx.uidvalidity)
+            recent = new + idx.unclaimed_recent()
+            return FolderStatus(len(idx.by_uid), recent, unseen, idx.nextuid, idx.uidvalidity)
 
     @_busy
     def append(self, name: str, data: bytes, flags: Iterable[str] = (),
@@ -279,16 +280,26 @@ class Store:
         os.close(fd)
         if internal_date is not None:
             os.utime(tmp, (internal_date, internal_date))
-        final = maildir.make_name(base, letters)
+        # RFC 3501 §6.3.11: the appended message is \Recent (for the next session that selects the
+        # folder read-write, or the one that has it selected).  Without flags it goes to new/, as
+        # Dovecot's maildir-save.c does, and the view that moves it to cur/ gets \Recent (across
+        # processes); with flags it must go to cur/ ("files in new/ can't have flags"), and the
+        # shared index hands \Recent to the next read-write view of this process.
+        if letters:
+            subdir, final = "cur", maildir.make_name(base, letters)
+            idx.expect_recent(base)
+        else:
+            subdir, final = "new", base
 
         def place() -> list[str]:
-            os.rename(tmp, os.path.join(idx.path, "cur", final))
-            _fsync_dir(os.path.join(idx.path, "cur"))
+            os.rename(tmp, os.path.join(idx.path, subdir, final))
+            _fsync_dir(os.path.join(idx.path, subdir))
             return [base]
 
         try:
             ul = uidlist.update(idx.path, place, uidvalidity=lambda: maildir.allocate_uidvalidity(self.root))
         except BaseException:
+            idx.forget_recent(base)
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise

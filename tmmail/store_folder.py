@@ -101,6 +101,7 @@ class Folder:
 
     def _claim_recent(self) -> None:
         idx = self._index
+        self.recent.update(idx.take_recent())  # appended with flags by this process (store.append)
         if not idx.counts()[0]:
             return
         for info in list(idx.messages()):

@@ -29,6 +29,8 @@ from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
 
 #: directory mtimes younger than this may hide a later change in the same timestamp tick
 UNTRUSTED_SECONDS = 1.5
+#: an appended message expected as \Recent but not seen by a listing within this time is forgotten
+UNCLAIMED_SECONDS = 60.0
 
 
 class FolderGone(Exception):
@@ -146,6 +148,9 @@ class FolderIndex:
         self._counts: tuple[int, int] | None = None
         self._prev_listing: set[str] | None = None
         self._prev_nextuid = 1
+        #: bases this process appended straight to cur/ (with flags) that are \Recent for the
+        #: next read-write view to see them; base -> time.monotonic() when expected
+        self._unclaimed: dict[str, float] = {}
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -329,6 +334,38 @@ class FolderIndex:
         with self.lock:
             self.keywords = maildir.read_keywords(self.path)
             self._kw_stamp = _stat_key(os.path.join(self.path, maildir.KEYWORDS_FILE))
+
+    # -- \Recent of messages appended to cur/ ------------------------------------------------------
+
+    def expect_recent(self, base: str) -> None:
+        """``base`` is about to be placed in cur/: \Recent for the next view that claims it."""
+        with self.lock:
+            self._unclaimed[base] = time.monotonic()
+
+    def forget_recent(self, base: str) -> None:
+        with self.lock:
+            self._unclaimed.pop(base, None)
+
+    def take_recent(self) -> list[int]:
+        """UIDs of expected messages that are in the index now (each is handed out once)."""
+        with self.lock:
+            if not self._unclaimed:
+                return []
+            out = []
+            now = time.monotonic()
+            for base, since in list(self._unclaimed.items()):
+                info = self.by_base.get(base)
+                if info is not None:
+                    out.append(info.uid)
+                    del self._unclaimed[base]
+                elif now - since > UNCLAIMED_SECONDS:
+                    del self._unclaimed[base]  # never showed up (expunged meanwhile)
+            return out
+
+    def unclaimed_recent(self) -> int:
+        """How many indexed messages still wait to be claimed as \Recent (STATUS RECENT)."""
+        with self.lock:
+            return sum(1 for base in self._unclaimed if base in self.by_base)
 
     def locate(self, info: MessageInfo) -> MessageInfo | None:
         """The current entry for ``info``'s message after a rescan (it may have been renamed)."""

@@ -1,0 +1,83 @@
+"""\\Recent for appended messages (RFC 3501 §6.3.11, §2.3.2), as Dovecot does it.
+
+Dovecot's maildir-save.c marks every saved message recent; a message without flags is written to
+new/, one with flags to cur/ ("files in new/ can't have flags").  The session that next selects the
+folder read-write (or the one that has it selected) sees it \\Recent; later sessions do not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from imapclient import IMAPClient
+
+from tests.imap_fixtures import PASSWORD, start_imap, stop_imap
+from tmmail import maildir
+from tmmail.store import Store
+
+MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def md(tmp_path):
+    root = str(tmp_path / "Maildir")
+    maildir.create(root)
+    return root
+
+
+@pytest.mark.parametrize("flags", [(), ("\\Seen",), ("\\Flagged", "$Work")])
+def test_appended_message_is_recent_for_the_next_read_write_view_only(md, flags):
+    st = Store(md)
+    _, uid = st.append("INBOX", MSG, flags)
+    assert st.status("INBOX").recent == 1
+    examine = st.open("INBOX", readonly=True)
+    assert examine.recent == set()
+    first = st.open("INBOX")
+    assert first.recent == {uid}
+    assert first.info(uid).flags == frozenset(flags)
+    assert st.status("INBOX").recent == 0
+    assert st.open("INBOX").recent == set()
+    assert first.recent == {uid}  # stays recent for the session that got it
+
+
+def test_flagless_append_lands_in_new_like_dovecot(md):
+    st = Store(md)
+    st.append("INBOX", MSG)
+    st.append("INBOX", MSG, ["\\Seen"])
+    assert len(os.listdir(os.path.join(md, "new"))) == 1
+    [name] = os.listdir(os.path.join(md, "cur"))
+    assert name.endswith(":2,S")
+
+
+def test_selected_view_gets_recent_for_an_append_on_refresh(md):
+    st = Store(md)
+    view = st.open("INBOX")
+    _, uid1 = st.append("INBOX", MSG)
+    _, uid2 = st.append("INBOX", MSG, ["\\Answered"])
+    ch = view.refresh()
+    assert [m.uid for m in ch.new] == [uid1, uid2]
+    assert ch.recent == 2 and view.recent == {uid1, uid2}
+    assert st.open("INBOX").recent == set()
+
+
+def test_imap_select_after_append_reports_recent(reactor_thread, tmp_path):
+    env = start_imap(reactor_thread, tmp_path)
+    try:
+        a = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
+        a.login("alice@example.com", PASSWORD)
+        a.append("INBOX", MSG)
+        a.append("INBOX", MSG, flags=[b"\\Seen"])
+        assert a.folder_status("INBOX", [b"RECENT"])[b"RECENT"] == 2
+        b = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
+        b.login("alice@example.com", PASSWORD)
+        sel = b.select_folder("INBOX")
+        assert sel[b"RECENT"] == 2
+        flags = b.get_flags([1, 2])
+        assert b"\\Recent" in flags[1] and set(flags[2]) == {b"\\Recent", b"\\Seen"}
+        # the next session does not see them as recent any more
+        assert a.select_folder("INBOX")[b"RECENT"] == 0
+        a.logout()
+        b.logout()
+    finally:
+        stop_imap(reactor_thread, env)
