@@ -69,7 +69,7 @@ def _forget_indexes(prefix: str) -> None:
     prefix = os.path.realpath(prefix)
     with _indexes_lock:
         for key in [k for k in _indexes if k == prefix or k.startswith(prefix + ".")]:
-            del _indexes[key]
+            _indexes.pop(key).close()
 
 
 class Store:
@@ -263,7 +263,8 @@ class Store:
         letters, keywords = _flag_letters(flags)
         with idx.lock:
             idx.sync()
-            letters += "".join(_ensure_keywords(idx, keywords).values())
+        # not under idx.lock: the keywords lock may be held by another writer for a while
+        letters += "".join(_ensure_keywords(idx, keywords).values())
         data = maildir.to_lf(data)  # stored LF; served CRLF gives back exactly what came in
         base = f"{maildir.unique_base()},S={len(data)},W={maildir.wire_size(data)}"
         tmp = os.path.join(idx.path, "tmp", base)

@@ -203,11 +203,13 @@ class Folder:
         out: list[tuple[int, MessageInfo]] = []
         with idx.lock:
             idx.sync()
-            if mode == "remove":
-                known = keyword_letters(idx.keywords)
-                kw_letters = "".join(known[k.lower()] for k in keywords if k.lower() in known)
-            else:
-                kw_letters = "".join(_ensure_keywords(idx, keywords).values())
+        if mode == "remove":
+            known = keyword_letters(idx.keywords)
+            kw_letters = "".join(known[k.lower()] for k in keywords if k.lower() in known)
+        else:
+            # not under idx.lock: waiting for another writer's keywords lock must not block
+            # every other session's refresh()
+            kw_letters = "".join(_ensure_keywords(idx, keywords).values())
         wanted = set(sys_letters + kw_letters)
         managed = set("DFRST") | set(maildir.KEYWORD_LETTERS)
         todo = sorted(set(uids))
@@ -276,35 +278,43 @@ class Folder:
 
     def _remove(self, select: Callable[[MessageInfo], bool]) -> list[tuple[int, int]]:
         idx = self._index
-        removed: list[MessageInfo] = []
         gone_uids: set[int] = set()
         with idx.lock:
             idx.sync()
+            todo: list[MessageInfo] = []
             for m in self.messages:
                 if m.uid in self._gone:
                     gone_uids.add(m.uid)
                     continue
                 info = idx.by_uid.get(m.uid)
-                if info is None or not select(info):
-                    continue
-                for _attempt in range(3):
-                    try:
-                        os.unlink(info.filename)
-                    except FileNotFoundError:
-                        info = idx.locate(info)
+                if info is not None and select(info):
+                    todo.append(m)
+        # unlinked in batches, the fsyncs outside the lock: a large EXPUNGE in a worker thread
+        # must not hold the shared index (every other session's refresh()) for its whole duration
+        dirs: set[str] = set()
+        for start in range(0, len(todo), FLAG_BATCH):
+            with idx.lock:
+                removed: list[MessageInfo] = []
+                for m in todo[start:start + FLAG_BATCH]:
+                    info = idx.by_uid.get(m.uid)
+                    for _attempt in range(3):
                         if info is None:
-                            break
-                        continue
-                    break
-                removed.append(m)
-                gone_uids.add(m.uid)
-            if removed:
-                dirs = {os.path.join(idx.path, m.subdir) for m in removed}
-                for d in dirs:
-                    _fsync_dir(d)
+                            break  # removed meanwhile by another session: gone all the same
+                        try:
+                            os.unlink(info.filename)
+                        except FileNotFoundError:
+                            info = idx.locate(info)
+                            continue
+                        dirs.add(os.path.join(idx.path, info.subdir))
+                        break
+                    removed.append(m)
+                    gone_uids.add(m.uid)
                 idx.remove(removed)
+        for d in dirs:
+            _fsync_dir(d)
+        with idx.lock:
             result = self._drop(gone_uids)
-        if removed:
+        if todo:
             maildir.notify(idx.path)
         return result
 
@@ -351,7 +361,7 @@ class Folder:
             names |= {f for f in info.flags if not f.startswith("\\")}
         with dest_idx.lock:
             dest_idx.sync()
-            kw_map = _ensure_keywords(dest_idx, sorted(names))
+        kw_map = _ensure_keywords(dest_idx, sorted(names))
         plan = []  # (info, new base, dest name)
         for info in infos:
             s, w = maildir.sizes_from_base(info.base)

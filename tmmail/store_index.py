@@ -29,6 +29,8 @@ from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
 
 #: directory mtimes younger than this may hide a later change in the same timestamp tick
 UNTRUSTED_SECONDS = 1.5
+#: how soon a sync tries again to give new files UIDs after finding the uidlist locked
+RETRY_LOCKED_NS = 200_000_000
 #: an appended message expected as \Recent but not seen by a listing within this time is forgotten
 UNCLAIMED_SECONDS = 60.0
 
@@ -151,6 +153,23 @@ class FolderIndex:
         #: bases this process appended straight to cur/ (with flags) that are \Recent for the
         #: next read-write view to see them; base -> time.monotonic() when expected
         self._unclaimed: dict[str, float] = {}
+        #: the last listing was made after the directories' mtimes had settled (see sync)
+        self._settled = False
+        #: when an unsettled listing must be confirmed by one more (time.time_ns())
+        self._settle_ns = 0
+        #: a change made by this process (maildir.notify) that the stamps may not show
+        self._dirty = True
+        #: new files waited for a UID because the uidlist lock was busy: look again after this
+        self._retry_ns: int | None = None
+        self._cancel_watch = maildir.watch(path, self._mark_dirty)
+
+    def _mark_dirty(self, _path: str) -> None:
+        # runs in whichever thread changed the folder, maybe holding other locks: no locking here
+        self._dirty = True
+
+    def close(self) -> None:
+        """Stop listening for this process's changes (the index is being dropped)."""
+        self._cancel_watch()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -181,16 +200,21 @@ class FolderIndex:
             raise FolderGone(self.path)
         return (new, cur, uidlist.stamp(self.path), _stat_key(os.path.join(self.path, maildir.KEYWORDS_FILE)))
 
-    def _trusted(self, stamp: tuple) -> bool:
-        now_ns = time.time_ns()
-        for part in stamp[:2]:
-            if part is not None and now_ns - part[0] < UNTRUSTED_SECONDS * 1e9:
-                return False
-        return True
-
     def sync(self, force: bool = False) -> bool:
-        """Bring the index up to date with the disk; True if anything changed."""
+        """Bring the index up to date with the disk; True if anything changed.
+
+        Unchanged stamps of ``new/`` and ``cur/`` prove nothing changed only for a listing made
+        UNTRUSTED_SECONDS after the directories' mtimes: file systems keep coarse timestamps, so
+        a change in the same tick as the one before looks like no change.  A listing made earlier
+        is confirmed by exactly one more listing once that time has passed (not by one on every
+        call: every session of the process shares this index and refreshes it).  Changes made by
+        this process are announced by ``maildir.notify`` and always trigger a listing.
+
+        Never waits for the uidlist lock (this runs on the reactor thread for IMAP sessions):
+        new files that need a UID while another writer holds it appear at a later sync.
+        """
         with self.lock:
+            now_ns = time.time_ns()
             try:
                 stamp = self._stamps()
             except FolderGone:
@@ -200,8 +224,15 @@ class FolderIndex:
                     return True
                 return False
             self.exists = True
-            if not force and stamp == self._stamp and self._trusted(stamp):
+            if (not force and not self._dirty and stamp == self._stamp
+                    and (self._settled or now_ns < self._settle_ns)
+                    and (self._retry_ns is None or now_ns < self._retry_ns)):
                 return False
+            self._dirty = False
+            self._retry_ns = None
+            mtimes = [part[0] for part in stamp[:2] if part is not None]
+            self._settle_ns = max(mtimes, default=0) + int(UNTRUSTED_SECONDS * 1e9)
+            self._settled = now_ns >= self._settle_ns
             return self._scan(stamp)
 
     def _listing(self) -> dict[str, tuple[str, str]]:
@@ -261,11 +292,20 @@ class FolderIndex:
             forget = {b for b, r in ul.records.items() if r.uid < limit and b not in listing and b not in prev}
         if unassigned or ul is None or len(forget) > max(100, len(listing) // 4):
             unassigned.sort(key=maildir.delivery_order)  # UIDs in delivery order
-            ul = uidlist.update(self.path, unassigned,
-                                uidvalidity=lambda: maildir.allocate_uidvalidity(self.root), forget=forget)
-            self._ul = ul
-            self._ul_stamp = uidlist.stamp(self.path)
-            stamp = (stamp[0], stamp[1], self._ul_stamp, stamp[3])
+            try:
+                ul = uidlist.update(self.path, unassigned, forget=forget, wait=False,
+                                    uidvalidity=lambda: maildir.allocate_uidvalidity(self.root))
+            except uidlist.LockTimeout:
+                # another writer holds the uidlist: do not wait for it with the index lock held
+                # (and maybe on the reactor thread); the new files stay invisible until a later sync
+                self._retry_ns = time.time_ns() + RETRY_LOCKED_NS
+                if ul is None:
+                    self._stamp = None
+                    return False
+            else:
+                self._ul = ul
+                self._ul_stamp = uidlist.stamp(self.path)
+                stamp = (stamp[0], stamp[1], self._ul_stamp, stamp[3])
         self._prev_listing = set(listing)
         self._prev_nextuid = ul.nextuid
         self._stamp = stamp

@@ -26,10 +26,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from twisted.python.threadable import isInIOThread
+
 UIDLIST = "dovecot-uidlist"
 LOCK = UIDLIST + ".lock"
 STALE_SECONDS = 120.0
 LOCK_TIMEOUT = 10.0
+#: the wait on the reactor thread, where a long wait would stall every connection: fail fast
+#: (StoreBusy, IMAP ``NO [INUSE]``) instead
+REACTOR_LOCK_TIMEOUT = 0.2
 
 
 class LockTimeout(Exception):
@@ -174,9 +179,11 @@ class DotLock:
     so a Dovecot process and TMmail exclude each other.
     """
 
-    def __init__(self, path: str, timeout: float = LOCK_TIMEOUT, stale: float = STALE_SECONDS) -> None:
+    def __init__(self, path: str, timeout: float | None = None, stale: float = STALE_SECONDS) -> None:
         self.path = path
         self.lock_path = path + ".lock"
+        if timeout is None:
+            timeout = REACTOR_LOCK_TIMEOUT if isInIOThread() else LOCK_TIMEOUT
         self.timeout = timeout
         self.stale = stale
         self.fd: int | None = None
@@ -255,15 +262,16 @@ def _fsync_dir(path: str) -> None:
 
 def update(folder: str, bases: list[str] | Callable[[], list[str]],
            uidvalidity: int | Callable[[], int] | None = None,
-           forget: set[str] | None = None, durable: bool = True) -> UidList:
+           forget: set[str] | None = None, durable: bool = True, wait: bool = True) -> UidList:
     """Under the lock: re-read the uidlist, give each of ``bases`` (in order) a UID if it has none,
     drop the records of ``forget`` (messages confirmed gone) and write it back if anything changed.
 
     ``bases`` may be a function: it runs under the lock (e.g. renames files into ``cur/``) and
     returns the bases.  ``uidvalidity`` (a value or a function) is used when the uidlist does
-    not exist yet (required then).
+    not exist yet (required then).  ``wait=False``: LockTimeout at once if another writer holds
+    the lock (otherwise: up to LOCK_TIMEOUT, or REACTOR_LOCK_TIMEOUT on the reactor thread).
     """
-    with DotLock(os.path.join(folder, UIDLIST)) as lock:
+    with DotLock(os.path.join(folder, UIDLIST), timeout=None if wait else 0.0) as lock:
         if callable(bases):
             bases = bases()
         ul = read(folder)
