@@ -204,10 +204,8 @@ class SelectedMailbox:
         self.dirty = True
 
     def _holds_expunges(self) -> bool:
-        pending = getattr(self.folder, "pending_expunges", None)
-        if pending is None:
-            pending = getattr(self.folder, "_gone", True)
-        return bool(pending)
+        """EXPUNGEs held back by ``refresh(expunges=False)`` wait for the next allowed point."""
+        return bool(self.folder.pending_expunges)
 
     def updates(self, expunges: bool, force: bool = False) -> tuple[list[bytes], bool]:
         """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``.
