@@ -362,3 +362,62 @@ def test_one_click_unsubscribe(template, tmp_path, reactor_thread) -> None:
         assert ok(w.conf, "list", "member", "list", "news@example.com") == "b@remote.example\tactive\tbounces=0\n"
     finally:
         reactor_thread.call(port.stopListening)
+
+
+def test_through_the_runner_into_maildirs(template, tmp_path, reactor_thread) -> None:
+    """Spool -> runner -> list server -> spool -> runner -> post office, with the real reactor."""
+    import os
+
+    from twisted.internet import reactor
+
+    from tmmail.connectors.postoffice import PostOfficeConnector
+    from tmmail.runner import Runner
+    from tmmail.spool import ACTIVE
+
+    d = tmp_path / "var"
+    shutil.copytree(template, d)
+    toml = (d / "tmmail.toml").read_text().replace("[queue]\n", "[queue]\nscan_interval = 0.05\n", 1)
+    (d / "tmmail.toml").write_text(toml)
+    w = World(d)
+    for user in ("alice", "bob", "postmaster"):
+        w.cli("mailbox", "add", f"{user}@example.com")
+    w.cli("list", "add", "team@example.com", "--postoffice", "EXAMPLE", "--members-only", "--footer", "-- team")
+    w.cli("list", "member", "add", "team@example.com", "alice@example.com")
+    w.cli("list", "member", "add", "team@example.com", "bob@example.com")
+    conns = [PostOfficeConnector(w.settings, w.store, reactor)]
+    runner = Runner(w.settings, w.spool, w.store, conns, reactor)
+    ls = ListServerConnector(w.settings, w.store, w.spool, reactor, on_queued=runner.wake, dmarc=w.dmarc)
+    runner.connectors["LS"] = ls
+    reactor_thread.call(runner.start)
+    try:
+        post = b"From: alice@example.com\nTo: team@example.com\nSubject: standup\n\nat ten\n"
+        wr = w.spool.open_message()
+        wr.write(post)
+        wr.commit(Envelope.new(queue_id=wr.id, sender="alice@example.com", recipients=["team@example.com"]))
+        runner.wake(wr.id)
+
+        def inbox(user: str) -> list[bytes]:
+            new = os.path.join(w.settings.postoffices_dir, "EXAMPLE", user, "Maildir", "new")
+            return [open(os.path.join(new, n), "rb").read() for n in sorted(os.listdir(new))] if os.path.isdir(new) else []
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (inbox("alice") and inbox("bob")):
+            time.sleep(0.05)
+        for user in ("alice", "bob"):
+            [raw] = inbox(user)
+            msg = parse(raw)
+            assert msg["List-Id"] == "<team.example.com>" and msg["Return-Path"] == "<team-bounces@example.com>"
+            assert msg.get_content().endswith("at ten\n\n-- team\n")
+        # a stranger's post is refused: the sender (a local mailbox here) gets the DSN
+        wr = w.spool.open_message()
+        wr.write(post.replace(b"alice@", b"postmaster@"))
+        wr.commit(Envelope.new(queue_id=wr.id, sender="postmaster@example.com", recipients=["team@example.com"]))
+        runner.wake(wr.id)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not inbox("postmaster"):
+            time.sleep(0.05)
+        [dsn] = inbox("postmaster")
+        assert b"5.7.1" in dsn and b"Only members may post" in dsn
+        assert len(inbox("alice")) == 1 and not w.spool.list(ACTIVE)
+    finally:
+        reactor_thread.call(runner.stop, 10.0)
