@@ -40,8 +40,16 @@ class MailService(MultiService):
             settings.tls.reload_interval,
         )
         self.authenticator = Authenticator(self.store, settings.auth, reactor)
+        from tmmail.router import options_from_settings
+
+        #: one set of router options (sub-addressing, SRS secret, limits) for SMTP RCPT and the runner
+        self.router_options = options_from_settings(settings)
         self.connectors = self._connectors()
-        self.runner = Runner(settings, self.spool, self.store, self.connectors, reactor)
+        self.runner = Runner(settings, self.spool, self.store, self.connectors, reactor,
+                             router_options=self.router_options)
+        for connector in self.connectors:
+            if getattr(connector, "scheme", None) == "LS":
+                connector.on_queued = self.runner.wake
         for role in config.LISTENER_ROLES:
             for description in settings.listen.get(role, ()):
                 self._listen(role, description)
@@ -49,7 +57,12 @@ class MailService(MultiService):
     def _connectors(self) -> list[Any]:
         from tmmail.connectors.postoffice import PostOfficeConnector
 
-        connectors: list[Any] = [PostOfficeConnector(self.settings, self.store)]
+        from tmmail.connectors.listserver import ListServerConnector
+
+        connectors: list[Any] = [
+            PostOfficeConnector(self.settings, self.store),
+            ListServerConnector(self.settings, self.store, self.spool, reactor=self.reactor),
+        ]
         try:
             from tmmail.connectors.smtp import SMTPConnector
         except ImportError:
@@ -63,8 +76,12 @@ class MailService(MultiService):
         if role in ("smtp", "submission", "smtps"):
             from tmmail.smtpserver import SMTPFactory
 
+            from tmmail.router import resolve
+
+            options = self.router_options
             return SMTPFactory(s, role, self.store, self.spool, self.authenticator, self.tls,
-                               self.runner.wake, reactor=self.reactor)
+                               self.runner.wake, reactor=self.reactor,
+                               resolve=lambda snap, address: resolve(snap, address, options))
         if role in ("pop3", "pop3s"):
             from tmmail.pop3 import POP3Factory
 
