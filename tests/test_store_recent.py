@@ -81,3 +81,13 @@ def test_imap_select_after_append_reports_recent(reactor_thread, tmp_path):
         b.logout()
     finally:
         stop_imap(reactor_thread, env)
+
+
+def test_unclaimed_recent_appends_are_bounded(md, monkeypatch):
+    from tmmail import store_index
+
+    monkeypatch.setattr(store_index, "MAX_UNCLAIMED", 3)
+    st = Store(md)
+    uids = [st.append("Sent", MSG, ["\\Seen"])[1] for _ in range(5)]
+    assert st.status("Sent").recent == 3  # nobody selected Sent: only the newest few wait
+    assert st.open("Sent").recent == set(uids[-3:])

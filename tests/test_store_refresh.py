@@ -103,7 +103,7 @@ def test_a_change_by_this_process_is_seen_even_with_unchanged_stamps(md, tmp_pat
     assert len(view.refresh().new) == 1
 
 
-def test_refresh_does_not_wait_for_a_uidlist_lock_held_by_another_writer(md):
+def test_refresh_does_not_wait_for_a_uidlist_lock_held_by_another_writer(md, listings):
     st = Store(md)
     st.append("INBOX", MSG)
     view = st.open("INBOX")
@@ -115,6 +115,12 @@ def test_refresh_does_not_wait_for_a_uidlist_lock_held_by_another_writer(md):
     assert time.monotonic() - started < 2
     assert not changes.new and len(view.messages) == 1
     assert st.status("INBOX").messages == 1
+    # while the lock stays, retries cost a stat, not a listing
+    before = len(listings)
+    for _ in range(5):
+        time.sleep(0.1)
+        assert not view.refresh()
+    assert len(listings) == before
     os.unlink(lock)
     deadline = time.monotonic() + 5
     while not changes.new and time.monotonic() < deadline:

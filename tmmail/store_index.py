@@ -33,6 +33,8 @@ UNTRUSTED_SECONDS = 1.5
 RETRY_LOCKED_NS = 200_000_000
 #: an appended message expected as \Recent but not seen by a listing within this time is forgotten
 UNCLAIMED_SECONDS = 60.0
+#: at most this many appended messages wait to be claimed as \Recent (the oldest are dropped)
+MAX_UNCLAIMED = 4096
 
 
 class FolderGone(Exception):
@@ -225,9 +227,12 @@ class FolderIndex:
                 return False
             self.exists = True
             if (not force and not self._dirty and stamp == self._stamp
-                    and (self._settled or now_ns < self._settle_ns)
-                    and (self._retry_ns is None or now_ns < self._retry_ns)):
-                return False
+                    and (self._settled or now_ns < self._settle_ns)):
+                if self._retry_ns is None or now_ns < self._retry_ns:
+                    return False
+                if os.path.exists(os.path.join(self.path, uidlist.LOCK)):
+                    self._retry_ns = now_ns + RETRY_LOCKED_NS  # still locked: one stat, no listing
+                    return False
             self._dirty = False
             self._retry_ns = None
             mtimes = [part[0] for part in stamp[:2] if part is not None]
@@ -378,8 +383,10 @@ class FolderIndex:
     # -- \Recent of messages appended to cur/ ------------------------------------------------------
 
     def expect_recent(self, base: str) -> None:
-        """``base`` is about to be placed in cur/: \Recent for the next view that claims it."""
+        """``base`` is about to be placed in cur/: \\Recent for the next view that claims it."""
         with self.lock:
+            if len(self._unclaimed) >= MAX_UNCLAIMED:  # nobody selects this folder: keep it bounded
+                del self._unclaimed[next(iter(self._unclaimed))]
             self._unclaimed[base] = time.monotonic()
 
     def forget_recent(self, base: str) -> None:
@@ -403,7 +410,7 @@ class FolderIndex:
             return out
 
     def unclaimed_recent(self) -> int:
-        """How many indexed messages still wait to be claimed as \Recent (STATUS RECENT)."""
+        """How many indexed messages still wait to be claimed as \\Recent (STATUS RECENT)."""
         with self.lock:
             return sum(1 for base in self._unclaimed if base in self.by_base)
 
