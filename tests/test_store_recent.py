@@ -91,3 +91,24 @@ def test_unclaimed_recent_appends_are_bounded(md, monkeypatch):
     uids = [st.append("Sent", MSG, ["\\Seen"])[1] for _ in range(5)]
     assert st.status("Sent").recent == 3  # nobody selected Sent: only the newest few wait
     assert st.open("Sent").recent == set(uids[-3:])
+
+
+def test_imap_append_to_the_selected_folder_reports_it_recent(reactor_thread, tmp_path):
+    from tests.imap_fixtures import raw_session, read_until_tag
+
+    env = start_imap(reactor_thread, tmp_path)
+    try:
+        s, f = raw_session(env)
+        s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
+        s.sendall(b"S SELECT INBOX\r\n")
+        assert b"* 0 RECENT\r\n" in read_until_tag(f, b"S")
+        s.sendall(b"A APPEND INBOX (\\Flagged) {%d+}\r\n%s\r\n" % (len(MSG), MSG))
+        lines = read_until_tag(f, b"A")
+        assert b"* 1 EXISTS\r\n" in lines and b"* 1 RECENT\r\n" in lines, lines
+        s.sendall(b"F FETCH 1 FLAGS\r\n")
+        fetched = b"".join(read_until_tag(f, b"F"))
+        assert b"\\Recent" in fetched and b"\\Flagged" in fetched
+        s.close()
+    finally:
+        stop_imap(reactor_thread, env)
