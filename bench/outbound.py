@@ -133,6 +133,8 @@ class SmtpSink:
     def __init__(self, port: int, lifetime: float = 1800.0) -> None:
         self.port = port
         self.count = 0
+        #: SMTP sessions the sink has seen (connections made to it)
+        self.sessions = 0
         binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         # `timeout` bounds the sink's life even if this script dies without cleaning up
@@ -164,9 +166,10 @@ class SmtpSink:
             buf += chunk
             *records, buf = re.split(rb"[\r\n]", buf)
             for rec in reversed(records):
-                m = re.search(rb"mesg=(\d+)", rec)
+                m = re.search(rb"sess=(\d+).*?mesg=(\d+)", rec)
                 if m:
-                    self.count = int(m.group(1))
+                    self.sessions = int(m.group(1))
+                    self.count = int(m.group(2))
                     break
 
     def wait_for(self, target: int, deadline: float) -> bool:
@@ -329,7 +332,7 @@ def submit_python(host: str, port: int, n: int, size: int, sessions: int, domain
 
 def run_python(host: str, port: int, sink: SmtpSink, cpu: Any, n: int, size: int, sessions: int,
                domains: int, timeout: float) -> dict:
-    base = sink.count
+    base, sess0 = sink.count, sink.sessions
     deadline = time.monotonic() + timeout
     c0 = cpu()
     t0 = time.perf_counter()
@@ -342,7 +345,8 @@ def run_python(host: str, port: int, sink: SmtpSink, cpu: Any, n: int, size: int
     return {"accepted": accepted, "errors": errors, "relayed": relayed,
             "accept_s": t_accept, "accept_mps": accepted / t_accept,
             "done_s": t_done, "done_mps": relayed / t_done,
-            "cpu_s": c1 - c0, "cpu_per_1000": (c1 - c0) * 1000 / max(1, relayed)}
+            "cpu_s": c1 - c0, "cpu_per_1000": (c1 - c0) * 1000 / max(1, relayed),
+            "sink_sessions": sink.sessions - sess0}
 
 
 def run_script(host: str, port: int, sink_port: int, cpu: Any, n: int, size: int, sessions: int,
@@ -370,7 +374,8 @@ def report(label: str, r: dict) -> None:
     print(f"{label}: n={r['accepted']} errors={r['errors']} relayed={r['relayed']} "
           f"accept_s={r['accept_s']:.2f} accept_mps={r['accept_mps']:.0f} "
           f"done_s={r['done_s']:.2f} delivered_mps={r['done_mps']:.0f} "
-          f"cpu_s={r['cpu_s']:.2f} cpu_s_per_1000={r['cpu_per_1000']:.2f}", flush=True)
+          f"cpu_s={r['cpu_s']:.2f} cpu_s_per_1000={r['cpu_per_1000']:.2f}"
+          + (f" sink_sessions={r['sink_sessions']}" if "sink_sessions" in r else ""), flush=True)
 
 
 def free_port() -> int:
@@ -391,6 +396,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="per run: submission + relay")
     ap.add_argument("--profile", metavar="FILE", help="run the spawned twistd under cProfile")
     ap.add_argument("--keep", action="store_true", help="keep the spawned server's directory")
+    ap.add_argument("--toml", default="", help='extra settings for the spawned server, e.g. "[relay]\\nmax_connections = 60"')
     args = ap.parse_args()
     if args.spawn == args.peer_postfix:
         ap.error("give --spawn or --peer-postfix")
@@ -413,7 +419,7 @@ def main() -> int:
     dns = BenchDNS(args.domains)
     root = tempfile.mkdtemp(prefix="tmmail-outbound-")
     sink = None
-    srv = make_server(root, dns.address, sink_port)
+    srv = make_server(root, dns.address, sink_port, args.toml.replace("\\n", "\n"))
     try:
         start_server(srv, args.profile)
         pid = srv.proc.pid

@@ -178,8 +178,10 @@ def main() -> int:
         took, cpu, _ = start_timed(srv, None, args.timeout)
         time.sleep(1.0)
         mean0, max0 = idle_cpu(srv.proc.pid, min(10.0, args.idle))
+        lat0 = [one_fresh(srv.ports["smtp"], sink, 100 + k, args.timeout) for k in range(args.singles)]
         print(f"empty queue: start_to_recovered_s={took:.2f} start_cpu_s={cpu:.2f} "
-              f"idle_cpu_per_s={mean0:.4f} (max {max0:.4f}) rss_mib={rss_kib(srv.proc.pid) / 1024:.0f}", flush=True)
+              f"idle_cpu_per_s={mean0:.4f} (max {max0:.4f}) rss_mib={rss_kib(srv.proc.pid) / 1024:.0f} "
+              f"fresh_single_median_s={statistics.median(lat0):.3f}", flush=True)
         srv.stop()
 
         # 2. the big queue, written into the stopped server's spool
