@@ -236,3 +236,39 @@ def test_crash_loses_no_acknowledged_message(tmp_path):
         assert len(subjects) == len(set(subjects)), "a message was delivered twice"
     finally:
         srv.stop()
+
+
+def test_admin_changes_reach_the_running_server(server):
+    """postoffice/domain/mailbox/alias added with the CLI work without a restart."""
+    from imapclient import IMAPClient
+
+    server.cli("postoffice", "add", "ACME")
+    server.cli("domain", "add", "acme.test", "--postoffice", "ACME")
+    server.add_mailbox("joe@acme.test", "joe-pw")
+    server.cli("alias", "add", "*@acme.test", "[SF:ACME/joe]")
+
+    def accepted():
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.example")
+            s.mail("carol@remote.example")
+            return s.rcpt("anything@acme.test")[0] == 250
+
+    server.wait_for(accepted, timeout=10, interval=0.2)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.sendmail("carol@remote.example", ["joe@acme.test", "sales@acme.test"],
+                   b"Subject: to acme\r\n\r\nhello joe\r\n")
+    # one message for two recipients that resolve to the same mailbox: one copy
+    server.wait_for(lambda: server.messages("joe@acme.test"))
+    time.sleep(0.5)
+    assert len(server.messages("joe@acme.test")) == 1
+    with IMAPClient("127.0.0.1", port=server.ports["imap"], ssl=False, timeout=10) as c:
+        c.starttls(client_tls())
+        c.login("joe@acme.test", "joe-pw")
+        c.select_folder("INBOX")
+        uids = c.search(["SUBJECT", "to acme"])
+        assert len(uids) == 1
+        body = c.fetch(uids, ["BODY[TEXT]"])[uids[0]][b"BODY[TEXT]"]
+        assert body == b"hello joe\r\n"
+    # a duplicate mailbox is refused with one line and exit status 2
+    r = server.cli("mailbox", "add", "joe@acme.test", check=False)
+    assert r.returncode == 2 and r.stderr.strip() and "\n" not in r.stderr.strip()
