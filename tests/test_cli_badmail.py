@@ -77,3 +77,25 @@ def test_requeue_resets_only_bad_recipients(conf) -> None:
     ghost, bob = env.recipients
     assert (ghost.state, ghost.bad, ghost.target, ghost.reported, ghost.attempts) == (PENDING, False, "", False, 0)
     assert (bob.state, bob.target) == (DELIVERED, "[SF:EXAMPLE/bob]")  # not delivered twice
+
+
+def test_quarantine_list_release_delete(conf) -> None:
+    from tmmail.spool import QUARANTINE
+
+    spool = Spool(config.load(str(conf)).spool_dir)
+    ids = []
+    for subject in ("held one", "held two"):
+        e = spool.add(lambda qid: Envelope.new(queue_id=qid, sender="carol@remote.example",
+                                               recipients=["bob@example.com"]),
+                      f"From: carol@remote.example\nSubject: {subject}\n\nbody\n".encode())
+        spool.move(e.queue_id, INCOMING, QUARANTINE)
+        ids.append(e.queue_id)
+    rc, out, _ = run(conf, "quarantine", "list")
+    assert rc == 0 and [ln.split("\t")[0] for ln in out.splitlines()] == ids
+    assert "Subject: held one" in run(conf, "quarantine", "show", ids[0])[1]
+    assert run(conf, "quarantine", "release", ids[0])[0] == 0
+    env = spool.load(INCOMING, ids[0])
+    assert env.checked and env.recipients[0].state == PENDING  # the pickup hooks will not hold it again
+    assert run(conf, "quarantine", "delete", ids[1])[0] == 0
+    assert spool.list(QUARANTINE) == []
+    assert run(conf, "badmail", "show", ids[0])[0] == 2  # not in badmail/

@@ -1,10 +1,15 @@
-"""``tmmail badmail``: messages kept in spool/badmail/ (a recipient resolved nowhere, a mail loop).
+"""``tmmail badmail`` and ``tmmail quarantine``: messages put aside in spool/badmail/ (a recipient
+resolved nowhere, a mail loop, too many hops) and spool/quarantine/ (a transfer event said so).
 
 ``list`` (one line per bad recipient: id, age, sender, recipient, last reply), ``show ID``
 (the envelope and the message header), ``requeue ID`` (the bad recipients become pending
 again and are routed afresh: after fixing the address map, say) and ``delete ID``.
 
-The runner never looks into badmail/, so these commands need no claim: ``requeue`` saves the
+``quarantine list|show|release|delete``: ``release`` sends the message on as it is (its
+recipients keep their state) and marks it checked, so the pickup hooks do not stop it again
+(deliver hooks still run).
+
+The runner never looks into badmail/ or quarantine/, so these commands need no claim: ``requeue`` saves the
 edited envelope durably in badmail/ and then moves the message to incoming/ (``.eml`` first,
 ``.env`` last, as tmmail.spool does), where the running server picks it up within
 ``queue.scan_interval``.
@@ -18,7 +23,7 @@ from typing import Any
 
 from tmmail.cli import CLIError
 from tmmail.envelope import FAILED, PENDING, EnvelopeError
-from tmmail.spool import BADMAIL, INCOMING, Spool, valid_queue_id
+from tmmail.spool import BADMAIL, INCOMING, QUARANTINE, Spool, valid_queue_id
 
 __all__ = ["register", "requeue"]
 
@@ -27,13 +32,13 @@ def _spool(ctx: Any) -> Spool:
     return Spool(ctx.settings.spool_dir)
 
 
-def _load(spool: Spool, qid: str) -> Any:
+def _load(spool: Spool, qid: str, state: str = BADMAIL) -> Any:
     if not valid_queue_id(qid):
         raise CLIError(f"bad queue id {qid!r}")
     try:
-        return spool.load(BADMAIL, qid)
+        return spool.load(state, qid)
     except FileNotFoundError:
-        raise CLIError(f"no message {qid} in badmail/") from None
+        raise CLIError(f"no message {qid} in {state}/") from None
     except EnvelopeError as e:
         raise CLIError(f"{qid}: unreadable envelope: {e}") from None
 
@@ -50,11 +55,14 @@ def _age(seconds: float) -> str:
 def cmd_list(args: argparse.Namespace, ctx: Any) -> int:
     spool = _spool(ctx)
     now = time.time()
-    for qid, env in spool.iter_envelopes(BADMAIL):
+    state = getattr(args, "state", BADMAIL)
+    for qid, env in spool.iter_envelopes(state):
         if env is None:
             ctx.out(qid, "?", "?", "?", "unreadable envelope")
             continue
         bad = [r for r in env.recipients if r.bad] or [r for r in env.recipients if r.state == FAILED]
+        if state == QUARANTINE:
+            bad = [r for r in env.recipients if not r.final]
         for r in bad or env.recipients:
             ctx.out(qid, _age(now - env.arrival), env.sender or "<>", r.address, r.last_reply)
     return 0
@@ -62,11 +70,12 @@ def cmd_list(args: argparse.Namespace, ctx: Any) -> int:
 
 def cmd_show(args: argparse.Namespace, ctx: Any) -> int:
     spool = _spool(ctx)
-    env = _load(spool, args.id)
+    state = getattr(args, "state", BADMAIL)
+    env = _load(spool, args.id, state)
     ctx.stdout.write(env.to_bytes().decode("utf-8"))
     ctx.stdout.write("\n")
     try:
-        with open(spool.message_path(BADMAIL, env.queue_id), "rb") as f:
+        with open(spool.message_path(state, env.queue_id), "rb") as f:
             head = f.read(64 * 1024).split(b"\n\n", 1)[0]
     except FileNotFoundError:
         raise CLIError(f"{args.id}: message data missing") from None
@@ -107,9 +116,30 @@ def cmd_requeue(args: argparse.Namespace, ctx: Any) -> int:
 
 def cmd_delete(args: argparse.Namespace, ctx: Any) -> int:
     spool = _spool(ctx)
-    _load(spool, args.id)
-    spool.remove(args.id, BADMAIL)
+    state = getattr(args, "state", BADMAIL)
+    _load(spool, args.id, state)
+    spool.remove(args.id, state)
     ctx.stdout.write(f"{args.id}: deleted\n")
+    return 0
+
+
+def release(spool: Spool, qid: str) -> None:
+    """BLOCKING: mark a quarantined message checked and move it to incoming/."""
+    env = spool.load(QUARANTINE, qid)
+    env.checked = True
+    now = time.time()
+    for r in env.recipients:
+        if not r.final:
+            r.next_attempt = min(r.next_attempt, now)
+    spool.save(QUARANTINE, env)
+    spool.move(qid, QUARANTINE, INCOMING)
+
+
+def cmd_release(args: argparse.Namespace, ctx: Any) -> int:
+    spool = _spool(ctx)
+    _load(spool, args.id, QUARANTINE)
+    release(spool, args.id)
+    ctx.stdout.write(f"{args.id}: released (the server delivers it within a moment)\n")
     return 0
 
 
@@ -126,3 +156,16 @@ def register(subparsers: Any) -> None:
         p = bs.add_parser(name, help=text)
         p.add_argument("id", metavar="ID")
         p.set_defaults(func=func)
+
+    qp = subparsers.add_parser("quarantine", help="messages put aside by a transfer event (spool/quarantine/)")
+    qs = qp.add_subparsers(dest="action", metavar="ACTION")
+    qs.required = True
+    qs.add_parser("list", help="list quarantined messages").set_defaults(func=cmd_list, state=QUARANTINE)
+    for name, func, text in (
+        ("show", cmd_show, "show a message's envelope and header"),
+        ("release", cmd_release, "deliver it after all (the pickup check is skipped)"),
+        ("delete", cmd_delete, "delete a message"),
+    ):
+        p = qs.add_parser(name, help=text)
+        p.add_argument("id", metavar="ID")
+        p.set_defaults(func=func, state=QUARANTINE)
