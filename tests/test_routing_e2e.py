@@ -177,3 +177,18 @@ def test_scanner_hook_refuses_eicar(env) -> None:
     report = srv.wait_for(lambda: [m for m in sink.messages if b"virus found" in m.content])
     assert report[0].rcpt_tos == ["carol@remote.test"]
     assert "infected" not in subjects(srv, "alice@example.com")
+
+
+def test_list_subscribe_round_trip_by_mail(env) -> None:
+    srv, sink = env
+    req = message("news-request@example.com", "subscribe", sender="joiner@remote.test")
+    send(srv, ["news-request@example.com"], req, sender="joiner@remote.test")
+    confirm = srv.wait_for(lambda: [m for m in sink.messages
+                                    if m.rcpt_tos == ["joiner@remote.test"] and b"Subject: confirm " in m.content])
+    subject = parse(confirm[0].content)["Subject"]
+    assert "joiner@remote.test" not in srv.cli("list", "member", "list", "news@example.com").stdout
+    reply = message("news-request@example.com", f"Re: {subject}", sender="joiner@remote.test")
+    send(srv, ["news-request@example.com"], reply, sender="joiner@remote.test")
+    srv.wait_for(lambda: "joiner@remote.test\tactive" in srv.cli("list", "member", "list", "news@example.com").stdout)
+    srv.wait_for(lambda: [m for m in sink.messages if m.rcpt_tos == ["joiner@remote.test"]
+                          and b"Subject: Welcome to news@example.com" in m.content])
