@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from tmmail.address import parse_mailbox
 from tmmail.connectors import listserver_message as M
-from tmmail.connectors.listserver_tables import LIST_MEMBERS, HEADERS, lists, split_target
+from tmmail.connectors.listserver_tables import HEADERS, LIST_MEMBERS, lists
 from tmmail.envelope import Envelope
 from tmmail.errors import DeliveryError, PermanentError, TransientError
 from tmmail.interfaces import IConnector
