@@ -14,8 +14,9 @@ from typing import Any
 from tmmail.errors import ConfigError
 
 #: Listener roles and the ports ``tmmail init`` writes (unprivileged, loopback).
-LISTENER_ROLES = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps")
-IMPLICIT_TLS_ROLES = ("smtps", "pop3s", "imaps")
+LISTENER_ROLES = ("smtp", "submission", "smtps", "pop3", "pop3s", "imap", "imaps", "https")
+#: ``https`` serves the lists' one-click unsubscribe links (RFC 8058); not written by ``tmmail init``
+IMPLICIT_TLS_ROLES = ("smtps", "pop3s", "imaps", "https")
 DEFAULT_PORTS = {
     "smtp": 2525,
     "submission": 2587,

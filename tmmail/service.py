@@ -86,6 +86,13 @@ class MailService(MultiService):
             from tmmail.pop3 import POP3Factory
 
             return POP3Factory(s, role, self.store, self.authenticator, self.tls, reactor=self.reactor)
+        if role == "https":
+            from twisted.web.server import Site
+
+            from tmmail.connectors.listserver_web import UnsubscribeResource
+
+            lists = next(c for c in self.connectors if getattr(c, "scheme", None) == "LS")
+            return Site(UnsubscribeResource(lists))
         from tmmail.imap.server import IMAPFactory
 
         return IMAPFactory(s, role, self.store, self.authenticator, self.tls, reactor=self.reactor)

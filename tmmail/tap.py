@@ -23,6 +23,7 @@ ROLE_HELP = {
     "pop3s": "POP3 over implicit TLS",
     "imap": "IMAP4 listener (STARTTLS)",
     "imaps": "IMAP4 over implicit TLS",
+    "https": "HTTPS for the lists' one-click unsubscribe links (RFC 8058)",
 }
 
 
