@@ -68,6 +68,10 @@ def _shared_state(settings: Settings, reactor: Any) -> SharedState:
     return state
 
 
+#: (id(reactor), id(spool)) -> (spool, GroupCommitter); the entry keeps its spool alive
+_COMMITTERS: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
 class SMTPFactory(protocol.Factory):
     """One per listener.
 
@@ -122,6 +126,30 @@ class SMTPFactory(protocol.Factory):
         #: sending rates are per server, not per port (or a client could multiply its limits)
         self.shared = _shared_state(settings, reactor)
         self.ratelimit = self.shared.ratelimit
+
+    @property
+    def committer(self) -> Any:
+        """The tmmail.groupcommit.GroupCommitter of this spool (one per spool and reactor,
+        shared by every listener, so concurrent sessions share syncs); None for a spool
+        without ``root`` (test doubles), whose writers commit one by one in a thread."""
+        root = getattr(self.spool, "root", None)
+        if root is None:
+            return None
+        key = (id(self.reactor), id(self.spool))
+        entry = _COMMITTERS.get(key)
+        if entry is None or entry[0] is not self.spool:
+            from tmmail.groupcommit import GroupCommitter
+
+            committer = GroupCommitter(self.reactor, [root])
+            entry = _COMMITTERS[key] = (self.spool, committer)
+
+            def stop() -> None:
+                committer.stop()
+                if _COMMITTERS.get(key) is entry:
+                    del _COMMITTERS[key]
+
+            self.reactor.addSystemEventTrigger("after", "shutdown", stop)
+        return entry[1]
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         from tmmail.smtpsession import SMTPSession

@@ -359,7 +359,12 @@ class TransactionCommands:
         )
         size = tx.sink.size
         login = self.auth.login if self.auth is not None else None
-        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.commit, env)
+        committer = self.factory.committer if hasattr(writer, "commit_job") else None
+        if committer is not None:
+            # shares its syncs with every other session's commit (tmmail.groupcommit)
+            d = committer.commit(writer.commit_job(env))
+        else:
+            d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.commit, env)
 
         def committed(_: Any) -> str:
             tx.writer = None

@@ -65,7 +65,8 @@ def new_queue_id(now: float | None = None) -> str:
     ms = int((time.time() if now is None else now) * 1000)
     with _counter_lock:
         n = next(_counter)
-    rand = "".join(secrets.choice(_ALPHABET) for _ in range(4))
+    r = secrets.randbelow(62**4)  # one getrandom call, not four
+    rand = "".join(_ALPHABET[(r // 62**k) % 62] for k in range(4))
     return _base36(ms, 9) + _base36(n % 36**3, 3) + rand
 
 
@@ -183,6 +184,16 @@ class SpoolWriter:
             raise
         self._closed = True
 
+    def commit_job(self, envelope: Envelope) -> "_CommitJob":
+        """The same commit as a tmmail.groupcommit job: ``GroupCommitter.commit(job)`` runs
+        it with other sessions' commits, sharing the syncs (the writer is closed by it)."""
+        if self._closed:
+            raise ValueError("writer already committed or aborted")
+        if envelope.queue_id != self.id:
+            raise ValueError("envelope queue id does not match the message")
+        self._closed = True
+        return _CommitJob(self, envelope)
+
     def abort(self) -> None:
         """Drop the message (the client gave up or was refused)."""
         if self._closed:
@@ -205,6 +216,48 @@ class SpoolWriter:
                 pass
             except OSError as e:  # pragma: no cover - disk trouble
                 log.warn("cannot remove {path}: {error}", path=path, error=e)
+
+
+class _CommitJob:
+    """``SpoolWriter.commit`` split into the phases of tmmail.groupcommit: prepare (flush the
+    .eml, write tmp/ID.env, no fsync), publish (.eml then .env into incoming/), rollback."""
+
+    def __init__(self, writer: SpoolWriter, envelope: Envelope) -> None:
+        self.writer = writer
+        self.envelope = envelope
+        self.moved = False
+
+    def prepare(self) -> list[str]:
+        w, sp = self.writer, self.writer.spool
+        w._file.flush()
+        w._file.close()
+        env_tmp = sp.path(TMP, w.id, ".env")
+        fd = os.open(env_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(self.envelope.to_bytes())
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return [sp.path(TMP, w.id, ".eml"), env_tmp]
+
+    def publish(self) -> list[str]:
+        w, sp = self.writer, self.writer.spool
+        self.moved = True
+        # .eml first, .env last: the message exists in incoming/ once its .env is there
+        os.rename(sp.path(TMP, w.id, ".eml"), sp.path(INCOMING, w.id, ".eml"))
+        os.rename(sp.path(TMP, w.id, ".env"), sp.path(INCOMING, w.id, ".env"))
+        return [os.path.join(sp.root, INCOMING)]
+
+    def rollback(self) -> None:
+        w, sp = self.writer, self.writer.spool
+        if self.moved:
+            for ext in (".env", ".eml"):
+                try:
+                    os.unlink(sp.path(INCOMING, w.id, ext))
+                except OSError:
+                    pass
+        w._cleanup()
 
 
 class Spool:

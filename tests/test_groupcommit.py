@@ -1,0 +1,111 @@
+"""tmmail.groupcommit: spool commits through the committer thread, shared syncs, failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from twisted.internet import defer
+
+from tmmail.envelope import Envelope
+from tmmail.groupcommit import GroupCommitter
+from tmmail.spool import INCOMING, TMP, Spool
+
+
+class _Reactor:
+    """callFromThread runs at once (the Deferreds are only inspected after a blocking wait)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def callFromThread(self, fn, *args):  # noqa: N802 - Twisted's name
+        with self.lock:
+            fn(*args)
+
+
+def _writer(spool: Spool, body: bytes = b"Subject: x\n\nhello\n"):
+    w = spool.open_message()
+    w.write(body)
+    env = Envelope.new(queue_id=w.id, sender="a@b.test", recipients=["c@d.test"], helo="h",
+                       client_ip="127.0.0.1", auth_login=None, protocol="ESMTP", mail_params={},
+                       rcpt_params={"c@d.test": {}})
+    return w, env
+
+
+def _wait(ds: list[defer.Deferred], timeout: float = 10.0) -> list:
+    done = threading.Event()
+    results: list = [None] * len(ds)
+    left = [len(ds)]
+
+    def got(r, i):
+        results[i] = r
+        left[0] -= 1
+        if not left[0]:
+            done.set()
+
+    for i, d in enumerate(ds):
+        d.addBoth(got, i)
+    assert done.wait(timeout), "commits never finished"
+    return results
+
+
+@pytest.mark.parametrize("use_syncfs", [True, False])
+def test_many_commits_land_in_incoming_and_share_cycles(tmp_path, use_syncfs):
+    spool = Spool(str(tmp_path / "spool"))
+    gc = GroupCommitter(_Reactor(), [spool.root], use_syncfs=use_syncfs)
+    try:
+        jobs = []
+        ids = []
+        for i in range(50):
+            w, env = _writer(spool, f"Subject: {i}\n\nbody {i}\n".encode())
+            ids.append(w.id)
+            jobs.append(w.commit_job(env))
+        ds = [gc.commit(j) for j in jobs]
+        results = _wait(ds)
+    finally:
+        gc.stop()
+    assert results == [None] * 50
+    assert sorted(spool.list(INCOMING)) == sorted(ids)
+    assert os.listdir(os.path.join(spool.root, TMP)) == []
+    for i, qid in enumerate(ids):
+        with open(spool.message_path(INCOMING, qid), "rb") as f:
+            assert f.read() == f"Subject: {i}\n\nbody {i}\n".encode()
+        assert spool.load(INCOMING, qid).recipients[0].address == "c@d.test"
+    # queued before the thread could start: far fewer cycles than jobs
+    assert gc.jobs == 50 and gc.cycles < 50
+
+
+def test_failed_publish_rolls_back_and_reports(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    gc = GroupCommitter(_Reactor(), [spool.root])
+    good_w, good_env = _writer(spool)
+    bad_w, bad_env = _writer(spool)
+    bad_job = bad_w.commit_job(bad_env)
+    original = bad_job.publish
+
+    def broken_publish():
+        original()
+        raise OSError("disk trouble")
+
+    bad_job.publish = broken_publish
+    try:
+        results = _wait([gc.commit(good_w.commit_job(good_env)), gc.commit(bad_job)])
+    finally:
+        gc.stop()
+    assert results[0] is None
+    assert results[1].check(OSError)
+    # the failed one is gone everywhere (the client heard 451 and keeps the message)
+    assert spool.list(INCOMING) == [good_w.id]
+    assert not os.path.exists(spool.message_path(INCOMING, bad_w.id))
+    assert os.listdir(os.path.join(spool.root, TMP)) == []
+
+
+def test_commit_after_stop_fails(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    gc = GroupCommitter(_Reactor(), [spool.root])
+    gc.stop()
+    w, env = _writer(spool)
+    results = _wait([gc.commit(w.commit_job(env))])
+    assert results[0].check(OSError)
+    assert os.listdir(os.path.join(spool.root, TMP)) == []
