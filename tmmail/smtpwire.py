@@ -226,6 +226,12 @@ class ClientProtocol(protocol.Protocol):
     # connection events
 
     def connectionMade(self) -> None:
+        # Commands and the final dot are small writes each answered before the next: with Nagle
+        # they wait ~40 ms for the peer's delayed ACK on every message.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
         self._arm()
 
     def handshakeCompleted(self) -> None:
@@ -402,10 +408,19 @@ class _BodyProducer:
         if self.finished or self.proto.closed:
             return
         chunk = self.file.read(CHUNK_SIZE)
-        if chunk:
-            self.proto.transport.write(self.stuffer.feed(chunk))
-        else:
-            self.proto.transport.write(self.stuffer.finish())
+        data = self.stuffer.feed(chunk) if chunk else b""
+        last = not chunk
+        if chunk and len(chunk) < CHUNK_SIZE:
+            # a short read is usually the end: check now so the final dot goes in the same write
+            more = self.file.read(CHUNK_SIZE)
+            if more:
+                data += self.stuffer.feed(more)
+            else:
+                last = True
+        if last:
+            data += self.stuffer.finish()
+        self.proto.transport.write(data)
+        if last:
             self.stop()
         self.proto._arm()
 
