@@ -71,8 +71,26 @@ def message_size(path: str) -> int:
     return size
 
 
+Share = tuple[Any, ...]
+
+
+def share_key(session: Session) -> Share | None:
+    """Which deliveries may reuse ``session`` across destinations: the same peer address and
+    port with the same client settings (as Postfix's connection cache, keyed by the peer);
+    None for verified TLS, whose check names one host."""
+    c = session.config
+    if c.verify:
+        return None
+    return (session.address, session.port, c.tls, c.user, c.source_address)
+
+
 class _Pool:
-    """Open connections per destination key: idle sessions, waiters, per-key and total limits."""
+    """Open connections per destination key: idle sessions, waiters, per-key and total limits.
+
+    An idle session also serves another destination whose first hop is the same peer
+    (:func:`share_key`): the connection moves to that destination's count, one transaction
+    per destination still.
+    """
 
     def __init__(self, reactor: Any, per_key: int, total: int, idle_seconds: float) -> None:
         self.reactor = reactor
@@ -81,50 +99,95 @@ class _Pool:
         self.idle_seconds = idle_seconds
         self.open: collections.Counter[str] = collections.Counter()
         self.idle: dict[str, list[tuple[Session, Any]]] = {}
-        self.waiters: collections.deque[tuple[str, defer.Deferred]] = collections.deque()
+        #: share key -> {id(session): key} of idle sessions, oldest first
+        self.shared: dict[Share, dict[int, str]] = {}
+        self.waiters: collections.deque[tuple[str, Share | None, defer.Deferred]] = collections.deque()
         #: evicted idle connections still closing (they count until they are gone)
         self.closing = 0
+        #: sum(open.values()), kept in step
+        self._open_sum = 0
+        self._idle_count = 0
 
     @property
     def open_total(self) -> int:
-        return sum(self.open.values()) + self.closing
+        return self._open_sum + self.closing
 
-    def acquire(self, key: str) -> defer.Deferred:
-        """Deferred[Session | None]: an idle session of ``key``, or None = a free slot to connect."""
-        ok, session = self._take(key)
+    def take_idle(self, key: str) -> Session | None:
+        """An idle usable session of ``key`` right now, or None (then resolve and :meth:`acquire`)."""
+        idle = self.idle.get(key)
+        while idle:
+            session = self._pop_idle(key, idle, -1)
+            if session.usable:
+                return session
+            session.abort()
+            self._forget(key)
+        return None
+
+    def acquire(self, key: str, share: Share | None = None) -> defer.Deferred:
+        """Deferred[Session | None]: an idle session of ``key`` (or of another key on the same
+        peer, ``share``), or None = a free slot to connect."""
+        ok, session = self._take(key, share)
         if ok:
             return defer.succeed(session)
         d: defer.Deferred = defer.Deferred()
-        self.waiters.append((key, d))
+        self.waiters.append((key, share, d))
         return d
 
-    def _take(self, key: str) -> tuple[bool, Session | None]:
+    def _pop_idle(self, key: str, idle: list[tuple[Session, Any]], index: int) -> Session:
+        session, timer = idle.pop(index)
+        self._idle_count -= 1
+        if timer.active():
+            timer.cancel()
+        sk = share_key(session)
+        if sk is not None:
+            by = self.shared.get(sk)
+            if by is not None:
+                by.pop(id(session), None)
+                if not by:
+                    del self.shared[sk]
+        return session
+
+    def _add_idle(self, key: str, session: Session) -> None:
+        timer = self.reactor.callLater(self.idle_seconds, self._expire, key, session)
+        self.idle.setdefault(key, []).append((session, timer))
+        self._idle_count += 1
+        sk = share_key(session)
+        if sk is not None:
+            self.shared.setdefault(sk, {})[id(session)] = key
+
+    def _count(self, key: str) -> None:
+        self.open[key] += 1
+        self._open_sum += 1
+
+    def _take(self, key: str, share: Share | None = None) -> tuple[bool, Session | None]:
         """Claim an idle session or a slot for ``key`` if the limits allow (no callbacks run)."""
-        idle = self.idle.get(key)
-        while idle:
-            session, timer = idle.pop()
-            if timer.active():
-                timer.cancel()
-            if session.usable:
-                return True, session
-            session.abort()
-            self._forget(key)
+        session = self.take_idle(key)
+        if session is not None:
+            return True, session
         if self.open[key] >= self.per_key:
             return False, None
+        while share is not None and share in self.shared:
+            other = next(iter(self.shared[share].values()))
+            idle = self.idle[other]
+            i = next(i for i, (s, _) in enumerate(idle) if share_key(s) == share)
+            session = self._pop_idle(other, idle, i)
+            self._forget(other)
+            if session.usable:
+                self._count(key)
+                return True, session
+            session.abort()
         if self.open_total >= self.total:
             if not self.closing:
                 self._evict_other(key)
             return False, None
-        self.open[key] += 1
+        self._count(key)
         return True, None
 
     def _evict_other(self, key: str) -> None:
         """Close an idle connection of another destination; its slot frees once it is gone."""
-        for other, sessions in list(self.idle.items()):
+        for other, sessions in self.idle.items():
             if other != key and sessions:
-                session, timer = sessions.pop(0)
-                if timer.active():
-                    timer.cancel()
+                session = self._pop_idle(other, sessions, 0)
                 self._forget(other)
                 if session.proto.closed:
                     return
@@ -138,15 +201,22 @@ class _Pool:
         self._dispatch()
 
     def release(self, key: str, session: Session | None) -> None:
-        """Give back the slot; a usable session goes to the next waiter of ``key`` or idles."""
+        """Give back the slot; a usable session goes to the next waiter of ``key`` (or of the
+        same peer) or idles."""
         if session is not None and session.usable and session.transactions < MAX_TRANSACTIONS:
-            for i, (k, d) in enumerate(self.waiters):
+            sk = share_key(session)
+            for i, (k, share, d) in enumerate(self.waiters):
                 if k == key:
                     del self.waiters[i]
                     d.callback(session)
                     return
-            timer = self.reactor.callLater(self.idle_seconds, self._expire, key, session)
-            self.idle.setdefault(key, []).append((session, timer))
+                if sk is not None and share == sk and self.open[k] < self.per_key:
+                    del self.waiters[i]
+                    self._forget(key)
+                    self._count(k)
+                    d.callback(session)
+                    return
+            self._add_idle(key, session)
             if self.waiters:
                 self._dispatch()  # others may be waiting for a global slot this one holds
             return
@@ -159,7 +229,7 @@ class _Pool:
         sessions = self.idle.get(key, [])
         for i, (s, _) in enumerate(sessions):
             if s is session:
-                del sessions[i]
+                self._pop_idle(key, sessions, i)
                 self._quit(session)
                 self._forget(key)
                 self._dispatch()
@@ -167,6 +237,7 @@ class _Pool:
 
     def _forget(self, key: str) -> None:
         self.open[key] -= 1
+        self._open_sum -= 1
         if self.open[key] <= 0:
             del self.open[key]
         if key in self.idle and not self.idle[key]:
@@ -176,8 +247,10 @@ class _Pool:
         """Grant waiting deliveries in arrival order (a callback may re-enter: rescan)."""
         i = 0
         while i < len(self.waiters):
-            key, d = self.waiters[i]
-            ok, session = self._take(key)
+            if self.open_total >= self.total and not self._idle_count:
+                return  # nothing to grant until a connection closes or idles
+            key, share, d = self.waiters[i]
+            ok, session = self._take(key, share)
             if not ok:
                 i += 1
                 continue
@@ -195,9 +268,7 @@ class _Pool:
     def close_idle(self) -> None:
         for key, sessions in list(self.idle.items()):
             while sessions:
-                session, timer = sessions.pop()
-                if timer.active():
-                    timer.cancel()
+                session = self._pop_idle(key, sessions, -1)
                 self._quit(session)
                 self._forget(key)
         self._dispatch()
@@ -284,9 +355,21 @@ class SMTPConnector:
             ret=envelope.ret,
             envid=envelope.envid,
         )
-        session = await self.pool.acquire(route.key)
+        session = self.pool.take_idle(route.key)
+        hops: list[Hop] | None = None
+        if session is None:
+            hops = await self._hops(envelope.queue_id, route, domain)
+            if isinstance(hops, DeliveryError):
+                return [hops] * len(items)
+            share = None
+            config = self._config(route)
+            if hops and not config.verify:
+                share = (hops[0].address, hops[0].port, config.tls, config.user, config.source_address)
+            session = await self.pool.acquire(route.key, share)
+            if session is not None and hops and session.address == hops[0].address:
+                session.host = hops[0].host  # a connection shared with another destination
         try:
-            outcomes, session = await self._attempt(envelope.queue_id, route, domain, msg, session)
+            outcomes, session = await self._attempt(envelope.queue_id, route, domain, msg, session, hops)
         except BaseException:
             if session is not None:
                 session.abort()
@@ -296,7 +379,8 @@ class SMTPConnector:
         return outcomes
 
     async def _attempt(
-        self, qid: str, route: routes.Route, domain: str, msg: OutboundMessage, session: Session | None
+        self, qid: str, route: routes.Route, domain: str, msg: OutboundMessage, session: Session | None,
+        hops: list[Hop] | None = None,
     ) -> tuple[list[DeliveryError | None], Session | None]:
         """Deliver to every recipient: ``MAX_RECIPIENTS`` per transaction on one connection, and
         recipients refused with "452 too many recipients" again in a further transaction
@@ -305,7 +389,7 @@ class SMTPConnector:
         outcomes: list[DeliveryError | None] = [None] * n
         chunks = collections.deque(list(range(i, min(n, i + MAX_RECIPIENTS))) for i in range(0, n, MAX_RECIPIENTS))
         todo = chunks.popleft()
-        session, results = await self._first(qid, route, domain, msg, todo, outcomes, session)
+        session, results = await self._first(qid, route, domain, msg, todo, outcomes, session, hops)
         if session is None:
             for chunk in chunks:
                 for i in chunk:
@@ -337,6 +421,7 @@ class SMTPConnector:
         todo: list[int],
         outcomes: list[DeliveryError | None],
         session: Session | None,
+        hops: list[Hop] | None = None,
     ) -> tuple[Session | None, list[RecipientResult]]:
         """The first transaction: on ``session`` (reused) or on the first hop that takes it.
 
@@ -351,16 +436,13 @@ class SMTPConnector:
             log.info("{queue_id}: reused connection to {peer} was gone; reconnecting", queue_id=qid, peer=str(session))
             session.abort()
             session = None
-        try:
-            if route.kind == routes.MX:
-                hops = await self.resolver.resolve(domain, route.port, self.local_names)
-            else:
-                hops = await self.resolver.host_hops(route.host, route.port)
-        except DeliveryError as e:
-            log.info("{queue_id}: no route to {domain}: {error}", queue_id=qid, domain=domain, error=str(e))
-            for i in todo:
-                outcomes[i] = e
-            return None, []
+        if hops is None:
+            found = await self._hops(qid, route, domain)
+            if isinstance(found, DeliveryError):
+                for i in todo:
+                    outcomes[i] = found
+                return None, []
+            hops = found
         config = self._config(route)
         last: SMTPClientError | None = None
         for hop in hops:
@@ -385,6 +467,16 @@ class SMTPConnector:
         for i in todo:
             outcomes[i] = err
         return None, []
+
+    async def _hops(self, qid: str, route: routes.Route, domain: str) -> list[Hop] | DeliveryError:
+        """The hosts to try for ``route`` (MX lookup or the route's host), or the lookup error."""
+        try:
+            if route.kind == routes.MX:
+                return await self.resolver.resolve(domain, route.port, self.local_names)
+            return await self.resolver.host_hops(route.host, route.port)
+        except DeliveryError as e:
+            log.info("{queue_id}: no route to {domain}: {error}", queue_id=qid, domain=domain, error=str(e))
+            return e
 
     async def _open(self, hop: Hop, config: ClientConfig) -> Session:
         """A session with one hop; opportunistic TLS falls back to plain if the handshake fails."""
