@@ -417,3 +417,29 @@ def test_recipients_are_split_into_transactions(dnsz, mx_port, msg, reactor_thre
     assert outcomes == [None] * 5
     assert [m.rcpt_tos for m in sink.messages] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
     assert sink.connections == 1
+
+
+def test_domains_on_the_same_mx_share_a_connection(dnsz, mx_port, msg, reactor_thread):
+    # two destination domains whose MX hosts have the same address: one connection serves both
+    # (one transaction per domain), and the second is logged under its own MX name
+    dnsz.mx("one.shared.test", [(10, "mx.one.shared.test")])
+    dnsz.a("mx.one.shared.test", "127.0.0.61")
+    dnsz.mx("two.shared.test", [(10, "mx.two.shared.test")])
+    dnsz.a("mx.two.shared.test", "127.0.0.61")
+    dnsz.mx("other.shared.test", [(10, "mx.other.shared.test")])
+    dnsz.a("mx.other.shared.test", "127.0.0.62")
+    conn = make(reactor_thread, settings(dnsz, mx_port), idle_seconds=30)
+    with Sink(address="127.0.0.61", port=mx_port) as sink, Sink(address="127.0.0.62", port=mx_port) as other:
+        assert deliver(reactor_thread, conn, envelope("a@one.shared.test"), msg) == [None]
+        assert deliver(reactor_thread, conn, envelope("b@two.shared.test", qid="Q2"), msg) == [None]
+        assert deliver(reactor_thread, conn, envelope("c@other.shared.test", qid="Q3"), msg) == [None]
+        assert sink.connections == 1
+        assert other.connections == 1
+        assert [m.rcpt_tos for m in sink.messages] == [["a@one.shared.test"], ["b@two.shared.test"]]
+        assert [m.rcpt_tos for m in other.messages] == [["c@other.shared.test"]]
+        # a refusal on the shared connection names the second domain's MX host
+        sink.script.rcpt["x@two.shared.test"] = "550 5.1.1 no such user"
+        [err] = deliver(reactor_thread, conn, envelope("x@two.shared.test", qid="Q4"), msg)
+        assert err.remote_mta == "mx.two.shared.test"
+        assert sink.connections == 1
+        reactor_thread.call(conn.close)
