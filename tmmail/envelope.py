@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 #: recipient states; ``delivered`` and ``failed`` are final
@@ -185,13 +185,23 @@ class Envelope:
     # -- file format -------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        data = asdict(self)
-        del data["recovered"]
-        data = {"version": FORMAT_VERSION, **data}
-        for r in data["recipients"]:
-            if r["notify"] is not None:
-                r["notify"] = list(r["notify"])
-        return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        """JSON, one message field per line and one recipient object per line.
+
+        Readable with ``cat`` and ~10x cheaper than ``json.dumps(indent=...)`` (which runs the
+        pure-Python encoder): every value goes through the C encoder, no dataclass deep copy.
+        """
+        dumps = _DUMPS
+        lines = [f'  "version": {FORMAT_VERSION}']
+        for name in _ENVELOPE_FIELDS:
+            lines.append(f'  "{name}": {dumps(getattr(self, name))}')
+        rcpts = []
+        for r in self.recipients:
+            d = {name: getattr(r, name) for name in _RECIPIENT_FIELDS}
+            if d["notify"] is not None:
+                d["notify"] = list(d["notify"])
+            rcpts.append("    " + dumps(d))
+        lines.append('  "recipients": [\n' + ",\n".join(rcpts) + "\n  ]")
+        return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Envelope:
@@ -231,3 +241,9 @@ class Envelope:
         if not env.recipients:
             raise EnvelopeError("envelope without recipients")
         return env
+
+
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+#: saved message fields in file order (``recipients`` last, ``recovered`` is never saved)
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.name not in ("recipients", "recovered"))
