@@ -61,8 +61,8 @@ def test_queue_ids_unique_alnum_and_time_sorted() -> None:
 def test_commit_puts_message_in_incoming(tmp_path) -> None:
     spool = Spool(str(tmp_path))
     w = spool.open_message()
-    assert files(spool, TMP) == [w.id + ".eml"]
     w.write(b"Subject: hi\n")
+    assert files(spool, TMP) == []  # small messages stay in memory until the commit
     w.write(b"\nbody\n")
     w.commit(Envelope.new(queue_id=w.id, sender="a@b", recipients=["x@y"]))
     assert files(spool, TMP) == []
@@ -70,6 +70,21 @@ def test_commit_puts_message_in_incoming(tmp_path) -> None:
     assert open(spool.message_path(INCOMING, w.id), "rb").read() == DATA
     assert spool.load(INCOMING, w.id).recipients[0].address == "x@y"
     assert spool.list(INCOMING) == [w.id]
+
+
+def test_big_message_spills_to_tmp_and_commits_whole(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    w = spool.open_message()
+    w.SPILL = 100
+    chunk = b"x" * 70 + b"\n"
+    w.write(chunk)
+    assert files(spool, TMP) == []
+    w.write(chunk)
+    assert files(spool, TMP) == [w.id + ".eml"]
+    w.write(chunk)
+    w.commit(Envelope.new(queue_id=w.id, sender="a@b", recipients=["x@y"]))
+    assert open(spool.message_path(INCOMING, w.id), "rb").read() == chunk * 3
+    assert files(spool, TMP) == []
 
 
 def test_abort_leaves_nothing(tmp_path) -> None:
@@ -151,7 +166,7 @@ def test_recover_half_commit_drops_unacknowledged(tmp_path) -> None:
     spool = Spool(str(tmp_path))
     w = spool.open_message()
     w.write(DATA)
-    w._file.flush()
+    w._close_data()
     # crash inside commit(): .eml renamed into incoming/, .env still in tmp/ (no 250 was sent)
     with open(spool.path(TMP, w.id, ".env"), "wb") as f:
         f.write(Envelope.new(queue_id=w.id, sender="", recipients=["x@y"]).to_bytes())
@@ -230,7 +245,7 @@ def test_recover_leaves_work_of_this_process_alone(tmp_path) -> None:
     receiving.write(DATA)
     committing = spool.open_message()  # a commit between its two renames
     committing.write(DATA)
-    committing._file.flush()
+    committing._close_data()
     with open(spool.path(TMP, committing.id, ".env"), "wb") as f:
         f.write(Envelope.new(queue_id=committing.id, sender="", recipients=["x@y"]).to_bytes())
     os.rename(spool.path(TMP, committing.id, ".eml"), spool.path(INCOMING, committing.id, ".eml"))

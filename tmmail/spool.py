@@ -20,7 +20,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from twisted.logger import Logger
 
@@ -121,6 +121,14 @@ class _DirSync:
                 self._cond.notify_all()
 
 
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_durably(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -136,17 +144,41 @@ def _write_durably(path: str, data: bytes) -> None:
 class SpoolWriter:
     """One message being received: bytes go to ``tmp/ID.eml``; ``commit`` puts it in incoming/."""
 
-    def __init__(self, spool: Spool, queue_id: str, fd: int) -> None:
+    #: messages up to this size stay in memory until the commit writes them (in a thread);
+    #: a bigger one spills to ``tmp/ID.eml`` on the thread calling ``write``
+    SPILL = 1 << 20
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
         self.spool = spool
         self.id = queue_id
-        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._buf = bytearray()
+        self._file: Any = None
         self._closed = False
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        """Append bytes (LF-terminated lines); buffered, no fsync, so fine on the reactor."""
-        self._file.write(data)
+        """Append bytes (LF-terminated lines); no fsync, so fine on the reactor."""
         self.size += len(data)
+        if self._file is None:
+            self._buf += data
+            if len(self._buf) > self.SPILL:
+                self._spill()
+        else:
+            self._file.write(data)
+
+    def _spill(self) -> None:
+        """Create ``tmp/ID.eml`` (O_EXCL: a queue id is never reused) and move the buffer there."""
+        fd = os.open(self.spool.path(TMP, self.id, ".eml"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._file.write(self._buf)
+        self._buf = bytearray()
+
+    def _close_data(self) -> None:
+        """Everything written reaches ``tmp/ID.eml`` (not yet durable); the file is closed."""
+        if self._file is None:
+            self._spill()
+        self._file.flush()
+        self._file.close()
 
     def commit(self, envelope: Envelope) -> None:
         """BLOCKING: fsync data and envelope, rename both into incoming/, fsync incoming/.
@@ -161,9 +193,8 @@ class SpoolWriter:
         sp = self.spool
         moved = False
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._close_data()
+            fsync_path(sp.path(TMP, self.id, ".eml"))
             _write_durably(sp.path(TMP, self.id, ".env"), envelope.to_bytes())
             # .eml first, .env last: the message exists in incoming/ once its .env is there
             moved = True
@@ -203,9 +234,11 @@ class SpoolWriter:
 
     def _cleanup(self) -> None:
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         except OSError:
             pass
+        self._buf = bytearray()
         for path in (
             self.spool.path(TMP, self.id, ".eml"),
             self.spool.path(TMP, self.id, ".env"),
@@ -229,8 +262,7 @@ class _CommitJob:
 
     def prepare(self) -> list[str]:
         w, sp = self.writer, self.writer.spool
-        w._file.flush()
-        w._file.close()
+        w._close_data()
         env_tmp = sp.path(TMP, w.id, ".env")
         fd = os.open(env_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -291,15 +323,14 @@ class Spool:
     # -- receiving --------------------------------------------------------------------------
 
     def open_message(self) -> SpoolWriter:
-        """A writer for a new message with a fresh queue id (creates ``tmp/ID.eml``)."""
-        for _ in range(100):
-            qid = new_queue_id()
-            try:
-                fd = os.open(self.path(TMP, qid, ".eml"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            return SpoolWriter(self, qid, fd)
-        raise OSError("cannot allocate a queue id")
+        """A writer for a new message with a fresh queue id; no system call (fine on the reactor).
+
+        ``tmp/ID.eml`` is created (O_EXCL) when the commit runs or the message passes
+        ``SpoolWriter.SPILL``; ids are unique in this process (time + counter) and across
+        processes by 4 random characters, and a clash fails that commit (the client retries)
+        rather than overwriting anything.
+        """
+        return SpoolWriter(self, new_queue_id())
 
     def add(self, envelope_factory, data: bytes) -> Envelope:
         """BLOCKING: queue a generated message (a DSN); ``envelope_factory(queue_id) -> Envelope``."""
