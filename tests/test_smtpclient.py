@@ -535,3 +535,29 @@ def test_end_of_data_waits_twice_the_command_timeout(reactor_thread, tmp_path):
         assert "no reply within 1 seconds" in results[0].reply.text
     finally:
         reactor_thread.call(port.stopListening)
+
+
+def test_refused_pipelined_rset_defers_the_message_and_drops_the_session(reactor_thread, tmp_path):
+    # RSET opens the pipelined group of a reused connection (RFC 2920); if the server refuses
+    # it, nothing after it counts: the message is deferred and the connection is not reused
+    path = write(tmp_path, b"Subject: x\n\nbody\n")
+    port = scripted(
+        reactor_thread,
+        b"220 pipe.test ESMTP\r\n",
+        {b"EHLO": b"250-pipe.test\r\n250 PIPELINING\r\n", b"RSET": b"503 5.5.1 no\r\n", b"MAIL": b"250 ok\r\n",
+         b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n"},
+    )
+
+    async def go():
+        s = await open_session(reactor, "pipe.test", "127.0.0.1", port.getHost().port, config(), False)
+        first = await s.send(message(path, "a@dst.test"))
+        second = await s.send(message(path, "b@dst.test"))
+        s.abort()
+        return first, second, s
+
+    try:
+        first, second, s = reactor_thread.call(lambda: defer.Deferred.fromCoroutine(go()))
+    finally:
+        reactor_thread.call(port.stopListening)
+    assert first[0].status == DELIVERED
+    assert second[0].status == DEFERRED and not s.usable

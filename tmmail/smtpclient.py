@@ -252,7 +252,9 @@ class Session:
 
     async def _send(self, msg: OutboundMessage, results: list[RecipientResult | None]) -> None:
         self.data_sent = False
-        if self.transactions:
+        # RFC 2920 §3.1: RSET may open the pipelined group (no round trip of its own)
+        pipelined_rset = bool(self.transactions) and self.has("PIPELINING")
+        if self.transactions and not pipelined_rset:
             reply = await self.proto.command(b"RSET")
             if not reply.positive:
                 raise ReplyError("RSET", reply)
@@ -280,7 +282,15 @@ class Session:
         data_reply: Reply | None = None
         if self.has("PIPELINING"):
             # RFC 2920 §3.1: MAIL, every RCPT and DATA in one group; replies come in order
-            outcome = await defer.DeferredList(self.proto.pipeline([mail, *rcpts, b"DATA"]), consumeErrors=True)
+            group = [b"RSET", mail, *rcpts, b"DATA"] if pipelined_rset else [mail, *rcpts, b"DATA"]
+            outcome = await defer.DeferredList(self.proto.pipeline(group), consumeErrors=True)
+            if pipelined_rset:
+                ok, rset = outcome[0]
+                if not ok:
+                    rset.raiseException()
+                if not rset.positive:
+                    raise ReplyError("RSET", rset)  # the session is dropped, whatever came after
+                outcome = outcome[1:]
             replies = []
             for ok, value in outcome:
                 if not ok:
