@@ -527,8 +527,10 @@ class Runner:
                 rr = r if i == 0 else replace(r)
                 rr.target = str(target)
                 out.append(rr)
-            log.debug("{queue_id}: {recipient} -> {targets} ({kind})", queue_id=env.queue_id,
-                      recipient=r.address, targets=" ".join(map(str, res.targets)), kind=res.kind)
+            if len(res.targets) > 1 or not str(res.targets[0]).startswith("[SF:"):
+                # one local mailbox is named by its delivery line; log fan-outs and relays
+                log.debug("{queue_id}: {recipient} -> {targets} ({kind})", queue_id=env.queue_id,
+                          recipient=r.address, targets=" ".join(map(str, res.targets)), kind=res.kind)
         env.recipients = out
 
     @defer.inlineCallbacks
@@ -660,8 +662,10 @@ class Runner:
             r.state = R_DEFERRED
             r.last_reply = outcome.reply()
             r.next_attempt = self._retry_time(env, r, now)
-        log.info("{queue_id}: {recipient} via {target}: {state} ({reply})", queue_id=env.queue_id,
-                 recipient=r.address, target=r.target, state=r.state, reply=r.last_reply)
+        if r.state != R_DELIVERED or not r.target.startswith("[SF:"):
+            # a local delivery is logged once, by the post office connector (with the file name)
+            log.info("{queue_id}: {recipient} via {target}: {state} ({reply})", queue_id=env.queue_id,
+                     recipient=r.address, target=r.target, state=r.state, reply=r.last_reply)
 
     def _save(self, env: Envelope) -> defer.Deferred:
         """Save the envelope; saves of one message are serialised and take the newest state."""
@@ -720,7 +724,8 @@ class Runner:
             data = b""
         when = env.next_due()
         yield self._io(self._finish_blocking, env, data, reports, done, keep)
-        if done:
+        if done and (keep or reports):
+            # a plain removal is not logged: each recipient's outcome line already says it
             log.info("{queue_id}: finished{where}", queue_id=qid, where=" (kept in badmail/)" if keep else "")
         else:
             self._push(qid, when if when is not None else now)
