@@ -662,8 +662,8 @@ class Runner:
             r.state = R_DEFERRED
             r.last_reply = outcome.reply()
             r.next_attempt = self._retry_time(env, r, now)
-        if r.state != R_DELIVERED or not r.target.startswith("[SF:"):
-            # a local delivery is logged once, by the post office connector (with the file name)
+        if r.state != R_DELIVERED or not r.target.upper().startswith(("[SF:", "[SMTP:")):
+            # a delivery is logged once, by its connector (the file name; the peer and its reply)
             log.info("{queue_id}: {recipient} via {target}: {state} ({reply})", queue_id=env.queue_id,
                      recipient=r.address, target=r.target, state=r.state, reply=r.last_reply)
 
