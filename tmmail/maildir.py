@@ -197,6 +197,9 @@ def name_time(base: str) -> float | None:
 
 _USEC_RE = re.compile(r"M(\d+)")
 _COUNTER_RE = re.compile(r"Q(\d+)")
+#: ``sec.M<usec>P<pid>Q<n>.`` (our names, and Dovecot's when it has a counter): decoded as the
+#: general path below would (first M and first Q field of the part before the host)
+_FAST_ORDER_RE = re.compile(r"(\d+)\.M(\d+)P\d+Q(\d+)\.")
 
 
 def delivery_order(base: str) -> tuple[int, int, int, str]:
@@ -208,6 +211,10 @@ def delivery_order(base: str) -> tuple[int, int, int, str]:
     fields (other delivery agents) sort by their seconds, then by name; names without a leading
     time sort first (seconds -1).
     """
+    m = _FAST_ORDER_RE.match(base)
+    if m is not None:  # the common shape, one regex match instead of five string operations
+        sec, usec, counter = m.groups()
+        return (int(sec), int(usec), int(counter), base)
     sec, _, rest = base.partition(".")
     if not sec.isdigit():
         return (-1, 0, 0, base)

@@ -102,18 +102,7 @@ class Folder:
     def _claim_recent(self) -> None:
         idx = self._index
         self.recent.update(idx.take_recent())  # appended with flags by this process (store.append)
-        if not idx.counts()[0]:
-            return
-        for info in list(idx.messages()):
-            if info.subdir != "new":
-                continue
-            name = maildir.make_name(info.base, info.letters)
-            try:
-                os.rename(info.filename, os.path.join(idx.path, "cur", name))
-            except FileNotFoundError:
-                continue  # another session (or Dovecot) claimed it
-            idx.replace(info, name, "cur", info.letters)
-            self.recent.add(info.uid)
+        self.recent.update(idx.claim_new())  # moved new/ -> cur/ by this view
 
     @_busy
     def refresh(self, expunges: bool = True) -> Changes:

@@ -365,6 +365,51 @@ class FolderIndex:
                 self._changed()
             return new
 
+    def claim_new(self) -> list[int]:
+        """Move every indexed message in ``new/`` to ``cur/`` (adding ``:2,``): \\Recent for the
+        caller, who wins each rename (another session or Dovecot may claim a file first).
+
+        A read-write SELECT of a large fresh folder renames thousands of files, so the loop
+        does nothing but the renames (relative to directory descriptors) and the index is
+        patched once afterwards.  Dovecot also moves ``new/`` to ``cur/`` when a folder is
+        selected read-write (MAILBOX_FLAG_DROP_RECENT).
+        """
+        with self.lock:
+            if not self.counts()[0]:
+                return []
+            fresh = [m for m in self.by_base.values() if m.subdir == "new"]
+            moved: list[tuple[MessageInfo, str]] = []
+            try:
+                new_fd = os.open(os.path.join(self.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                return []
+            try:
+                cur_fd = os.open(os.path.join(self.path, "cur"), os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                os.close(new_fd)
+                return []
+            try:
+                rename = os.rename
+                for info in fresh:
+                    name = maildir.make_name(info.base, info.letters) if info.letters else info.base + ":2,"
+                    try:
+                        rename(info.name, name, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                    except FileNotFoundError:
+                        continue  # claimed by another session (or Dovecot) meanwhile
+                    moved.append((info, name))
+            finally:
+                os.close(new_fd)
+                os.close(cur_fd)
+            for info, name in moved:
+                new = MessageInfo(info.uid, info.base, name, "cur", info.letters, info.flags, self.path)
+                new._size, new._date = info._size, info._date
+                if self.by_base.get(info.base) is info:
+                    self.by_base[info.base] = new
+                    self.by_uid[info.uid] = new
+            if moved:
+                self._changed()
+            return [info.uid for info, _ in moved]
+
     def remove(self, infos: Iterable[MessageInfo]) -> None:
         with self.lock:
             removed = False
