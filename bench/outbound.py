@@ -23,6 +23,10 @@ message, its own smtp-sink), REPS=1: the exact load the Postfix figure comes fro
 ``--peer-postfix`` runs ``peer_outbound.sh on SINKPORT``, that script, and ``peer_outbound.sh
 off``; Postfix's CPU is the master's own + reaped children's (cutime/cstime) + live children's.
 
+``--drain`` measures the relay alone: N messages are written (tmmail.envelope, no fsync) into the
+stopped server's ``spool/deferred/``, due now, and the rate is counted from the first message the
+sink sees until it has all N (no SMTP submission competing for the CPU).
+
 ``--profile FILE`` runs the spawned twistd under cProfile (``--profile=FILE --profiler=cprofile
 --savestats``) and prints the top functions by tottime after it stops.
 
@@ -370,6 +374,52 @@ def run_script(host: str, port: int, sink_port: int, cpu: Any, n: int, size: int
             "cpu_s": c1 - c0, "cpu_per_1000": (c1 - c0) * 1000 / max(1, relayed), "raw": out.strip()}
 
 
+def fill_due(spool_root: str, n: int, domains: int, size: int) -> None:
+    """Write ``n`` single-recipient messages into ``spool_root/deferred``, due now (test data: no fsync)."""
+    from tmmail.envelope import DEFERRED, Envelope
+    from tmmail.spool import new_queue_id
+
+    out = os.path.join(spool_root, "deferred")
+    os.makedirs(out, exist_ok=True)
+    now = time.time()
+    for i in range(n):
+        rcpt = f"rcpt{i}@{domain(i % domains + 1)}"
+        qid = new_queue_id(now)
+        data = message(0, i, rcpt, size).replace("\r\n", "\n").encode()
+        env = Envelope.new(queue_id=qid, sender=SENDER, recipients=[rcpt], helo="bench.client.test",
+                           client_ip="127.0.0.1", mail_params={"SIZE": len(data)}, arrival=now)
+        r = env.recipients[0]
+        r.state = DEFERRED
+        r.target = f"[SMTP:{rcpt}]"
+        r.attempts = 1
+        r.last_attempt = now - 60
+        r.last_reply = "451 4.4.1 bench"
+        r.next_attempt = now - 1
+        with open(os.path.join(out, qid + ".eml"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(out, qid + ".env"), "wb") as f:
+            f.write(env.to_bytes())
+
+
+def run_drain(srv: Any, sink: "SmtpSink", n: int, timeout: float, profile: str | None) -> dict:
+    """Start the server on a full queue; time from the first relayed message to the last."""
+    start_server(srv, profile)
+    pid = srv.proc.pid
+    c0 = cpu_seconds(pid)
+    deadline = time.monotonic() + timeout
+    while sink.count == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t0, base = time.perf_counter(), sink.count
+    sink.wait_for(n, deadline)
+    t_done = time.perf_counter() - t0
+    relayed = sink.count
+    c1 = cpu_seconds(pid)
+    return {"accepted": n, "errors": 0, "relayed": relayed, "accept_s": 0.0, "accept_mps": 0.0,
+            "done_s": t_done, "done_mps": (relayed - base) / max(t_done, 1e-9),
+            "cpu_s": c1 - c0, "cpu_per_1000": (c1 - c0) * 1000 / max(1, relayed - base),
+            "sink_sessions": sink.sessions}
+
+
 def report(label: str, r: dict) -> None:
     print(f"{label}: n={r['accepted']} errors={r['errors']} relayed={r['relayed']} "
           f"accept_s={r['accept_s']:.2f} accept_mps={r['accept_mps']:.0f} "
@@ -395,6 +445,7 @@ def main() -> int:
     ap.add_argument("-d", "--domains", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=300.0, help="per run: submission + relay")
     ap.add_argument("--profile", metavar="FILE", help="run the spawned twistd under cProfile")
+    ap.add_argument("--drain", action="store_true", help="relay a pre-filled queue (no submission); with --spawn")
     ap.add_argument("--keep", action="store_true", help="keep the spawned server's directory")
     ap.add_argument("--toml", default="", help='extra settings for the spawned server, e.g. "[relay]\\nmax_connections = 60"')
     args = ap.parse_args()
@@ -421,6 +472,12 @@ def main() -> int:
     sink = None
     srv = make_server(root, dns.address, sink_port, args.toml.replace("\\n", "\n"))
     try:
+        if args.drain:
+            fill_due(os.path.join(root, "spool"), args.n, args.domains, args.size)
+            sink = SmtpSink(sink_port)
+            r = run_drain(srv, sink, args.n, args.timeout, args.profile)
+            report(f"tmmail drain domains={args.domains} size={args.size}", r)
+            return 0
         start_server(srv, args.profile)
         pid = srv.proc.pid
         cpu = lambda: cpu_seconds(pid)  # noqa: E731
