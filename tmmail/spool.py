@@ -306,7 +306,15 @@ class Spool:
         self.started = time.time()
         for d in ALL_DIRS:
             os.makedirs(os.path.join(root, d), exist_ok=True)
-        self._dirsync = {d: _DirSync(os.path.join(root, d)) for d in ALL_DIRS}
+        self._dirsync: dict[str, Any] = {d: _DirSync(os.path.join(root, d)) for d in ALL_DIRS}
+        # with syncfs, one shared call per file system serves every directory (and the SMTP
+        # group commit): fewer journal commits than one fsync per directory per change
+        from tmmail.groupcommit import sync_group
+
+        for d in ALL_DIRS:
+            group = sync_group(os.path.join(root, d))
+            if group is not None:
+                self._dirsync[d] = group
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -402,7 +410,8 @@ class Spool:
         os.rename(self.path(src, queue_id, ".eml"), self.path(dst, queue_id, ".eml"))
         os.rename(self.path(src, queue_id, ".env"), self.path(dst, queue_id, ".env"))
         self._dirsync[dst].sync()
-        self._dirsync[src].sync()
+        if self._dirsync[src] is not self._dirsync[dst]:
+            self._dirsync[src].sync()
 
     def remove(self, queue_id: str, state: str) -> None:
         """Forget a finished message: rename the .env to .done, unlink the .eml, the .done.
