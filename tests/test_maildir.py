@@ -144,3 +144,16 @@ def test_new_messages_get_uids_in_delivery_order(tmp_path):
     names = [maildir.deliver(root, str(src)) for _ in range(30)]
     folder.refresh()
     assert [m.base for m in folder.messages[6:]] == [n for n in names]
+
+
+def test_sorting_many_names_agrees_with_the_delivery_order_key():
+    """The bulk sort used for a cold folder orders our names, Dovecot's and foreign ones alike."""
+    names = ["1700000000.M1000P7Q3.h", "1700000000.M999P7Q2.h", "1700000000.M20P7Q1.h",
+             "1700000000.M1000P7Q10.h", "1700000000.M1000P7Q9.h",
+             "1700000000.M5P9V0000000000000801I0000000000123456_0.dovecot,S=4",  # no Q counter
+             "1700000000.M5Q2P9.odd", "1700000000.12345_1.courier", "cur-style-without-time",
+             "1700000001.M5P7Q11.h", "1699999999.x"]
+    expected = sorted(names, key=maildir.delivery_order)
+    assert maildir.sort_delivery_order(names) == expected
+    assert expected[0] == "cur-style-without-time" and expected[-1] == "1700000001.M5P7Q11.h"
+    assert expected.index("1700000000.M999P7Q2.h") < expected.index("1700000000.M1000P7Q3.h")

@@ -120,3 +120,11 @@ def test_concurrent_processes_never_share_a_uid(tmp_path):
     assert len(uids) == 160
     assert sorted(uids) == list(range(1, 161))
     assert ul.nextuid == 161
+
+
+def test_records_out_of_uid_order_are_written_in_uid_order():
+    """A list Dovecot appended out of order (or edited by hand) is rewritten sorted by UID."""
+    ul = uidlist.parse(b"3 V7 N10 Gabc\n5 :b.host\n2 :a.host:2,S\n9 W12 :c.host\n")
+    lines = uidlist.format(ul).decode().splitlines()
+    assert lines[1:] == ["2 :a.host", "5 :b.host", "9 W12 :c.host"]
+    assert uidlist.parse(uidlist.format(ul)).records == ul.records

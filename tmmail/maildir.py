@@ -224,6 +224,22 @@ def delivery_order(base: str) -> tuple[int, int, int, str]:
     return (int(sec), int(usec.group(1)) if usec else 0, int(counter.group(1)) if counter else 0, base)
 
 
+def sort_delivery_order(bases: list[str]) -> list[str]:
+    """``bases`` sorted by ``delivery_order`` (keys built inline: a cold folder sorts 20,000)."""
+    match = _FAST_ORDER_RE.match
+    keyed: list[tuple[int, int, int, str]] = []
+    append = keyed.append
+    for base in bases:
+        m = match(base)
+        if m is None:
+            append(delivery_order(base))
+        else:
+            sec, usec, counter = m.groups()
+            append((int(sec), int(usec), int(counter), base))
+    keyed.sort()  # the base ends every key and is unique: same order as sorting by the key
+    return [key[3] for key in keyed]
+
+
 class WireSizer:
     """The size of data in the form IMAP and POP3 serve it (every LF not preceded by CR becomes CRLF,
     as ``tmmail.imap.mime.to_crlf`` does), counted chunk by chunk.

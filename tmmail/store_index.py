@@ -19,6 +19,7 @@ Thread-safe (one RLock per folder); blocking file-system calls (fast: listdir, a
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -35,6 +36,9 @@ RETRY_LOCKED_NS = 200_000_000
 UNCLAIMED_SECONDS = 60.0
 #: at most this many appended messages wait to be claimed as \Recent (the oldest are dropped)
 MAX_UNCLAIMED = 4096
+
+
+_uid_of = operator.attrgetter("uid")
 
 
 class FolderGone(Exception):
@@ -179,7 +183,7 @@ class FolderIndex:
         """All messages in UID order (cached per version; do not modify)."""
         with self.lock:
             if self._sorted is None:
-                self._sorted = sorted(self.by_uid.values(), key=lambda m: m.uid)
+                self._sorted = sorted(self.by_uid.values(), key=_uid_of)
             return self._sorted
 
     def counts(self) -> tuple[int, int]:
@@ -296,7 +300,7 @@ class FolderIndex:
             prev, limit = self._prev_listing, self._prev_nextuid
             forget = {b for b, r in ul.records.items() if r.uid < limit and b not in listing and b not in prev}
         if unassigned or ul is None or len(forget) > max(100, len(listing) // 4):
-            unassigned.sort(key=maildir.delivery_order)  # UIDs in delivery order
+            unassigned = maildir.sort_delivery_order(unassigned)  # UIDs in delivery order
             try:
                 ul = uidlist.update(self.path, unassigned, forget=forget, wait=False,
                                     uidvalidity=lambda: maildir.allocate_uidvalidity(self.root))
@@ -319,6 +323,8 @@ class FolderIndex:
         self.keywords = keywords
         new_by_base: dict[str, MessageInfo] = {}
         old = self.by_base
+        path = self.path
+        flag_sets: dict[str, frozenset[str]] = {}  # letters -> flags, for this scan's keywords
         for base, (subdir, name) in listing.items():
             rec = records.get(base)
             if rec is None:
@@ -327,8 +333,15 @@ class FolderIndex:
             if prev is not None and not rebuild and prev.name == name and prev.subdir == subdir and prev.uid == rec.uid:
                 new_by_base[base] = prev
                 continue
-            letters = maildir.split_name(name)[1] if subdir == "cur" else ""
-            info = MessageInfo(rec.uid, base, name, subdir, letters, flags_of(letters, keywords), self.path)
+            # maildir.split_name inline: name is base, or base + ":" + info; letters follow ":2,"
+            if subdir == "cur" and name.startswith("2,", len(base) + 1):
+                letters = name[len(base) + 3:]
+            else:
+                letters = ""
+            flags = flag_sets.get(letters)
+            if flags is None:
+                flags = flag_sets[letters] = flags_of(letters, keywords)
+            info = MessageInfo(rec.uid, base, name, subdir, letters, flags, path)
             if prev is not None and prev.uid == rec.uid:
                 info._size, info._date = prev._size, prev._date
             new_by_base[base] = info

@@ -145,8 +145,14 @@ def format(ul: UidList) -> bytes:  # noqa: A001 - the counterpart of parse()
     """Serialise as version 3, records in UID order."""
     head = ["3", f"V{ul.uidvalidity}", f"N{ul.nextuid}", f"G{ul.guid}", *ul.extra]
     out = [" ".join(head)]
-    for base, rec in sorted(ul.records.items(), key=lambda item: item[1].uid):
-        out.append(f"{rec.uid} {rec.ext} :{base}" if rec.ext else f"{rec.uid} :{base}")
+    items = ul.records.items()
+    last = 0
+    for rec in ul.records.values():  # records are kept in UID order: sort only if they are not
+        if rec.uid < last:
+            items = sorted(items, key=lambda item: item[1].uid)  # type: ignore[assignment]
+            break
+        last = rec.uid
+    out += [f"{rec.uid} {rec.ext} :{base}" if rec.ext else f"{rec.uid} :{base}" for base, rec in items]
     return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 
@@ -281,10 +287,14 @@ def update(folder: str, bases: list[str] | Callable[[], list[str]],
                 raise ValueError("uidvalidity needed to create a uidlist")
             ul = UidList(uidvalidity() if callable(uidvalidity) else uidvalidity)
             changed = True
+        records, uid = ul.records, ul.nextuid
         for base in bases:
-            if base not in ul.records:
-                ul.add(base)
-                changed = True
+            if base not in records:
+                records[base] = Record(uid)
+                uid += 1
+        if uid != ul.nextuid:
+            ul.nextuid = uid
+            changed = True
         if forget:
             for base in forget:
                 if ul.records.pop(base, None) is not None:
