@@ -19,11 +19,13 @@ Thread-safe (one RLock per folder); blocking file-system calls (fast: listdir, a
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import operator
 import os
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tmmail import maildir, uidlist
 from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
@@ -39,6 +41,34 @@ MAX_UNCLAIMED = 4096
 
 
 _uid_of = operator.attrgetter("uid")
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a scan builds tens of thousands of objects.
+
+    A cold scan of 20,000 names allocates ~60,000 objects (none in cycles) and so triggered
+    ~140 collections (~40 ms, more in a server with a large heap).  Counted, so overlapping
+    scans in several threads re-enable the collector once, after the last one, and only if it
+    was enabled before the first.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 class FolderGone(Exception):
@@ -242,7 +272,8 @@ class FolderIndex:
             mtimes = [part[0] for part in stamp[:2] if part is not None]
             self._settle_ns = max(mtimes, default=0) + int(UNTRUSTED_SECONDS * 1e9)
             self._settled = now_ns >= self._settle_ns
-            return self._scan(stamp)
+            with gc_paused():
+                return self._scan(stamp)
 
     def _listing(self) -> dict[str, tuple[str, str]]:
         found: dict[str, tuple[str, str]] = {}
@@ -390,6 +421,8 @@ class FolderIndex:
         with self.lock:
             if not self.counts()[0]:
                 return []
+            # listing (readdir) order, not UID order: consecutive renames then touch the same
+            # directory blocks (ext4: 10,000 renames ~80-120 ms this way, ~140 ms in UID order)
             fresh = [m for m in self.by_base.values() if m.subdir == "new"]
             moved: list[tuple[MessageInfo, str]] = []
             try:
@@ -413,6 +446,13 @@ class FolderIndex:
             finally:
                 os.close(new_fd)
                 os.close(cur_fd)
+            with gc_paused():
+                self._claimed(moved)
+            return [info.uid for info, _ in moved]
+
+    def _claimed(self, moved: list[tuple[MessageInfo, str]]) -> None:
+        """Patch the index after ``claim_new`` renamed these (info, new name) to ``cur/``."""
+        with self.lock:
             for info, name in moved:
                 new = MessageInfo(info.uid, info.base, name, "cur", info.letters, info.flags, self.path)
                 new._size, new._date = info._size, info._date
@@ -421,7 +461,6 @@ class FolderIndex:
                     self.by_uid[info.uid] = new
             if moved:
                 self._changed()
-            return [info.uid for info, _ in moved]
 
     def remove(self, infos: Iterable[MessageInfo]) -> None:
         with self.lock:
