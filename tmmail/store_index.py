@@ -446,8 +446,8 @@ class FolderIndex:
             finally:
                 os.close(new_fd)
                 os.close(cur_fd)
-            with gc_paused():
-                self._claimed(moved)
+                with gc_paused():
+                    self._claimed(moved)  # also after an unexpected error: these did move
             return [info.uid for info, _ in moved]
 
     def _claimed(self, moved: list[tuple[MessageInfo, str]]) -> None:
