@@ -185,3 +185,19 @@ def test_subaddress_folder(tmp_path) -> None:
     conn.deliver_blocking(e, [(e.recipients[1], t)], msg)
     assert len(os.listdir(os.path.join(root, ".Lists", "new"))) == 1  # case-insensitive match
     assert len(os.listdir(os.path.join(root, "new"))) == 2  # no folder yet / no such folder: INBOX
+
+
+def test_batch_delivers_several_messages_and_counts_quota_within_the_batch(tmp_path) -> None:
+    # several queue entries in one thread job (shared syncs); a quota for two messages lets
+    # exactly two of the three in, even though none is in new/ when the batch is planned
+    conn, po_dir, msg = setup(tmp_path, ["ACME\tADMIN\t1\t250"])
+    envs = [env("admin@example.com") for _ in range(3)]
+    out = conn.deliver_many_blocking(
+        [(e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg) for e in envs]
+    )
+    assert out[:2] == [[None], [None]]
+    assert out[2][0] is not None and out[2][0].code == 452
+    files = new_files(po_dir, "ACME", "ADMIN")
+    assert len(files) == 2 and all(f.startswith(b"Return-Path: <") for f in files)
+    tmp = os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "tmp")
+    assert os.listdir(tmp) == []

@@ -454,3 +454,48 @@ def mailbox_path(postoffices_dir: str, postoffice: str, mailbox: str) -> str:
         if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
             raise ValueError(f"bad post office or mailbox name: {part!r}")
     return os.path.join(postoffices_dir, postoffice, mailbox, "Maildir")
+
+
+def stage(maildir: str, src_path: str, prefix: bytes = b"", folder: str | None = None) -> tuple[str, str, str]:
+    """Write ``prefix`` + ``src_path`` to ``tmp/`` WITHOUT fsync; return (tmp path, folder root, name).
+
+    For batched delivery: the caller makes all staged files durable with one shared sync,
+    then :func:`publish` renames each, then syncs once more (data durable before a rename
+    makes it visible).  Same bytes and name rules as :func:`deliver`.
+    """
+    root = folder_dir(maildir, folder)
+    base = unique_base()
+    tmp = os.path.join(root, "tmp", base)
+    size = 0
+    wire = WireSizer()
+    lf = ToLF()
+    try:
+        with open(tmp, "xb") as out:
+            for data in _lf_chunks(lf, prefix, src_path):
+                if data:
+                    out.write(data)
+                    size += len(data)
+                    wire.feed(data)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return tmp, root, f"{base},S={size},W={wire.size}"
+
+
+def _lf_chunks(lf: "ToLF", prefix: bytes, src_path: str) -> Iterable[bytes]:
+    yield lf.feed(prefix)
+    with open(src_path, "rb") as src:
+        while True:
+            chunk = src.read(1 << 16)
+            if not chunk:
+                break
+            yield lf.feed(chunk)
+    yield lf.finish()
+
+
+def publish(tmp: str, root: str, name: str) -> None:
+    """Rename a staged (already synced) file into ``new/``; the caller syncs the directory."""
+    os.rename(tmp, os.path.join(root, "new", name))

@@ -20,11 +20,13 @@ import threading
 import time
 from typing import Any, Sequence
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tmmail import maildir
+from tmmail import groupcommit, maildir
 from tmmail.errors import DeliveryError, PermanentError, TransientError
 from tmmail.interfaces import IConnector
 
@@ -132,6 +134,24 @@ def already_delivered(maildir_path: str, prefix: bytes, message_path: str, arriv
     return None
 
 
+class _Slot:
+    """One staged Maildir file of a batch and its outcome (None until something fails)."""
+
+    __slots__ = ("tmp", "root", "name", "qid", "mailbox", "recipient", "error")
+
+    def __init__(self, tmp: str, root: str, name: str, qid: str, mailbox: str, recipient: str) -> None:
+        self.tmp, self.root, self.name = tmp, root, name
+        self.qid, self.mailbox, self.recipient = qid, mailbox, recipient
+        self.error: DeliveryError | None = None
+
+    def fail(self) -> None:
+        self.error = TransientError(*E_LOCAL)
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
 def _header_value(text: str) -> str:
     return " ".join(text.split())
 
@@ -160,14 +180,165 @@ class PostOfficeConnector:
         self.reactor = reactor
         self.threadpool = threadpool
         self.sizer = MaildirSizer()
+        self._pending: list[Any] = []
+        self._jobs = 0
 
     def batch_key(self, target: Any) -> str:
         """One batch per mailbox, so a message lands in a mailbox once."""
         return str(target.value).upper()
 
+    #: batch jobs in threads at once; further deliveries wait and go together in the next job
+    MAX_JOBS = 2
+
     def deliver(self, envelope: Any, items: Sequence[tuple[Any, Any]], message_path: str) -> Any:
+        """Queue the delivery; concurrent deliveries share one thread job and its syncs."""
+        d: defer.Deferred = defer.Deferred()
+        self._pending.append((envelope, items, message_path, d))
+        self._kick()
+        return d
+
+    def _kick(self) -> None:
+        if not self._pending or self._jobs >= self.MAX_JOBS:
+            return
+        batch, self._pending = self._pending, []
+        self._jobs += 1
         pool = self.threadpool or self.reactor.getThreadPool()
-        return deferToThreadPool(self.reactor, pool, self.deliver_blocking, envelope, items, message_path)
+        job = deferToThreadPool(self.reactor, pool, self.deliver_many_blocking, [b[:3] for b in batch])
+
+        def done(result: Any) -> None:
+            self._jobs -= 1
+            for i, (_, _, _, d) in enumerate(batch):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result[i])
+            self._kick()
+
+        job.addBoth(done)
+
+    def deliver_many_blocking(
+        self, requests: Sequence[tuple[Any, Sequence[tuple[Any, Any]], str]]
+    ) -> list[list[DeliveryError | None]]:
+        """Deliver several messages in the calling thread with shared syncs: every tmp file is
+        written, one sync (syncfs per file system, else fsync per file), every rename into
+        ``new/``, one sync.  The data is durable before a rename publishes it, and an outcome
+        of None is returned only after the rename itself is durable."""
+        snap = self.store.current()
+        staged: list[list[Any]] = []  # [tmp, root, name, outcome slot, log args]
+        results: list[list[DeliveryError | None]] = []
+        extra: dict[str, int] = {}
+        for envelope, items, message_path in requests:
+            done: dict[str, Any] = {}
+            row: list[Any] = []
+            for recipient, target in items:
+                key = self.batch_key(target)
+                if key not in done:
+                    done[key] = self._plan_one(snap, envelope, recipient, target, message_path, extra, staged)
+                row.append(done[key])
+            results.append(row)
+        if staged:
+            self._commit_staged(staged)
+        return [[o.error if isinstance(o, _Slot) else o for o in row] for row in results]
+
+    def _commit_staged(self, staged: list[Any]) -> None:
+        try:
+            self._sync({s.root for s in staged}, [s.tmp for s in staged], [])
+        except OSError as e:
+            log.error("batch sync of {n} Maildir files failed: {error}", n=len(staged), error=e)
+            for s in staged:
+                s.fail()
+            return
+        moved = []
+        for s in staged:
+            try:
+                maildir.publish(s.tmp, s.root, s.name)
+                moved.append(s)
+            except OSError as e:
+                log.error("{queue_id}: delivery to {mailbox} failed: {error}", queue_id=s.qid,
+                          mailbox=s.mailbox, error=e)
+                s.fail()
+        try:
+            self._sync({s.root for s in moved}, [], sorted({os.path.join(s.root, "new") for s in moved}))
+        except OSError as e:
+            log.error("batch directory sync failed: {error}", error=e)
+            for s in moved:
+                s.error = TransientError(*E_LOCAL)
+            return
+        for root in sorted({s.root for s in moved}):
+            maildir.notify(root)
+        for s in moved:
+            log.info("{queue_id}: delivered to {mailbox} for {recipient} as {name}",
+                     queue_id=s.qid, mailbox=s.mailbox, recipient=s.recipient, name=s.name)
+
+    @staticmethod
+    def _sync(roots: set[str], files: list[str], dirs: list[str]) -> None:
+        """One shared syncfs per file system of ``roots``; without syncfs, fsync each path."""
+        groups: dict[int, Any] | None = {}
+        for p in roots:
+            g = groupcommit.sync_group(p)
+            if g is None:
+                groups = None
+                break
+            groups[id(g)] = g
+        if groups is not None:
+            for g in groups.values():
+                g.sync()
+            return
+        for p in files:
+            groupcommit.fsync_path(p)
+        for p in dirs:
+            groupcommit.fsync_path(p, directory=True)
+
+    def _plan_one(
+        self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str,
+        extra: dict[str, int], staged: list[Any],
+    ) -> Any:
+        """Checks of _deliver_one, then stage the file: an error, None (already there) or a _Slot."""
+        po_name, _, mbx_name = str(target.value).partition("/")
+        mbx = snap.mailbox(po_name, mbx_name)
+        if mbx is None:
+            return PermanentError(*E_NO_MAILBOX)
+        po = snap.postoffice(mbx.postoffice)
+        if not mbx.enabled or (po is not None and not po.enabled):
+            return PermanentError(*E_DISABLED)
+        prefix = (
+            f"Return-Path: <{_header_value(envelope.sender)}>\n"
+            f"Delivered-To: {_header_value(recipient.address)}\n"
+        ).encode("utf-8")
+        try:
+            path = maildir.mailbox_path(self.postoffices_dir, mbx.postoffice, mbx.name)
+            size = os.path.getsize(message_path) + len(prefix)
+            if mbx.quota > 0:
+                if size > mbx.quota:
+                    return PermanentError(*E_TOO_BIG)
+                if self.sizer.size(path) + extra.get(path, 0) + size > mbx.quota:
+                    log.info(
+                        "{queue_id}: {mailbox} over quota {quota}",
+                        queue_id=envelope.queue_id, mailbox=str(target), quota=mbx.quota,
+                    )
+                    return TransientError(*E_FULL)
+            if not os.path.exists(os.path.join(path, "subscriptions")):
+                maildir.create(path)
+            folder = self._subaddress_folder(path, recipient.address)
+            if getattr(envelope, "recovered", False):
+                name = already_delivered(maildir.folder_dir(path, folder), prefix, message_path, envelope.arrival)
+                if name is not None:
+                    log.info(
+                        "{queue_id}: already in {mailbox} as {name} (delivered before a restart)",
+                        queue_id=envelope.queue_id, mailbox=str(target), name=name,
+                    )
+                    return None
+            tmp, root, name = maildir.stage(path, message_path, prefix=prefix, folder=folder)
+        except (OSError, ValueError) as e:
+            log.error(
+                "{queue_id}: delivery to {mailbox} failed: {error}",
+                queue_id=envelope.queue_id, mailbox=str(target), error=e,
+            )
+            return TransientError(*E_LOCAL)
+        extra[path] = extra.get(path, 0) + size
+        slot = _Slot(tmp, root, name, envelope.queue_id, str(target), recipient.address)
+        staged.append(slot)
+        return slot
 
     def deliver_blocking(
         self, envelope: Any, items: Sequence[tuple[Any, Any]], message_path: str
