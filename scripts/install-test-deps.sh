@@ -1,9 +1,14 @@
 #!/bin/sh
-# Installs the Debian tools the end-to-end tests drive (swaks, fetchmail, mbsync, dovecot).
+# Installs the Debian tools the end-to-end tests drive (swaks with its TLS/SASL modules, fetchmail,
+# mbsync, dovecot).
 # Runs apt-get only when something is missing and we are root; otherwise says what is missing.
 set -e
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
+# swaks only Recommends these; without them it cannot do STARTTLS/SMTPS (Net::SSLeay) or AUTH.
+perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need="$need libnet-ssleay-perl"
+perl -MIO::Socket::SSL -e1 >/dev/null 2>&1 || need="$need libio-socket-ssl-perl"
+perl -MAuthen::SASL -e1 >/dev/null 2>&1 || need="$need libauthen-sasl-perl"
 command -v fetchmail >/dev/null 2>&1 || need="$need fetchmail"
 command -v mbsync >/dev/null 2>&1 || need="$need isync"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-imapd dovecot-pop3d"
