@@ -290,3 +290,78 @@ def test_swaks_auth_plain_on_smtps(h):
               "--auth-password", PASSWORD, "--from", "alice@example.com", "--to", "friend@remote.test")
     assert "250 2.0.0 Ok: queued as" in r.stdout, r.stdout + r.stderr
     assert len(h.incoming()) == 1
+
+
+def _parallel_sends(port, n, recipients):
+    """``n`` authenticated sessions that all reach MAIL, then RCPT, then DATA at the same time
+    (a barrier between the steps), as a spammer with a stolen password would run them."""
+    import threading
+
+    barrier = threading.Barrier(n, timeout=30)
+    results = [None] * n
+
+    def one(i):
+        with submit(port) as s:
+            barrier.wait()
+            assert s.mail("alice@example.com")[0] == 250
+            barrier.wait()
+            replies = [s.rcpt(f"r{i}-{j}@remote.test") for j in range(recipients)]
+            barrier.wait()
+            data = s.data(b"Subject: burst\r\n\r\nx\r\n") if any(c == 250 for c, _ in replies) else None
+            results[i] = (replies, data)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r is not None for r in results), results
+    return results
+
+
+RATE_451 = (451, b"4.7.1 Sending rate limit exceeded for alice@example.com, try again later")
+
+
+def test_message_rate_limit_holds_across_parallel_sessions(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, smtp={"rate_messages_per_hour": 3})
+    port = h.start("submission")
+    results = _parallel_sends(port, 6, 1)
+    queued = [r for r in results if r[1] is not None and r[1][0] == 250]
+    refused = [r for r in results if r[1] is None]
+    assert len(queued) == 3 and len(h.incoming()) == 3
+    assert len(refused) == 3 and all(r[0] == [RATE_451] for r in refused)
+    # the limit is used up: a later session is refused at MAIL
+    with submit(port) as s:
+        assert s.mail("alice@example.com") == RATE_451
+    h.stop()
+
+
+def test_recipient_rate_limit_holds_across_parallel_sessions(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, smtp={"rate_recipients_per_hour": 4})
+    port = h.start("submission")
+    results = _parallel_sends(port, 4, 3)
+    h.stop()
+    accepted = sum(1 for replies, _ in results for c, _ in replies if c == 250)
+    refused = [x for replies, _ in results for x in replies if x[0] != 250]
+    assert accepted == 4 and len(refused) == 8 and all(x == RATE_451 for x in refused)
+    assert sum(len(env.recipients) for env, _ in h.incoming()) == 4
+
+
+def test_rate_limit_reservation_is_released_on_rset_and_disconnect(tmp_path, reactor_thread):
+    """A transaction that never finishes must not keep its share of the limit."""
+    h = Harness(tmp_path, reactor_thread, smtp={"rate_messages_per_hour": 1})
+    port = h.start("submission")
+    with submit(port) as s:
+        s.mail("alice@example.com")
+        assert s.rcpt("a@remote.test")[0] == 250
+        s.rset()
+        s.mail("alice@example.com")
+        assert s.rcpt("b@remote.test")[0] == 250
+    # QUIT mid-transaction (the with block): the reservation goes with the session
+    with submit(port) as s:
+        assert s.mail("alice@example.com")[0] == 250
+        assert s.rcpt("c@remote.test")[0] == 250
+        assert s.data(b"Subject: one\r\n\r\nx\r\n")[0] == 250
+        assert s.mail("alice@example.com") == RATE_451
+    h.stop()
+    assert len(h.incoming()) == 1

@@ -268,3 +268,24 @@ def test_rate_limiter_zero_is_unlimited_and_memory_bounded():
         rl.record("a@x", 10)
     assert rl.check("a@x") is None
     assert len(rl._buckets["a@x"]) <= 61
+
+
+def test_rate_limiter_reservations_count_until_committed_or_released():
+    """Transactions in flight hold their share: a second session cannot take the same slot."""
+    now = [1000.0]
+    rl = RateLimiter(2, 3, lambda: now[0])
+    a = rl.reserve("a@x", 1, 2)
+    assert a.over is None and rl.check("a@x", 1, 2) == "recipients"
+    b = rl.reserve("A@X", 1, 1)
+    assert b.over is None
+    c = rl.reserve("a@x", 1, 0)
+    assert c.over == "messages" and rl.pending("a@x") == (2, 3)
+    assert not b.grow(0, 1) and b.over == "recipients"
+    b.release()
+    b.release()  # idempotent: every exit path may call it
+    assert rl.pending("a@x") == (1, 2) and rl.check("a@x", 1, 1) is None
+    a.shrink(0, 1)
+    a.commit(1)
+    assert rl.usage("a@x") == (1, 1) and rl.pending("a@x") == (0, 0)
+    a.release()  # after commit: nothing more is given back
+    assert rl.check("a@x", 1, 2) is None and rl.check("a@x", 2, 0) == "messages"

@@ -295,6 +295,11 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
 
         def unbusy(_: Any) -> None:
             self._busy = False
+            if self.closing and self.tx is not None:
+                # the connection went while we waited: connectionLost left the transaction
+                # to us, and its spool file and rate-limit reservation must not leak
+                self.tx.abort()
+                self.tx = None
             self._process()
 
         d.addCallbacks(done, failed)

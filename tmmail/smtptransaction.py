@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from tmmail import policy
 from tmmail import smtpreplies as R
+from tmmail.ratelimit import Reservation
 from tmmail.smtpdata import (
     BARE_NEWLINE,
     FROM_NOT_OWNED,
@@ -74,8 +75,13 @@ class Transaction:
     bdat: bool = False
     #: pending bytes of a BDAT line split between chunks
     pending: bytearray = field(default_factory=bytearray)
+    #: this transaction's hold on the account's rate limits (authenticated sessions only);
+    #: taken at RCPT so parallel sessions cannot all pass before any of them is queued
+    reservation: Reservation | None = None
 
     def abort(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
         if self.writer is not None:
             w, self.writer = self.writer, None
             try:
@@ -174,25 +180,38 @@ class TransactionCommands:
             return R.S555_BAD_PARAMETER.format(param=e.param)
         except PathError as e:
             return R.S553_UTF8_NEEDS_SMTPUTF8 if e.utf8 else R.S501_BAD_RECIPIENT
+        held = (0, 0)
         if self.auth is not None:
-            over = self.factory.ratelimit.check(self.auth.login, 1, len(tx.recipients) + 1)
-            if over is not None:
+            # reserve first (atomic on the reactor thread), give it back if RCPT is refused
+            if tx.reservation is None:
+                tx.reservation = Reservation(self.factory.ratelimit, self.auth.login)
+            held = (0 if tx.reservation.messages else 1, 1)
+            if not tx.reservation.grow(*held):
                 log.warn("rate limit: {login} from {client_ip} over the {limit} limit",
-                         login=self.auth.login, client_ip=self.client_ip, limit=over)
+                         login=self.auth.login, client_ip=self.client_ip, limit=tx.reservation.over)
                 return R.S451_RATE_LIMIT.format(login=self.auth.login)
         result = defer.maybeDeferred(self.factory.recipient_check, self, path)
 
         def decided(verdict: policy.Verdict) -> str:
+            added = False
+            if verdict.ok and self.tx is tx and path.address not in tx.rcpt_params:
+                tx.recipients.append(path.address)
+                tx.rcpt_params[path.address] = rcpt_params
+                added = True
+            if not added and tx.reservation is not None:
+                tx.reservation.shrink(*held)
             if verdict.ok:
-                if self.tx is tx and path.address not in tx.rcpt_params:
-                    tx.recipients.append(path.address)
-                    tx.rcpt_params[path.address] = rcpt_params
                 return R.S250_RECIPIENT_OK
             log.info("RCPT TO <{rcpt}> refused for {client_ip}: {reason}", rcpt=_printable(path.address),
                      client_ip=self.client_ip, reason=verdict.reason)
             return verdict.reply
 
-        result.addCallback(decided)
+        def check_failed(f: Failure) -> Failure:
+            if tx.reservation is not None:
+                tx.reservation.shrink(*held)
+            return f
+
+        result.addCallbacks(decided, check_failed)
         return result
 
     def _protocol_name(self) -> str:
@@ -369,7 +388,9 @@ class TransactionCommands:
         def committed(_: Any) -> str:
             tx.writer = None
             self.messages += 1
-            if login is not None:
+            if tx.reservation is not None:
+                tx.reservation.commit(len(tx.recipients))
+            elif login is not None:
                 self.factory.ratelimit.record(login, len(tx.recipients))
             log.info(
                 "queued {queue_id} from=<{sender}> rcpts={rcpts} size={size} client={client_ip} auth={login}",
