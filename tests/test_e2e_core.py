@@ -272,3 +272,55 @@ def test_admin_changes_reach_the_running_server(server):
     # a duplicate mailbox is refused with one line and exit status 2
     r = server.cli("mailbox", "add", "joe@acme.test", check=False)
     assert r.returncode == 2 and r.stderr.strip() and "\n" not in r.stderr.strip()
+
+
+def test_parallel_deliveries_never_pass_the_quota(tmp_path):
+    """Six SMTP sessions at once to a mailbox with room for two: two land, four wait.
+
+    The post office runs two delivery jobs in threads at once; each used to check the quota
+    on its own, so two parallel messages both fitted into room for one.
+    """
+    srv = Server(tmp_path / "tm").init()
+    body = "x" * 76 + "\r\n"
+    messages = [f"Subject: quota {i}\r\n\r\n".encode() + (body * 25).encode() for i in range(6)]
+    # each stored copy is ~2.1K (message + Received/Return-Path/Delivered-To); room for two
+    srv.add_mailbox(ALICE, "pw", quota="5000")
+    srv.start(roles=("smtp",))
+    try:
+        barrier = threading.Barrier(len(messages))
+        errors: list[BaseException] = []
+
+        def send(msg: bytes) -> None:
+            try:
+                with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                    s.ehlo("client.example")
+                    s.mail("carol@remote.example")
+                    s.rcpt(ALICE)
+                    barrier.wait(10)  # every session ends its DATA at the same moment
+                    code, _ = s.data(msg)
+                    assert code == 250
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=send, args=(m,)) for m in messages]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+
+        def settled():
+            rows = [line.split("\t") for line in srv.cli("queue", "list").stdout.splitlines()]
+            deferred = [r for r in rows if r[1] == "deferred" and int(r[6]) >= 1]
+            return len(deferred) == 4 and deferred
+
+        deferred = srv.wait_for(settled, timeout=20)
+        stored = srv.messages(ALICE)
+        assert len(stored) == 2
+        assert sum(len(m) for m in stored) <= 5000
+        assert all(r[8].startswith("452 4.2.2") for r in deferred), deferred
+        # the queued ones are the other four messages, none was lost or stored twice
+        subjects = {m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0] for m in stored}
+        assert len(subjects) == 2
+    finally:
+        srv.stop()

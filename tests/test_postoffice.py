@@ -201,3 +201,48 @@ def test_batch_delivers_several_messages_and_counts_quota_within_the_batch(tmp_p
     assert len(files) == 2 and all(f.startswith(b"Return-Path: <") for f in files)
     tmp = os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "tmp")
     assert os.listdir(tmp) == []
+
+
+def test_two_parallel_jobs_share_the_quota(tmp_path) -> None:
+    # the connector runs two thread jobs at once; both hold a message for the same mailbox
+    # with room for one. Both jobs plan before either publishes (the barrier in the first
+    # sync), which is the order that used to let both copies in.
+    import threading
+
+    per_copy = len(MSG) + len(b"Return-Path: <alice@example.org>\nDelivered-To: admin@example.com\n")
+    conn, po_dir, msg = setup(tmp_path, [f"ACME\tADMIN\t1\t{per_copy + per_copy // 2}"])
+    barrier = threading.Barrier(2, timeout=1)
+    real_sync = conn._sync
+
+    def sync_after_both_planned(roots, files, dirs):
+        if files:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass  # the other job had nothing to stage
+        real_sync(roots, files, dirs)
+
+    conn._sync = sync_after_both_planned
+    results: list = []
+
+    def job() -> None:
+        e = env("admin@example.com")
+        results.append(conn.deliver_many_blocking([(e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg)]))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    outcomes = sorted((r[0][0] is None for r in results), reverse=True)
+    assert outcomes == [True, False]
+    full = next(r[0][0] for r in results if r[0][0] is not None)
+    assert (full.code, full.enhanced) == (452, "4.2.2")
+    assert len(new_files(po_dir, "ACME", "ADMIN")) == 1
+    # nothing stays reserved: after the user deletes the message there is room again
+    assert conn._reserved == {}
+    new = os.path.join(po_dir, "ACME", "ADMIN", "Maildir", "new")
+    for name in os.listdir(new):
+        os.unlink(os.path.join(new, name))
+    e = env("admin@example.com")
+    assert conn.deliver_blocking(e, [(e.recipients[0], InternalAddress("SF", "ACME/ADMIN"))], msg) == [None]

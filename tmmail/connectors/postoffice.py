@@ -10,6 +10,13 @@ recipient gets a transient 452 4.2.2 (RFC 3463 §3.3 "mailbox full") and stays q
 runner bounces it if that lasts until the queue lifetime.  The size is the sum of the
 ``,S=`` sizes in the file names of ``new/`` and ``cur/`` of every folder, cached per
 directory by its mtime so a full rescan happens only when a directory changed.
+
+Two delivery jobs run in threads at once, and both may hold messages for the same mailbox.
+So the quota check is a reservation: under one lock, a message fits if the Maildir's size
+plus the bytes already reserved for staged, not yet published copies leaves room; its bytes
+are then reserved, and released (under the same lock) right after the rename into ``new/``
+makes them count in the Maildir's size, or when the copy fails.  Without it, two parallel
+messages both fitted into room for one.
 """
 
 from __future__ import annotations
@@ -137,12 +144,15 @@ def already_delivered(maildir_path: str, prefix: bytes, message_path: str, arriv
 class _Slot:
     """One staged Maildir file of a batch and its outcome (None until something fails)."""
 
-    __slots__ = ("tmp", "root", "name", "qid", "mailbox", "recipient", "error")
+    __slots__ = ("tmp", "root", "name", "qid", "mailbox", "recipient", "error", "reservation")
 
-    def __init__(self, tmp: str, root: str, name: str, qid: str, mailbox: str, recipient: str) -> None:
+    def __init__(self, tmp: str, root: str, name: str, qid: str, mailbox: str, recipient: str,
+                 reservation: "tuple[str, int] | None" = None) -> None:
         self.tmp, self.root, self.name = tmp, root, name
         self.qid, self.mailbox, self.recipient = qid, mailbox, recipient
         self.error: DeliveryError | None = None
+        #: (Maildir path, bytes) held in the connector's quota reservations until published
+        self.reservation = reservation
 
     def fail(self) -> None:
         self.error = TransientError(*E_LOCAL)
@@ -182,6 +192,9 @@ class PostOfficeConnector:
         self.sizer = MaildirSizer()
         self._pending: list[Any] = []
         self._jobs = 0
+        #: quota reservations: Maildir path -> bytes of staged copies not yet in new/
+        self._reserved: dict[str, int] = {}
+        self._quota_lock = threading.Lock()
 
     def batch_key(self, target: Any) -> str:
         """One batch per mailbox, so a message lands in a mailbox once."""
@@ -226,37 +239,64 @@ class PostOfficeConnector:
         snap = self.store.current()
         staged: list[list[Any]] = []  # [tmp, root, name, outcome slot, log args]
         results: list[list[DeliveryError | None]] = []
-        extra: dict[str, int] = {}
         for envelope, items, message_path in requests:
             done: dict[str, Any] = {}
             row: list[Any] = []
             for recipient, target in items:
                 key = self.batch_key(target)
                 if key not in done:
-                    done[key] = self._plan_one(snap, envelope, recipient, target, message_path, extra, staged)
+                    done[key] = self._plan_one(snap, envelope, recipient, target, message_path, staged)
                 row.append(done[key])
             results.append(row)
         if staged:
             self._commit_staged(staged)
         return [[o.error if isinstance(o, _Slot) else o for o in row] for row in results]
 
+    def _reserve(self, path: str, size: int, quota: int) -> bool:
+        """Reserve ``size`` bytes of ``path``'s quota if they fit (see the module docstring)."""
+        with self._quota_lock:
+            reserved = self._reserved.get(path, 0)
+            if self.sizer.size(path) + reserved + size > quota:
+                return False
+            self._reserved[path] = reserved + size
+            return True
+
+    def _release(self, reservation: tuple[str, int] | None) -> None:
+        """Drop a reservation made by _reserve; the caller holds ``_quota_lock``."""
+        if reservation is None:
+            return
+        path, size = reservation
+        left = self._reserved.get(path, 0) - size
+        if left > 0:
+            self._reserved[path] = left
+        else:
+            self._reserved.pop(path, None)
+
     def _commit_staged(self, staged: list[Any]) -> None:
         try:
             self._sync({s.root for s in staged}, [s.tmp for s in staged], [])
         except OSError as e:
             log.error("batch sync of {n} Maildir files failed: {error}", n=len(staged), error=e)
-            for s in staged:
-                s.fail()
+            with self._quota_lock:
+                for s in staged:
+                    s.fail()
+                    self._release(s.reservation)
+                    s.reservation = None
             return
         moved = []
         for s in staged:
-            try:
-                maildir.publish(s.tmp, s.root, s.name)
-                moved.append(s)
-            except OSError as e:
-                log.error("{queue_id}: delivery to {mailbox} failed: {error}", queue_id=s.qid,
-                          mailbox=s.mailbox, error=e)
-                s.fail()
+            # the rename and the release happen together: a concurrent quota check sees the
+            # bytes either reserved or in new/, never in both nor in neither
+            with self._quota_lock:
+                try:
+                    maildir.publish(s.tmp, s.root, s.name)
+                    moved.append(s)
+                except OSError as e:
+                    log.error("{queue_id}: delivery to {mailbox} failed: {error}", queue_id=s.qid,
+                              mailbox=s.mailbox, error=e)
+                    s.fail()
+                self._release(s.reservation)
+                s.reservation = None
         try:
             self._sync({s.root for s in moved}, [], sorted({os.path.join(s.root, "new") for s in moved}))
         except OSError as e:
@@ -291,9 +331,10 @@ class PostOfficeConnector:
 
     def _plan_one(
         self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str,
-        extra: dict[str, int], staged: list[Any],
+        staged: list[Any],
     ) -> Any:
-        """Checks of _deliver_one, then stage the file: an error, None (already there) or a _Slot."""
+        """Check the mailbox and its quota, then stage the file: an error, None (already
+        there) or a _Slot holding a quota reservation."""
         po_name, _, mbx_name = str(target.value).partition("/")
         mbx = snap.mailbox(po_name, mbx_name)
         if mbx is None:
@@ -305,18 +346,20 @@ class PostOfficeConnector:
             f"Return-Path: <{_header_value(envelope.sender)}>\n"
             f"Delivered-To: {_header_value(recipient.address)}\n"
         ).encode("utf-8")
+        reservation: tuple[str, int] | None = None
         try:
             path = maildir.mailbox_path(self.postoffices_dir, mbx.postoffice, mbx.name)
             size = os.path.getsize(message_path) + len(prefix)
             if mbx.quota > 0:
                 if size > mbx.quota:
                     return PermanentError(*E_TOO_BIG)
-                if self.sizer.size(path) + extra.get(path, 0) + size > mbx.quota:
+                if not self._reserve(path, size, mbx.quota):
                     log.info(
                         "{queue_id}: {mailbox} over quota {quota}",
                         queue_id=envelope.queue_id, mailbox=str(target), quota=mbx.quota,
                     )
                     return TransientError(*E_FULL)
+                reservation = (path, size)
             if not os.path.exists(os.path.join(path, "subscriptions")):
                 maildir.create(path)
             folder = self._subaddress_folder(path, recipient.address)
@@ -327,6 +370,7 @@ class PostOfficeConnector:
                         "{queue_id}: already in {mailbox} as {name} (delivered before a restart)",
                         queue_id=envelope.queue_id, mailbox=str(target), name=name,
                     )
+                    self._unreserve(reservation)
                     return None
             tmp, root, name = maildir.stage(path, message_path, prefix=prefix, folder=folder)
         except (OSError, ValueError) as e:
@@ -334,25 +378,22 @@ class PostOfficeConnector:
                 "{queue_id}: delivery to {mailbox} failed: {error}",
                 queue_id=envelope.queue_id, mailbox=str(target), error=e,
             )
+            self._unreserve(reservation)
             return TransientError(*E_LOCAL)
-        extra[path] = extra.get(path, 0) + size
-        slot = _Slot(tmp, root, name, envelope.queue_id, str(target), recipient.address)
+        slot = _Slot(tmp, root, name, envelope.queue_id, str(target), recipient.address, reservation)
         staged.append(slot)
         return slot
+
+    def _unreserve(self, reservation: tuple[str, int] | None) -> None:
+        if reservation is not None:
+            with self._quota_lock:
+                self._release(reservation)
 
     def deliver_blocking(
         self, envelope: Any, items: Sequence[tuple[Any, Any]], message_path: str
     ) -> list[DeliveryError | None]:
-        """Deliver in the calling thread; one outcome per item, in order."""
-        snap = self.store.current()
-        done: dict[str, DeliveryError | None] = {}
-        outcomes: list[DeliveryError | None] = []
-        for recipient, target in items:
-            key = self.batch_key(target)
-            if key not in done:
-                done[key] = self._deliver_one(snap, envelope, recipient, target, message_path)
-            outcomes.append(done[key])
-        return outcomes
+        """Deliver in the calling thread; one outcome per item, in order (a batch of one)."""
+        return self.deliver_many_blocking([(envelope, items, message_path)])[0]
 
     def _subaddress_folder(self, path: str, address: str) -> str | None:
         """``user+Folder@d`` -> the existing top-level folder named ``Folder`` (any case)."""
@@ -372,55 +413,4 @@ class PostOfficeConnector:
                     return entry[1:]
         except (OSError, ValueError):
             return None
-        return None
-
-    def _deliver_one(
-        self, snap: Any, envelope: Any, recipient: Any, target: Any, message_path: str
-    ) -> DeliveryError | None:
-        po_name, _, mbx_name = str(target.value).partition("/")
-        mbx = snap.mailbox(po_name, mbx_name)
-        if mbx is None:
-            return PermanentError(*E_NO_MAILBOX)
-        po = snap.postoffice(mbx.postoffice)
-        if not mbx.enabled or (po is not None and not po.enabled):
-            return PermanentError(*E_DISABLED)
-        prefix = (
-            f"Return-Path: <{_header_value(envelope.sender)}>\n"
-            f"Delivered-To: {_header_value(recipient.address)}\n"
-        ).encode("utf-8")
-        try:
-            path = maildir.mailbox_path(self.postoffices_dir, mbx.postoffice, mbx.name)
-            size = os.path.getsize(message_path) + len(prefix)
-            if mbx.quota > 0:
-                if size > mbx.quota:
-                    return PermanentError(*E_TOO_BIG)
-                if self.sizer.size(path) + size > mbx.quota:
-                    log.info(
-                        "{queue_id}: {mailbox} over quota {quota}",
-                        queue_id=envelope.queue_id, mailbox=str(target), quota=mbx.quota,
-                    )
-                    return TransientError(*E_FULL)
-            if not os.path.exists(os.path.join(path, "subscriptions")):
-                # written last by maildir.create: a crash in the middle of it is finished here
-                maildir.create(path)
-            folder = self._subaddress_folder(path, recipient.address)
-            if getattr(envelope, "recovered", False):
-                name = already_delivered(maildir.folder_dir(path, folder), prefix, message_path, envelope.arrival)
-                if name is not None:
-                    log.info(
-                        "{queue_id}: already in {mailbox} as {name} (delivered before a restart)",
-                        queue_id=envelope.queue_id, mailbox=str(target), name=name,
-                    )
-                    return None
-            name = maildir.deliver(path, message_path, prefix=prefix, folder=folder)
-        except (OSError, ValueError) as e:
-            log.error(
-                "{queue_id}: delivery to {mailbox} failed: {error}",
-                queue_id=envelope.queue_id, mailbox=str(target), error=e,
-            )
-            return TransientError(*E_LOCAL)
-        log.info(
-            "{queue_id}: delivered to {mailbox} for {recipient} as {name}",
-            queue_id=envelope.queue_id, mailbox=str(target), recipient=recipient.address, name=name,
-        )
         return None
