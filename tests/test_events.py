@@ -136,3 +136,30 @@ def test_bad_configuration_named() -> None:
         load_events(settings_with({"pickup": [{"plugin": "tests.nothing.Here"}]}))
     with pytest.raises(ConfigError, match="exit"):
         load_events(settings_with({"pickup": [{"command": ["x"], "exit": {"1": "explode"}}]}))
+
+
+def plugin_dir(tmp_path) -> str:
+    """A folder with twisted/plugins/tmmail_testguard.py (no __init__.py, as Twisted wants)."""
+    import shutil
+
+    plugins = tmp_path / "plugpath" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "plugins_fixture", "tmmail_testguard.py"), plugins)
+    return str(plugins)
+
+
+def test_plugin_found_through_twisted_plugins(tmp_path, monkeypatch) -> None:
+    import twisted.plugins
+
+    monkeypatch.setattr(twisted.plugins, "__path__", list(twisted.plugins.__path__) + [plugin_dir(tmp_path)])
+    settings = config.parse({"server": {"state_dir": str(tmp_path)},
+                             "events": {"deliver": [{"plugin": "TestGuard", "options": {"word": "SECRET"}}]}})
+    events = load_events(settings, reactor)
+    env, path = envelope_and_file(tmp_path, b"the SECRET plans\n")
+    outcome = events.run("deliver", env, path).result
+    assert (outcome.action, outcome.text) == (REJECT, "Refused by testguard at deliver")
+    env, path = envelope_and_file(tmp_path, b"nothing to see\n")
+    assert events.run("deliver", env, path).result.action == ACCEPT
+    with pytest.raises(ConfigError, match="no transfer-event plug-in named 'nosuch'.*testguard"):
+        load_events(config.parse({"server": {"state_dir": str(tmp_path)},
+                                  "events": {"pickup": [{"plugin": "nosuch"}]}}), reactor)

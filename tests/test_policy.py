@@ -98,6 +98,13 @@ def test_unknown_local_user_is_550_511(snap):
     assert rcpt(snap, "nobody@example.com", relay_ok=True).reply.startswith("550 5.1.1")
 
 
+def test_alias_that_only_loops_is_550_546(tmp_path):
+    snap = snap_with(tmp_path, ADDRESS_MAP="[SMTP:a@example.com]\t[SMTP:b@example.com]\n"
+                                           "[SMTP:b@example.com]\t[SMTP:a@example.com]\n")
+    v = rcpt(snap, "a@example.com")
+    assert v.reply == "550 5.4.6 <a@example.com>: Recipient address rejected: routing loop in the address map"
+
+
 def test_remote_recipient_needs_relay_permission(snap):
     v = rcpt(snap, "someone@remote.test")
     assert v.reply == "554 5.7.1 <someone@remote.test>: Relay access denied"

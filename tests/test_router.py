@@ -153,7 +153,61 @@ def test_partial_failure_keeps_good_branches(tmp_path) -> None:
         **BASE,
         ADDRESS_MAP=["[SMTP:team@example.com]\t[SMTP:nobody@example.com];[SF:ACME/GONE];[SMTP:bob@example.com]"],
     )
-    assert resolve(snap, "team@example.com").targets == (SF("ACME/Bob"),)
+    r = resolve(snap, "team@example.com")
+    assert r.targets == (SF("ACME/Bob"),)
+    # the bad branches are not silently dropped: the runner puts them into bad mail
+    assert [(f.destination, f.status) for f in r.failures] == [
+        ("[SMTP:nobody@example.com]", "5.1.1"), ("[SF:ACME/GONE]", "5.1.1")]
+    assert "mailbox disabled" in r.failures[1].reason
+
+
+def test_loop_and_depth_as_one_branch_are_failures(tmp_path) -> None:
+    rows = ["[SMTP:team@example.com]\t[SMTP:a@example.com];[SMTP:bob@example.com]",
+            "[SMTP:a@example.com]\t[SMTP:b@example.com]", "[SMTP:b@example.com]\t[SMTP:a@example.com]"]
+    rows += [f"[SMTP:d{i}@example.com]\t[SMTP:d{i + 1}@example.com]" for i in range(MAX_DEPTH + 2)]
+    rows.append("[SMTP:deep@example.com]\t[SMTP:d0@example.com];[SF:ACME/ADMIN]")
+    snap = tables(tmp_path, **BASE, ADDRESS_MAP=rows)
+    r = resolve(snap, "team@example.com")
+    assert r.targets == (SF("ACME/Bob"),)
+    assert len(r.failures) == 1
+    f = r.failures[0]
+    assert (f.destination, f.status) == ("[SMTP:a@example.com]", "5.4.6")
+    assert f.reason == "mail loop: team@example.com -> a@example.com -> b@example.com -> a@example.com"
+    r = resolve(snap, "deep@example.com")
+    assert r.targets == (SF("ACME/ADMIN"),)
+    assert [(f.destination, f.status) for f in r.failures] == [("[SMTP:d0@example.com]", "5.4.6")]
+    assert "longer than" in r.failures[0].reason
+    # a loop that only loops resolves nowhere, with the loop status (RCPT: 550 5.4.6)
+    r = resolve(snap, "a@example.com")
+    assert (r.kind, r.status, r.loop) == (UNKNOWN_LOCAL, "5.4.6", True)
+    assert resolve(snap, "nobody@example.com").status == "5.1.1"
+
+
+def test_nested_groups_are_not_failures(tmp_path) -> None:
+    snap = tables(tmp_path, **BASE, ADDRESS_MAP=[],
+                  GROUP_MAP=["[SF:ACME/STAFF]\tstaff@example.com", "[SF:ACME/OPS]\tops@example.com"],
+                  GROUP_MEMBERS=["[SF:ACME/STAFF]\t[SMTP:bob@example.com]", "[SF:ACME/STAFF]\t[SF:ACME/OPS]",
+                                 "[SF:ACME/OPS]\t[SMTP:admin@example.com]", "[SF:ACME/OPS]\t[SF:ACME/STAFF]"])
+    r = resolve(snap, "staff@example.com")
+    assert set(r.targets) == {SF("ACME/Bob"), SF("ACME/ADMIN")} and r.failures == ()
+
+
+def test_requeued_branch_resolves_alone(tmp_path) -> None:
+    from tmmail.router import resolve_destination
+
+    snap = tables(tmp_path, **BASE, ADDRESS_MAP=[])
+    assert resolve_destination(snap, "[SMTP:bob@example.com]").targets == (SF("ACME/Bob"),)
+    assert resolve_destination(snap, "[SMTP:nobody@example.com]").kind == UNKNOWN_LOCAL
+
+
+def test_mask_local_part_in_mailbox_destination(tmp_path) -> None:
+    snap = tables(tmp_path, **{**BASE, "DOMAINS": BASE["DOMAINS"] + ["alias.test\tOTHER\t1"]},
+                  ADDRESS_MAP=["[SMTP:*@alias.test]\t[SF:ACME/*]"])
+    assert resolve(snap, "bob@alias.test").targets == (SF("ACME/Bob"),)
+    assert resolve(snap, "admin@alias.test").targets == (SF("ACME/ADMIN"),)
+    r = resolve(snap, "nobody@alias.test")
+    assert r.kind == UNKNOWN_LOCAL and "no mailbox ACME/nobody" in r.reason
+    assert resolve(snap, "gone@alias.test").kind == UNKNOWN_LOCAL  # disabled mailbox
 
 
 def test_map_to_list_or_group_kept(tmp_path) -> None:

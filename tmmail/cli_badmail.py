@@ -6,8 +6,8 @@ resolved nowhere, a mail loop, too many hops) and spool/quarantine/ (a transfer 
 again and are routed afresh: after fixing the address map, say) and ``delete ID``.
 
 ``quarantine list|show|release|delete``: ``release`` sends the message on as it is (its
-recipients keep their state) and marks it checked, so the pickup hooks do not stop it again
-(deliver hooks still run).
+recipients keep their state) and marks it released: no transfer event (pickup or deliver)
+is asked about it again, so the hook that quarantined it cannot put it back.
 
 The runner never looks into badmail/ or quarantine/, so these commands need no claim: ``requeue`` saves the
 edited envelope durably in badmail/ and then moves the message to incoming/ (``.eml`` first,
@@ -124,9 +124,10 @@ def cmd_delete(args: argparse.Namespace, ctx: Any) -> int:
 
 
 def release(spool: Spool, qid: str) -> None:
-    """BLOCKING: mark a quarantined message checked and move it to incoming/."""
+    """BLOCKING: mark a quarantined message released (no hooks again), move it to incoming/."""
     env = spool.load(QUARANTINE, qid)
     env.checked = True
+    env.released = True
     now = time.time()
     for r in env.recipients:
         if not r.final:
@@ -163,7 +164,7 @@ def register(subparsers: Any) -> None:
     qs.add_parser("list", help="list quarantined messages").set_defaults(func=cmd_list, state=QUARANTINE)
     for name, func, text in (
         ("show", cmd_show, "show a message's envelope and header"),
-        ("release", cmd_release, "deliver it after all (the pickup check is skipped)"),
+        ("release", cmd_release, "deliver it after all (no transfer event is asked again)"),
         ("delete", cmd_delete, "delete a message"),
     ):
         p = qs.add_parser(name, help=text)

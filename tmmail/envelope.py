@@ -84,6 +84,9 @@ class Recipient:
     delay_notified: float = 0.0
     #: a report (DSN) about the final state was already queued
     reported: bool = False
+    #: for one failed branch of an alias/group/redirect (tmmail.router.BranchFailure): the
+    #: destination that resolved nowhere; a requeue routes only this branch again
+    branch: str = ""
 
     @property
     def final(self) -> bool:
@@ -118,6 +121,9 @@ class Envelope:
     origin: str = ORIGIN_SMTP
     #: the pickup transfer events (tmmail.events) accepted it; they are not run again
     checked: bool = False
+    #: released from quarantine/ by an admin (tmmail quarantine release): no transfer event
+    #: (pickup or deliver) is asked again, so the hook that quarantined it cannot stop it again
+    released: bool = False
     #: not saved: set by the runner when the message was in the middle of delivery when the
     #: process stopped, so connectors check whether a delivery already happened
     recovered: bool = field(default=False, compare=False)
@@ -233,6 +239,7 @@ class Envelope:
                 mail_params=dict(data.get("mail_params") or {}),
                 origin=str(data.get("origin", ORIGIN_SMTP)),
                 checked=bool(data.get("checked", False)),
+                released=bool(data.get("released", False)),
             )
         except EnvelopeError:
             raise

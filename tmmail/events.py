@@ -18,6 +18,10 @@ A hook is an external program or an in-process plug-in::
     plugin = "mypackage.hooks.Archiver"            # dotted name of an ITransferEvent provider
     options = { folder = "/srv/archive" }          # passed to the class (or factory) if given
 
+    [[events.pickup]]
+    plugin = "archiver"                            # no dot: the twisted/plugins object of this
+                                                   # name (find_plugins; options -> .configured())
+
 A program gets the message on stdin (the spool file itself, so nothing is read on the
 reactor), the envelope in the environment (``TMMAIL_EVENT``, ``TMMAIL_QUEUE_ID``,
 ``TMMAIL_SENDER``, ``TMMAIL_RECIPIENTS`` and ``TMMAIL_TARGETS`` space-separated,
@@ -52,7 +56,7 @@ from tmmail.interfaces import ITransferEvent
 
 __all__ = [
     "EVENTS", "PICKUP", "DELIVER", "ACCEPT", "REJECT", "QUARANTINE", "RETRY", "ACTIONS",
-    "Outcome", "ProgramHook", "PluginHook", "TransferEvents", "load_events",
+    "Outcome", "ProgramHook", "PluginHook", "TransferEvents", "load_events", "find_plugins",
 ]
 
 log = Logger(namespace="tmmail.events")
@@ -252,10 +256,49 @@ class PluginHook:
         return d
 
 
+def find_plugins() -> dict[str, Any]:
+    """The ITransferEvent providers in ``twisted/plugins`` (twisted.plugin.getPlugins), by name.
+
+    A drop-in module in any ``twisted/plugins`` folder on the Python path (without an
+    ``__init__.py``, as Twisted's plug-in system wants) defines module-level objects that
+    provide both ``twisted.plugin.IPlugin`` and ITransferEvent and have a ``name``; the name
+    is what ``plugin = "..."`` in tmmail.toml selects (case-insensitive).
+    """
+    from twisted.plugin import IPlugin, getPlugins
+
+    found: dict[str, Any] = {}
+    for obj in getPlugins(ITransferEvent):
+        if not IPlugin.providedBy(obj):
+            continue
+        name = str(getattr(obj, "name", "") or "").strip().lower()
+        if name and name not in found:
+            found[name] = obj
+    return found
+
+
+def _named_plugin(name: str, options: Mapping[str, Any], where: str) -> Any:
+    plugins = find_plugins()
+    obj = plugins.get(name.strip().lower())
+    if obj is None:
+        known = ", ".join(sorted(plugins)) or "none found"
+        raise ConfigError(f"{where}: no transfer-event plug-in named {name!r} in twisted/plugins "
+                          f"(known: {known}); a dotted name (module.Class) imports one instead")
+    if options:
+        configured = getattr(obj, "configured", None)
+        if not callable(configured):
+            raise ConfigError(f"{where}: plug-in {name!r} takes no options")
+        obj = configured(**options)
+    try:
+        verifyObject(ITransferEvent, obj)
+    except Exception as e:
+        raise ConfigError(f"{where}: plug-in {name!r} does not provide ITransferEvent: {e}") from None
+    return obj
+
+
 def _load_plugin(dotted: str, options: Mapping[str, Any], where: str) -> Any:
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ConfigError(f"{where}: plugin must be a dotted name (module.Class)")
+        return _named_plugin(dotted, options, where)
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:

@@ -281,6 +281,9 @@ def check_recipient(
     if kind == "local":
         return ACCEPT
     if kind == "unknown_local":
+        if getattr(resolution, "loop", False):
+            return _refuse(R.S550_ROUTING_LOOP.format(address=address),
+                           f"routing loop: {getattr(resolution, 'reason', '')}")
         return _refuse(R.S550_UNKNOWN_USER.format(address=address), "unknown local user")
     if snap.is_hosted_domain(path.domain):
         # the router disagrees with the domain table: never relay a hosted domain

@@ -59,21 +59,58 @@ class RouterOptions:
 DEFAULT_OPTIONS = RouterOptions()
 
 
+#: RFC 3463 status of an address that resolves nowhere: no such user (X.1.1) ...
+STATUS_UNKNOWN = "5.1.1"
+#: ... or a routing loop / an alias chain too deep to be meant (X.4.6 "routing loop detected")
+STATUS_LOOP = "5.4.6"
+
+
+@dataclass(frozen=True)
+class BranchFailure:
+    """One destination of an alias, group or redirect that resolves nowhere while others do.
+
+    ``destination`` is the member as the table names it (``[SMTP:ghost@example.com]``,
+    ``[SF:ACME/OPS]``; a mask destination with the local part filled in), ``reason`` why
+    (``mail loop: a -> b -> a``), ``status`` the RFC 3463 code (5.1.1 or 5.4.6).
+    """
+
+    destination: str
+    reason: str
+    status: str = STATUS_UNKNOWN
+
+
 @dataclass(frozen=True)
 class Resolution:
-    """The routing decision for one address; ``reason`` explains an ``unknown_local``."""
+    """The routing decision for one address; ``reason`` and ``status`` explain an ``unknown_local``.
+
+    ``failures``: branches of a ``local`` resolution that resolve nowhere (the runner keeps the
+    message in badmail/ for them and tells the sender) while ``targets`` get the message.
+    """
 
     kind: str
     targets: tuple[InternalAddress, ...] = ()
     reason: str = ""
+    status: str = STATUS_UNKNOWN
+    failures: tuple[BranchFailure, ...] = ()
 
     @property
     def ok(self) -> bool:
         return bool(self.targets)
 
+    @property
+    def loop(self) -> bool:
+        """True when it resolves nowhere because of a routing loop or an over-deep chain."""
+        return self.status == STATUS_LOOP
+
 
 class _Unresolvable(Exception):
-    pass
+    def __init__(self, reason: str, status: str = STATUS_UNKNOWN) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _GroupAgain(_Unresolvable):
+    """A group reached again inside its own expansion: nesting, its members are covered."""
 
 
 def split_subaddress(local: str, separator: str) -> tuple[str, str]:
@@ -138,19 +175,42 @@ def options_from_settings(settings: Any) -> RouterOptions:
 def resolve(providers: Any, address: str, options: RouterOptions | None = None) -> Resolution:
     """Resolve an RFC 5321 mailbox against a tmmail.providers.Providers snapshot."""
     opts = options or DEFAULT_OPTIONS
+    resolver = _Resolver(providers, opts)
     try:
-        kind, targets = _Resolver(providers, opts).resolve(address, ())
+        kind, targets = resolver.resolve(address, ())
     except _Unresolvable as e:
-        return Resolution(UNKNOWN_LOCAL, (), str(e))
+        return Resolution(UNKNOWN_LOCAL, (), str(e), e.status)
     if not targets:
         return Resolution(UNKNOWN_LOCAL, (), "no such user here")
-    return Resolution(kind, targets)
+    return Resolution(kind, targets, failures=tuple(dict.fromkeys(resolver.failures)))
+
+
+def resolve_destination(providers: Any, destination: str, options: RouterOptions | None = None) -> Resolution:
+    """Resolve one table destination (a BranchFailure's ``destination``) as a member would be.
+
+    Used when a bad branch is requeued (``tmmail badmail requeue``): only that branch is
+    routed again, so the members that already got the message do not get it twice.
+    """
+    opts = options or DEFAULT_OPTIONS
+    resolver = _Resolver(providers, opts)
+    try:
+        dest = InternalAddress.parse(destination) if destination.startswith("[") else InternalAddress.smtp(destination)
+        targets = resolver._expand([dest], (), None)
+    except AddressError as e:
+        return Resolution(UNKNOWN_LOCAL, (), f"bad destination {destination!r}: {e}")
+    except _Unresolvable as e:
+        return Resolution(UNKNOWN_LOCAL, (), str(e), e.status)
+    if not targets:
+        return Resolution(UNKNOWN_LOCAL, (), "no such user here")
+    return Resolution(LOCAL, targets, failures=tuple(dict.fromkeys(resolver.failures)))
 
 
 class _Resolver:
     def __init__(self, providers: Any, opts: RouterOptions) -> None:
         self.p = providers
         self.opts = opts
+        #: branches that resolved nowhere while their siblings did (see _expand)
+        self.failures: list[BranchFailure] = []
         has_rows = hasattr(providers, "rows")
         self.groups = _group_index(providers) if has_rows else None
         self.lists = None
@@ -161,9 +221,10 @@ class _Resolver:
 
     def _enter(self, key: str, chain: tuple[str, ...]) -> tuple[str, ...]:
         if key in chain:
-            raise _Unresolvable("mail loop: " + " -> ".join(chain + (key,)))
+            cls = _GroupAgain if key.startswith("group:") else _Unresolvable
+            raise cls("mail loop: " + " -> ".join(chain + (key,)), STATUS_LOOP)
         if len(chain) >= self.opts.max_depth:
-            raise _Unresolvable(f"alias chain longer than {self.opts.max_depth}")
+            raise _Unresolvable(f"alias chain longer than {self.opts.max_depth}", STATUS_LOOP)
         return chain + (key,)
 
     def resolve(self, address: str, chain: tuple[str, ...]) -> tuple[str, tuple[InternalAddress, ...]]:
@@ -249,10 +310,16 @@ class _Resolver:
             except AddressError:
                 continue
         keep = (own,) if mbx.redirect_status == 2 else ()
+        mark = len(self.failures)
         try:
             redirected = self._expand([d for d in dests if d != own], chain, None)
-        except _Unresolvable:
+        except _Unresolvable as e:
             if keep:
+                # the copy is kept; the redirect itself failed: that branch goes to bad mail
+                del self.failures[mark:]
+                if not isinstance(e, _GroupAgain):
+                    self.failures.append(BranchFailure(
+                        "redirect " + ";".join(str(d) for d in dests), str(e), e.status))
                 return keep
             raise
         return tuple(dict.fromkeys(keep + redirected))
@@ -272,20 +339,40 @@ class _Resolver:
         """Resolve address and group destinations again; keep others unless disabled.
 
         ``subject`` is the address a mask matched, for ``*`` in a destination.  A branch that
-        resolves nowhere is dropped; if every branch does, the reason of the last one is
-        raised (so a loop is reported as a loop).
+        resolves nowhere while others do is recorded in ``self.failures`` (bad mail and a
+        notice to the sender), except a group reached again inside its own expansion (nested
+        groups: its members are covered already).  If every branch fails, the reason of the
+        last one is raised (so a loop is reported as a loop) and the parent decides.
         """
         out: list[InternalAddress] = []
         failure: _Unresolvable | None = None
+        mark = len(self.failures)
+        branch_failures: list[BranchFailure] = []
         for dest in dests:
             try:
                 out.extend(self._expand_one(dest, chain, subject))
             except _Unresolvable as e:
                 failure = e
+                if not isinstance(e, _GroupAgain):
+                    branch_failures.append(BranchFailure(self._concrete(dest, subject), str(e), e.status))
         unique = tuple(dict.fromkeys(out))
         if not unique and failure is not None:
+            del self.failures[mark:]  # the whole branch fails: reported once, by the parent
             raise failure
+        self.failures.extend(branch_failures)
         return unique
+
+    @staticmethod
+    def _concrete(dest: InternalAddress, subject: Any) -> str:
+        """The destination as it was tried (a mask's ``*`` filled in)."""
+        if subject is not None and "*" in dest.value and dest.scheme in ("SMTP", "SF"):
+            value = dest.value
+            if dest.scheme == "SF":
+                return f"[SF:{value.replace('*', subject.local, 1)}]"
+            if value == "*":
+                return f"[SMTP:{subject}]"
+            return f"[SMTP:{value.replace('*', subject.local if '@' in value else str(subject), 1)}]"
+        return str(dest)
 
     def _expand_one(self, dest: InternalAddress, chain: tuple[str, ...], subject: Any) -> tuple[InternalAddress, ...]:
         if dest.scheme == "SMTP":
@@ -299,6 +386,18 @@ class _Resolver:
                 value = value.replace("*", subject.local if "@" in value else str(subject), 1)
             return self.resolve(value, chain)[1]
         if dest.scheme == "SF":
+            if "*" in dest.value:
+                # [SMTP:*@x] -> [SF:PO/*]: the matched local part names the mailbox, which
+                # must exist (no such mailbox: refused at RCPT like an unknown user)
+                if subject is None:
+                    return ()
+                dest = InternalAddress("SF", dest.value.replace("*", subject.local, 1))
+                mbx = self.p.mailbox(dest.postoffice, dest.name)
+                if mbx is None:
+                    group = self.groups.get(dest) if self.groups is not None else None
+                    if group is not None:
+                        return self._group_targets(group, chain)
+                    raise _Unresolvable(f"no mailbox {dest.value}")
             mbx = self.p.mailbox(dest.postoffice, dest.name)
             if mbx is not None:
                 if not self._mailbox_enabled(mbx):

@@ -45,7 +45,14 @@ from tmmail.envelope import (
     Recipient,
 )
 from tmmail.errors import DeliveryError, PermanentError, TransientError
-from tmmail.router import UNKNOWN_LOCAL, RouterOptions, count_received, options_from_settings, resolve
+from tmmail.router import (
+    UNKNOWN_LOCAL,
+    RouterOptions,
+    count_received,
+    options_from_settings,
+    resolve,
+    resolve_destination,
+)
 from tmmail.spool import ACTIVE, BADMAIL, DEFERRED, INCOMING, QUARANTINE, Spool
 
 log = Logger(namespace="tmmail.runner")
@@ -53,6 +60,7 @@ log = Logger(namespace="tmmail.runner")
 #: replies the runner itself produces (RFC 3463 enhanced codes)
 R_DELIVERED_OK = "250 2.0.0 Delivered"
 E_UNKNOWN_USER = (550, "5.1.1", "Recipient address unknown")
+E_ROUTING_LOOP = (550, "5.4.6", "Routing loop in the address map")
 E_TOO_MANY_HOPS = (554, "5.4.6", "Too many hops (Received: headers), probably a mail loop")
 E_NO_CONNECTOR = (451, "4.4.0", "No connector for this destination yet, will retry")
 E_INTERNAL = (451, "4.3.0", "Internal error during delivery, will retry")
@@ -513,19 +521,34 @@ class Runner:
                 out.append(r)
                 continue
             address = self._full_address(r.address)
-            res = resolve(snap, address, self.router_options)
+            if r.branch:
+                # a failed branch requeued from badmail/: only that destination again
+                res = resolve_destination(snap, r.branch, self.router_options)
+            else:
+                res = resolve(snap, address, self.router_options)
             if res.kind == UNKNOWN_LOCAL or not res.targets:
                 r.state = R_FAILED
                 r.bad = True
-                code, enh, text = E_UNKNOWN_USER
+                code, enh, text = E_ROUTING_LOOP if res.loop else E_UNKNOWN_USER
+                if r.branch:
+                    text = f"Expansion of {r.branch} failed"
                 r.last_reply = f"{code} {enh} <{r.address}>: {text}" + (f" ({res.reason})" if res.reason else "")
                 log.info("{queue_id}: {recipient} resolves nowhere: {reason}",
                          queue_id=env.queue_id, recipient=r.address, reason=res.reason)
                 out.append(r)
                 continue
+            for f in res.failures:
+                # one branch of an alias/group resolves nowhere: the others get the message,
+                # this one keeps it in badmail/ and the sender is told which member failed
+                out.append(replace(r, target="", state=R_FAILED, bad=True, branch=f.destination,
+                                   last_reply=f"550 {f.status} <{r.address}>: Expansion of {f.destination} "
+                                              f"failed ({f.reason})"))
+                log.info("{queue_id}: {recipient}: branch {branch} resolves nowhere: {reason}",
+                         queue_id=env.queue_id, recipient=r.address, branch=f.destination, reason=f.reason)
             for i, target in enumerate(res.targets):
                 rr = r if i == 0 else replace(r)
                 rr.target = str(target)
+                rr.branch = ""
                 out.append(rr)
             if len(res.targets) > 1 or not str(res.targets[0]).startswith("[SF:"):
                 # one local mailbox is named by its delivery line; log fan-outs and relays
@@ -552,7 +575,7 @@ class Runner:
         conn = self.connectors[scheme]
         remote = scheme not in LOCAL_SCHEMES
         dest = f"{scheme}:{key}"
-        if self.events.active(transfer_events.DELIVER):
+        if self.events.active(transfer_events.DELIVER) and not env.released:
             outcome = yield self.events.run(
                 transfer_events.DELIVER, env, path, [str(t) for _, t in items]
             )

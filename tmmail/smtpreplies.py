@@ -70,6 +70,8 @@ S555_SMTPUTF8_UNEXPECTED = "555 5.5.4 SMTPUTF8 only with MAIL"
 
 # Recipient / sender policy (filled by tmmail.policy)
 S550_UNKNOWN_USER = "550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+#: RFC 3463 X.4.6 "routing loop detected": an alias that only loops (or a chain too deep)
+S550_ROUTING_LOOP = "550 5.4.6 <{address}>: Recipient address rejected: routing loop in the address map"
 S554_RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
 S553_ROUTING_NOT_SUPPORTED = "553 5.1.3 <{address}>: Sender-specified routing is not supported"
 S553_SENDER_NOT_OWNED = "553 5.7.1 <{address}>: Sender address not owned by {login}; allowed: {allowed}"
