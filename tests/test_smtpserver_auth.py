@@ -365,3 +365,137 @@ def test_rate_limit_reservation_is_released_on_rset_and_disconnect(tmp_path, rea
         assert s.mail("alice@example.com") == RATE_451
     h.stop()
     assert len(h.incoming()) == 1
+
+
+# -- header From:/Sender: parsing (obsolete syntax) -----------------------------------------
+
+FROM_553 = b"5.7.1 From: header address not owned by alice@example.com"
+
+
+@pytest.mark.parametrize("header", [
+    b"From : The Boss <bob@example.com>",
+    b"From\t: bob@example.com",
+    b"FROM \t: bob@example.com",
+    b"From: Alice <alice@example.com>,\r\n\tThe Boss\r\n <bob@example.com>",
+    b"From: alice@example.com\r\nTo: x@remote.test\r\nFrom : bob@example.com",
+    b"From: alice@example.com\r\nSender : bob@example.com",
+])
+def test_header_from_variants_not_owned_are_refused(h, header):
+    """Mail readers show ``From : x`` (RFC 5322 §4.5.3) as the author: it must be checked too."""
+    port = h.start("submission")
+    with submit(port) as s:
+        s.mail("alice@example.com")
+        s.rcpt("x@remote.test")
+        code, text = s.data(header + b"\r\nSubject: x\r\n\r\nx\r\n")
+        assert code == 553 and text.startswith(FROM_553), text
+        assert s.noop()[0] == 250
+    assert h.incoming() == []
+
+
+def test_owned_from_and_sender_with_obsolete_syntax_pass_unchanged(h):
+    port = h.start("submission")
+    with submit(port) as s:
+        s.mail("alice@example.com")
+        s.rcpt("x@remote.test")
+        body = b"From : Info\r\n <info@example.com>\r\nSender:\talice@example.com\r\nSubject: ok\r\n\r\nx\r\n"
+        assert s.data(body)[0] == 250
+    [(_, eml)] = h.incoming()
+    assert b"\nFrom : Info\n <info@example.com>\nSender:\talice@example.com\nSubject: ok\n" in eml
+
+
+def test_rewrite_policy_rewrites_obsolete_from_and_sender(h):
+    port = h.start("submission")
+    with submit(port, "carol@other.test") as s:
+        assert s.mail("carol@other.test")[0] == 250
+        s.rcpt("x@remote.test")
+        body = b"From\t: Bob <bob@example.com>\r\nFrom : bob@example.com\r\nSender : bob@example.com\r\n\r\nb\r\n"
+        assert s.data(body)[0] == 250
+    [(_, eml)] = h.incoming()
+    assert b"\nFrom: <carol@other.test>\nSender: <carol@other.test>\n\nb\n" in eml
+    assert b"bob@example.com" not in eml
+
+
+# -- an exception in a check while the content is read --------------------------------------
+
+
+def _raising_header_check(monkeypatch):
+    """policy.may_send_as raising for one address: the header check (not MAIL FROM) hits it."""
+    from tmmail import policy
+
+    real = policy.may_send_as
+
+    def may_send_as(snap, auth, address, resolve):
+        if address == "boom@example.com":
+            raise RuntimeError("injected check failure")
+        return real(snap, auth, address, resolve)
+
+    monkeypatch.setattr(policy, "may_send_as", may_send_as)
+
+
+def _capture_failures():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    return events
+
+
+def test_check_raising_during_data_answers_451_and_keeps_serving(h, monkeypatch):
+    _raising_header_check(monkeypatch)
+    events = _capture_failures()
+    try:
+        port = h.start("submission")
+        with submit(port) as s:
+            s.mail("alice@example.com")
+            s.rcpt("x@remote.test")
+            code, text = s.data(b"From: boom@example.com\r\nSubject: x\r\n\r\nx\r\n")
+            assert (code, text[:5]) == (451, b"4.3.0")
+            # the session goes on: a new transaction on the same connection is queued
+            s.mail("alice@example.com")
+            s.rcpt("x@remote.test")
+            assert s.data(b"From: alice@example.com\r\n\r\nok\r\n")[0] == 250
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(h.incoming()) == 1 and h.tmp_files() == []
+    failures = [e for e in events if "log_failure" in e and "injected check failure" in str(e["log_failure"].value)]
+    assert failures and failures[0]["log_failure"].getTracebackObject() is not None
+
+
+def test_check_raising_during_bdat_answers_451(h, monkeypatch):
+    _raising_header_check(monkeypatch)
+    port = h.start("submission")
+    r = tls_raw(port)
+    r.send(b"AUTH PLAIN " + b64(f"\0alice@example.com\0{PASSWORD}") + b"\r\n")
+    assert r.reply().startswith(b"235")
+    msg = b"From: boom@example.com\r\n\r\nx\r\n"
+    r.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@remote.test>\r\nBDAT %d LAST\r\n" % len(msg) + msg)
+    mail, rcpt, bdat = r.replies(3)
+    assert bdat.startswith(b"451 4.3.0")
+    r.send(b"NOOP\r\n")
+    assert r.reply().startswith(b"250")
+    r.close()
+    assert h.incoming() == [] and h.tmp_files() == []
+
+
+def test_unexpected_error_mid_data_is_421_and_server_keeps_serving(h, monkeypatch):
+    """An exception the content path does not expect: 421 (the data's end is unknown), not a
+    silent drop, and other sessions are unaffected."""
+    from tmmail.smtpdata import MessageSink
+
+    real = MessageSink.line
+
+    def line(self, content):
+        if content == b"explode":
+            raise ValueError("injected reader failure")
+        return real(self, content)
+
+    monkeypatch.setattr(MessageSink, "line", line)
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    r.replies(4)
+    r.send(b"Subject: x\r\n\r\nexplode\r\n.\r\n")
+    assert r.reply().startswith(b"421 4.3.0")
+    assert r.closed()
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        assert s.sendmail("x@remote.test", ["alice@example.com"], b"Subject: y\r\n\r\nfine\r\n") == {}
+    assert len(h.incoming()) == 1 and h.tmp_files() == []

@@ -8,12 +8,14 @@ from tmmail.ratelimit import RateLimiter
 from tmmail.smtpdata import (
     BARE_NEWLINE,
     FROM_NOT_OWNED,
+    INTERNAL,
     LINE_TOO_LONG,
     STORAGE,
     TOO_BIG,
     ContentReader,
     FromPolicy,
     MessageSink,
+    header_name,
 )
 from tmmail.smtppath import (
     ParamError,
@@ -233,6 +235,56 @@ def test_from_header_rewritten_including_folded_lines():
     stored, error, _, _ = read_data(wire, chunk=5, from_policy=pol)
     assert error is None
     assert stored == b"Subject: s\nFrom: <me@x.example>\nTo: y@z\n\nbody\n"
+
+
+def test_header_name_parsing_accepts_obsolete_space_before_colon():
+    assert header_name(b"From: a@b") == b"from"
+    assert header_name(b"FROM : a@b") == b"from"
+    assert header_name(b"From\t: a@b") == b"from"
+    assert header_name(b"From \t :a@b") == b"from"
+    assert header_name(b"Sender:x") == b"sender"
+    assert header_name(b"X-From: a@b") == b"x-from"
+    for not_a_field in (b" From: a@b", b"From a@b", b": a@b", b"Fr om: a@b", b"\tFrom: a"):
+        assert header_name(not_a_field) is None
+
+
+@pytest.mark.parametrize("line", [b"From : Boss <boss@x.example>", b"From\t: boss@x.example",
+                                  b"fRoM \t : boss@x.example", b"Sender: boss@x.example",
+                                  b"Sender : boss@x.example"])
+def test_author_header_variants_refused_when_not_owned(line):
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="refuse", rewrite_to="me@x.example")
+    _, error, _, _ = read_data(b"From: me@x.example\r\n" + line + b"\r\nSubject: s\r\n\r\nb\r\n.\r\n",
+                               from_policy=pol)
+    assert error == FROM_NOT_OWNED
+
+
+def test_folded_and_repeated_from_headers_all_checked():
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="refuse", rewrite_to="me@x.example")
+    folded = b"From : Me <me@x.example>,\r\n\tBoss\r\n <boss@x.example>\r\n\r\nb\r\n.\r\n"
+    assert read_data(folded, chunk=3, from_policy=pol)[1] == FROM_NOT_OWNED
+    second = b"From: me@x.example\r\nTo: y@z\r\nFrom: boss@x.example\r\n\r\nb\r\n.\r\n"
+    assert read_data(second, from_policy=pol)[1] == FROM_NOT_OWNED
+    ok = b"From : Me\r\n <me@x.example>\r\nSender:\tme@x.example\r\n\r\nb\r\n.\r\n"
+    stored, error, _, _ = read_data(ok, from_policy=pol)
+    assert error is None and stored == b"From : Me\n <me@x.example>\nSender:\tme@x.example\n\nb\n"
+
+
+def test_rewrite_mode_uses_the_same_header_parsing():
+    pol = FromPolicy(allowed=allow("me@x.example"), mode="rewrite", rewrite_to="me@x.example")
+    wire = (b"From\t: Boss <boss@x.example>\r\nFrom : other@x.example\r\nSender : boss@x.example\r\n"
+            b"To: y@z\r\n\r\nbody\r\n.\r\n")
+    stored, error, _, _ = read_data(wire, from_policy=pol)
+    assert error is None
+    assert stored == b"From: <me@x.example>\nSender: <me@x.example>\nTo: y@z\n\nbody\n"
+
+
+def test_a_raising_check_marks_the_message_internal_error():
+    def broken(address):
+        raise KeyError("providers snapshot gone")
+
+    pol = FromPolicy(allowed=broken, mode="refuse", rewrite_to="me@x.example")
+    stored, error, rest, done = read_data(b"From: me@x.example\r\n\r\nb\r\n.\r\nNOOP\r\n", from_policy=pol)
+    assert error == INTERNAL and done and rest == b"NOOP\r\n"
 
 
 def test_header_only_message_from_is_checked():

@@ -13,7 +13,10 @@ hold more than one line in memory:
   spool can store LF line endings losslessly (docs/contracts.md).
 
 The sink converts CRLF to LF, counts the size (RFC 1870, wire octets) and can check or
-rewrite the header ``From:`` of authenticated senders (tmmail.policy decides the addresses).
+rewrite the author headers ``From:`` and ``Sender:`` of authenticated senders (tmmail.policy
+decides the addresses).  Header names are parsed as mail readers parse them: RFC 5322 §4.5.3
+(obsolete syntax, which readers accept) allows white space before the colon, so
+``From : boss@x`` and ``From<TAB>: boss@x`` are From fields too and are checked.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ LINE_TOO_LONG = "line_too_long"
 BARE_NEWLINE = "bare_newline"
 FROM_NOT_OWNED = "from_not_owned"
 STORAGE = "storage"
+#: a check raised while the content was read (``MessageSink.exception`` holds it)
+INTERNAL = "internal"
+
+#: header fields whose addresses must belong to an authenticated sender (lower-case names):
+#: both name the author to the recipient (RFC 5322 §3.6.2), so a foreign Sender: would let a
+#: user send "on behalf of" anyone
+CHECKED_FIELDS = (b"from", b"sender")
+_WSP = b" \t"
 
 _FLUSH_AT = 64 * 1024
 _MAX_FROM_HEADER = 16 * 1024
@@ -43,6 +54,22 @@ class FromPolicy:
     mode: str
     #: the address written instead in rewrite mode
     rewrite_to: str
+
+
+def header_name(line: bytes) -> bytes | None:
+    """The lower-case field name of a header line, or None if it does not start a field.
+
+    The name is the bytes before the first colon with trailing white space removed
+    (RFC 5322 §4.5.3 obs-optional: ``From : x`` is a From field); it must then be printable
+    ASCII without spaces (§3.6.8 ftext), as readers require.
+    """
+    colon = line.find(b":")
+    if colon <= 0:
+        return None
+    name = line[:colon].rstrip(_WSP)
+    if not name or any(c < 33 or c > 126 for c in name):
+        return None
+    return name.lower()
 
 
 class MessageSink:
@@ -64,8 +91,12 @@ class MessageSink:
         self._out: list[bytes] = []
         self._out_len = 0
         self._in_headers = True
-        self._held: list[bytes] | None = None  # lines of a From: header being collected
+        self._held: list[bytes] | None = None  # lines of a From:/Sender: header being collected
+        self._held_name = b""
         self._held_len = 0
+        self._rewritten: set[bytes] = set()  # fields already written in rewrite mode
+        #: the exception a check raised (error INTERNAL), for the caller to log
+        self.exception: BaseException | None = None
 
     def fail(self, kind: str, detail: str = "") -> None:
         if self.error is None:
@@ -108,28 +139,42 @@ class MessageSink:
             self._in_headers = False
             self._emit(b"\n")
             return
-        if self.from_policy is not None and content[:5].lower() == b"from:":
-            self._held = [content]
-            self._held_len = len(content)
-            return
+        if self.from_policy is not None:
+            name = header_name(content)
+            if name in CHECKED_FIELDS:
+                self._held = [content]
+                self._held_name = name
+                self._held_len = len(content)
+                return
         self._emit(content + b"\n")
 
     def _release_from(self) -> None:
         held, self._held = self._held, None
         assert held is not None and self.from_policy is not None
-        value = b" ".join(part.strip() for part in [held[0][5:], *held[1:]])
+        name = self._held_name
+        first = held[0][held[0].index(b":") + 1 :]
+        value = b" ".join(part.strip() for part in [first, *held[1:]])
         text = value.decode("utf-8", "replace")
         addresses = [addr.strip().lower() for _name, addr in getaddresses([text])]
         addresses = [a for a in addresses if a]
-        if addresses and all(self.from_policy.allowed(a) for a in addresses):
+        try:
+            owned = bool(addresses) and all(self.from_policy.allowed(a) for a in addresses)
+        except Exception as e:  # a broken check must not drop the connection (the caller logs it)
+            self.fail(INTERNAL, f"{name.decode()} check raised {e!r}")
+            self.exception = e
+            return
+        if owned:
             for part in held:
                 self._emit(part + b"\n")
             return
         if self.from_policy.mode == "rewrite":
             self.from_rewritten = True
-            self._emit(b"From: <" + self.from_policy.rewrite_to.encode("utf-8") + b">\n")
+            if name not in self._rewritten:  # several foreign From: lines become one
+                self._rewritten.add(name)
+                label = b"From" if name == b"from" else b"Sender"
+                self._emit(label + b": <" + self.from_policy.rewrite_to.encode("utf-8") + b">\n")
             return
-        self.fail(FROM_NOT_OWNED, ", ".join(addresses) or "(none)")
+        self.fail(FROM_NOT_OWNED, f"{name.decode()}: " + (", ".join(addresses) or "(none)"))
 
     def _emit(self, data: bytes) -> None:
         self._out.append(data)

@@ -33,6 +33,8 @@ log = Logger(namespace="tmmail.smtpserver")
 
 #: bytes discarded from a command line that never ends before the connection is closed
 _MAX_DISCARD = 1024 * 1024
+#: an error left the session in a state it cannot continue from (RFC 5321 §4.2.5 4.3.0)
+S421_INTERNAL = "421 4.3.0 {host} Internal server error, closing connection"
 #: verbs that do not count as "commands before MAIL"
 _TRANSACTION_VERBS = frozenset(("MAIL", "RCPT", "DATA", "BDAT", "QUIT"))
 
@@ -198,12 +200,20 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         self._in_process = True
         try:
             while not self._busy and not self._pause_writes and not self.closing:
-                if self._mode == "data":
-                    progressed = self._step_data()
-                elif self._mode == "bdat":
-                    progressed = self._step_bdat()
-                else:
-                    progressed = self._step_line()
+                try:
+                    if self._mode == "data":
+                        progressed = self._step_data()
+                    elif self._mode == "bdat":
+                        progressed = self._step_bdat()
+                    else:
+                        progressed = self._step_line()
+                except Exception:
+                    # an exception escaping to Twisted would drop the connection without a
+                    # word; mid-content we no longer know where the data ends, so say 421
+                    log.failure("error reading input from {client_ip} ({mode} mode)",
+                                client_ip=self.client_ip, mode=self._mode)
+                    self._close(S421_INTERNAL.format(host=self.host))
+                    break
                 if not progressed:
                     break
         finally:
@@ -273,6 +283,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
             result = handler(arg)
         except Exception:
             log.failure("error handling a command from {client_ip}", client_ip=self.client_ip)
+            self._drop_broken_message()
             self._reply(R.S451_INTERNAL)
             return
         if isinstance(result, defer.Deferred):
@@ -291,6 +302,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
 
         def failed(f: Failure) -> None:
             log.failure("error completing a command from {client_ip}", f, client_ip=self.client_ip)
+            self._drop_broken_message()
             self._reply(R.S451_INTERNAL)
 
         def unbusy(_: Any) -> None:
@@ -305,6 +317,12 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         d.addCallbacks(done, failed)
         d.addErrback(lambda f: log.failure("reply failed", f))
         d.addBoth(unbusy)
+
+    def _drop_broken_message(self) -> None:
+        """After an error at the end of a message, forget it: its spool file and rate-limit
+        reservation go, and the client may start a new transaction (a 451 means "retry")."""
+        if self.tx is not None and self.tx.writer is not None:
+            self._reset_transaction()
 
     # -- commands ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from tmmail.ratelimit import Reservation
 from tmmail.smtpdata import (
     BARE_NEWLINE,
     FROM_NOT_OWNED,
+    INTERNAL,
     LINE_TOO_LONG,
     STORAGE,
     TOO_BIG,
@@ -33,7 +34,6 @@ from tmmail.smtpdata import (
 )
 from tmmail.smtppath import (
     ParamError,
-    Path,
     PathError,
     check_mail_params,
     check_rcpt_params,
@@ -172,8 +172,9 @@ class TransactionCommands:
                 raise ParamError(next(iter(params)))
             rcpt_params = check_rcpt_params(params)
             if path_text.lower() == "postmaster":
-                # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted
-                path = Path(address=f"postmaster@{self.host.lower()}", local="postmaster", domain=self.host.lower())
+                # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted; policy
+                # says which hosted address that is (the host name is often not hosted)
+                path = policy.bare_postmaster_path(self.factory.store.current(), self.host)
             else:
                 path = parse_path(path_text, utf8=tx.smtputf8, allow_null=False)
         except ParamError as e:
@@ -350,6 +351,11 @@ class TransactionCommands:
         if sink.error == STORAGE:
             log.error("spool write failed: {error}", error=sink.error_detail)
             return R.S451_STORAGE
+        if sink.error == INTERNAL and sink.exception is not None:
+            e = sink.exception
+            log.failure("content check failed for a message from {client_ip}: {detail}",
+                        Failure(e, type(e), e.__traceback__), client_ip=self.client_ip,
+                        detail=sink.error_detail)
         return R.S451_INTERNAL
 
     def _end_message(self) -> Any:
