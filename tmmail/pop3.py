@@ -60,7 +60,9 @@ ERR_TOO_MANY = b"-ERR Too many errors, closing connection"
 ERR_QUEUE = b"-ERR Too many pipelined commands"
 ERR_NEED_TLS = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection, use STLS"
 ERR_AUTH_FAILED = b"-ERR [AUTH] Authentication failed"
-ERR_AUTH_BLOCKED = b"-ERR [SYS/TEMP] Too many failed logins, try again later"
+#: the issue's "temporary block (454 4.7.0 / -ERR [AUTH] / NO [UNAVAILABLE])": [AUTH] (RFC 3206)
+#: tells the client the credentials were not accepted, the text that retrying later may work
+ERR_AUTH_BLOCKED = b"-ERR [AUTH] Too many failed logins, try again later"
 ERR_AUTH_MECH = b"-ERR [AUTH] Unsupported authentication mechanism"
 ERR_AUTH_CANCEL = b"-ERR Authentication cancelled"
 ERR_AUTH_B64 = b"-ERR [AUTH] Invalid base64 data"
