@@ -421,3 +421,42 @@ def test_through_the_runner_into_maildirs(template, tmp_path, reactor_thread) ->
         assert len(inbox("alice")) == 1 and not w.spool.list(ACTIVE)
     finally:
         reactor_thread.call(runner.stop, 10.0)
+
+
+def test_poster_is_the_envelope_sender_for_moderation_and_members(world) -> None:
+    world.cli("list", "add", "club@example.com", "--postoffice", "EXAMPLE", "--members-only")
+    world.cli("list", "member", "add", "club@example.com", "member@remote.example")
+    # a From: naming a member does not make a stranger's post a member's
+    forged = POST.replace(b"poster@remote.example", b"member@remote.example")
+    err = world.send("[LS:EXAMPLE/club]", forged, sender="stranger@remote.example")
+    assert isinstance(err, PermanentError) and err.reply().startswith("550 5.7.1")
+    # the member's own post with another From: (an alias of theirs) is theirs
+    assert world.send("[LS:EXAMPLE/club]", POST, sender="member@remote.example") is None
+    world.clear()
+    world.cli("list", "add", "ann@example.com", "--postoffice", "EXAMPLE", "--moderated", "--moderator",
+              "boss@example.com")
+    world.cli("list", "member", "add", "ann@example.com", "a@remote.example")
+    as_boss = POST.replace(b"From: Poster <poster@remote.example>", b"From: boss@example.com")
+    assert world.send("[LS:EXAMPLE/ann]", as_boss, sender="poster@remote.example") is None
+    [(env, _)] = world.queued()
+    assert [r.address for r in env.recipients] == ["boss@example.com"]  # held, From: approves nothing
+    world.clear()
+    # approval: the moderator sends the held post on unchanged (the poster's From: stays)
+    assert world.send("[LS:EXAMPLE/ann]", POST, sender="boss@example.com") is None
+    [(env, _)] = world.queued()
+    assert [r.address for r in env.recipients] == ["a@remote.example"]
+
+
+def test_bounce_count_starts_again_after_a_quiet_month(world) -> None:
+    world.cli("list", "add", "news@example.com", "--postoffice", "EXAMPLE", "--bounce-limit", "2")
+    world.cli("list", "member", "add", "news@example.com", "gone@remote.example")
+    now = [1_000_000_000.0]
+    world.conn.clock = lambda: now[0]
+    world.send("[LS:EXAMPLE/news+bounces]", DSN, sender="")
+    assert "gone@remote.example\tactive\tbounces=1" in world.cli("list", "member", "list", "news@example.com")
+    now[0] += 31 * 86400  # a month without a bounce: the old one no longer counts
+    world.send("[LS:EXAMPLE/news+bounces]", DSN, sender="")
+    assert "gone@remote.example\tactive\tbounces=1" in world.cli("list", "member", "list", "news@example.com")
+    now[0] += 86400  # a second bounce the next day reaches the limit
+    world.send("[LS:EXAMPLE/news+bounces]", DSN, sender="")
+    assert "gone@remote.example\tdisabled\tbounces=2" in world.cli("list", "member", "list", "news@example.com")

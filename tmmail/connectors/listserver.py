@@ -249,7 +249,11 @@ class ListServerConnector:
             log.info("{queue_id}: {list}: automatic message not distributed", queue_id=env.queue_id, list=ml.address)
             return None
         poster = self._poster(env, raw)
-        candidates = {poster.lower(), env.sender.lower()}
+        # who posts is decided by the envelope sender alone (the address SPF checks and bounces
+        # go to), for moderation and members-only alike: a From: header, which anyone copies,
+        # never makes a post a member's or a moderator's.  A moderator approves a held post by
+        # sending it on unchanged (its From: stays the poster's, MAIL FROM is the moderator's).
+        candidates = {env.sender.lower()}
         is_mod = any(ml.is_moderator(a) for a in candidates)
         if ml.posting == "moderated" and not is_mod:
             moderators = list(ml.moderators)
@@ -411,18 +415,19 @@ class ListServerConnector:
             return None
         limit = ml.bounce_limit
         target = str(ml.target).upper()
+        now = self.clock()
 
         def change(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
             out = []
             for r in rows:
                 if len(r) > 1 and r[0].strip().upper() == target and r[1].lower() in failed:
-                    r = tuple(r) + ("",) * (4 - len(r))
-                    count = (int(r[3]) if r[3].isdigit() else 0) + 1
+                    r = tuple(r) + ("",) * (5 - len(r))
+                    count = bounce_count(r[3], r[4], now, ml.bounce_reset) + 1
                     status = "0" if count >= limit else (r[2] or "1")
                     if status == "0" and r[2] != "0":
                         log.info("{list}: {member} disabled after {count} bounces", list=ml.address, member=r[1],
                                  count=count)
-                    r = (r[0], r[1], status, str(count))
+                    r = (r[0], r[1], status, str(count), str(int(now)))
                 out.append(r)
             return out
 
@@ -434,6 +439,19 @@ class ListServerConnector:
                                      else f"{self.settings.queue.postmaster}@{self.hostname}"]
         self._queue(env.sender, to, raw)
         return None
+
+
+def bounce_count(count: str, last: str, now: float, reset: float) -> int:
+    """A member's bounce count as it stands at ``now``: 0 again once ``reset`` seconds passed
+    since the last bounce (a mailbox that was full for a day is not disabled a year later)."""
+    n = int(count) if count.strip().isdigit() else 0
+    try:
+        then = float(last) if last.strip() else None
+    except ValueError:
+        then = None
+    if n and reset > 0 and then is not None and now - then >= reset:
+        return 0
+    return n
 
 
 def _set_member_rows(rows: list[tuple[str, ...]], target: str, address: str, subscribed: bool) -> list[tuple[str, ...]]:

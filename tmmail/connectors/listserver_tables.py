@@ -39,7 +39,7 @@ HEADERS = {
     ),
     LIST_MEMBERS: (
         "# LIST-MEMBERS: list subscribers.\n"
-        "# LIST([LS:PO/NAME])\tADDRESS\tSTATUS(1=active,0=disabled)\tBOUNCES\n"
+        "# LIST([LS:PO/NAME])\tADDRESS\tSTATUS(1=active,0=disabled)\tBOUNCES\tLAST_BOUNCE(epoch s)\n"
     ),
 }
 
@@ -107,6 +107,15 @@ class MailingList:
             return max(1, int(self.options.get("bounce_limit", "5")))
         except ValueError:
             return 5
+
+    @property
+    def bounce_reset(self) -> float:
+        """Seconds without a bounce after which a member's count starts again (``bounce_reset_days``,
+        default 30; 0 = never)."""
+        try:
+            return max(0.0, float(self.options.get("bounce_reset_days", "30"))) * 86400.0
+        except ValueError:
+            return 30 * 86400.0
 
     @property
     def dmarc_rewrite(self) -> bool:
