@@ -327,3 +327,47 @@ def test_successful_checks_are_cached_until_expiry_or_password_change(store: Pro
     assert len(runner.pending) == 1
     runner.finish()
     assert old.failed_with(LoginFailed)
+
+
+def test_known_client_of_the_owner_is_exempt_from_the_account_block(store: ProviderStore) -> None:
+    """Ten guesses from an attacker must not lock the owner out of his usual network; the
+    attacker's IP and any client new to the account stay blocked."""
+    clock = task.Clock()
+    auth = Authenticator(store, SETTINGS, clock)
+    owner_v4, owner_v6 = "198.51.100.20", "2001:db8:5:6::1"
+    for ip in (owner_v4, owner_v6):
+        assert isinstance(Outcome(auth.authenticate("joe@example.com", "joe-pw", ip)).result, AuthEntry)
+    clock.advance(20 * 86400)  # known for 30 days by default
+    for i in range(6):
+        o = Outcome(auth.authenticate("joe@example.com", f"guess{i}", "192.0.2.66"))
+        clock.advance(10)
+        assert o.done
+    assert Outcome(auth.authenticate("joe@example.com", "joe-pw", "192.0.2.66")).failed_with(LoginBlocked)
+    assert Outcome(auth.authenticate("joe@example.com", "joe-pw", "203.0.113.5")).failed_with(LoginBlocked)
+    assert isinstance(Outcome(auth.authenticate("joe@example.com", "joe-pw", owner_v4)).result, AuthEntry)
+    # another address in the owner's IPv6 /64 counts as the same client
+    assert isinstance(Outcome(auth.authenticate("joe@example.com", "joe-pw", "2001:db8:5:6::99")).result, AuthEntry)
+    # the owner's success does not lift the block for clients new to the account
+    assert Outcome(auth.authenticate("joe@example.com", "joe-pw", "203.0.113.5")).failed_with(LoginBlocked)
+    # the owner's wrong password from a known client is a plain (delayed) failure, not a block
+    o = Outcome(auth.authenticate("joe@example.com", "typo", owner_v4))
+    clock.advance(10)
+    assert o.failed_with(LoginFailed) and not o.failed_with(LoginBlocked)
+
+
+def test_known_clients_are_forgotten_after_success_memory(store: ProviderStore) -> None:
+    clock = task.Clock()
+    settings = AuthSettings(free_failures=3, base_delay=0.0, max_delay=0.0, block_after=6, block_seconds=600.0,
+                            window=600.0, success_memory=3600.0)
+    auth = Authenticator(store, settings, clock)
+    assert isinstance(Outcome(auth.authenticate("joe@example.com", "joe-pw", "198.51.100.20")).result, AuthEntry)
+    clock.advance(3601)
+    for i in range(6):
+        Outcome(auth.authenticate("joe@example.com", f"guess{i}", "192.0.2.66"))
+    assert Outcome(auth.authenticate("joe@example.com", "joe-pw", "198.51.100.20")).failed_with(LoginBlocked)
+    # success_memory = 0 turns the exemption off
+    off = Authenticator(store, AuthSettings(block_after=2, base_delay=0.0, success_memory=0.0), clock)
+    assert isinstance(Outcome(off.authenticate("joe@example.com", "joe-pw", "198.51.100.20")).result, AuthEntry)
+    for i in range(2):
+        Outcome(off.authenticate("joe@example.com", f"guess{i}", "192.0.2.66"))
+    assert Outcome(off.authenticate("joe@example.com", "joe-pw", "198.51.100.20")).failed_with(LoginBlocked)

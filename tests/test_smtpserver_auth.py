@@ -499,3 +499,31 @@ def test_unexpected_error_mid_data_is_421_and_server_keeps_serving(h, monkeypatc
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         assert s.sendmail("x@remote.test", ["alice@example.com"], b"Subject: y\r\n\r\nfine\r\n") == {}
     assert len(h.incoming()) == 1 and h.tmp_files() == []
+
+
+def test_guesses_from_elsewhere_do_not_lock_out_the_owner(tmp_path, reactor_thread):
+    """Real sockets from three loopback addresses: the owner (logged in before, 127.0.0.1),
+    an attacker (127.0.0.2) who triggers the account block, and a client new to the account."""
+    h = Harness(tmp_path, reactor_thread, auth={"block_after": 3, "base_delay": 0.0})
+    port = h.start("submission")
+
+    def login(source, password):
+        s = smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0))
+        s.ehlo("client.test")
+        s.starttls(context=client_tls())
+        s.ehlo("client.test")
+        s.user, s.password = "alice@example.com", password
+        try:
+            return s.auth("PLAIN", s.auth_plain)[0]  # one attempt (login() would also try LOGIN)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+        finally:
+            s.close()
+
+    assert login("127.0.0.1", PASSWORD) == 235
+    assert [login("127.0.0.2", f"guess{i}") for i in range(3)] == [535, 535, 535]
+    assert login("127.0.0.2", PASSWORD) == 454  # the attacker's IP (and the account) are blocked
+    assert login("127.0.0.3", PASSWORD) == 454  # a client new to the account is blocked too
+    assert login("127.0.0.1", PASSWORD) == 235  # the owner's known client still gets in
+    assert login("127.0.0.3", PASSWORD) == 454  # and that did not lift the block for others
+    h.stop()

@@ -103,6 +103,10 @@ class AuthSettings:
     block_seconds: float = 900.0
     #: failures are forgotten after this many seconds without a new one
     window: float = 3600.0
+    #: a client (IPv4 address / IPv6 /64) that logged in to an account within this many
+    #: seconds is exempt from that account's block (not from its own IP's): guesses from
+    #: elsewhere cannot lock the owner out.  0 = no exemption
+    success_memory: float = 30 * 86400.0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,11 @@ stored passwords; absurd parameters in a tampered file are refused rather than r
 :class:`Authenticator` slows down password guessing: per client IP and per account, after
 ``free_failures`` failures each further failure is answered only after a delay that doubles
 from ``base_delay`` up to ``max_delay``; after ``block_after`` failures logins from that IP /
-for that account are refused outright for ``block_seconds``.  Failures are logged with the
+for that account are refused outright for ``block_seconds``.  So that guesses from elsewhere
+cannot lock the real owner out (a denial of service), the account block does not apply to a
+client (IP, or IPv6 /64) that logged in to that account successfully within ``success_memory``
+seconds (30 days by default; kept in memory, bounded) -- the way large mail providers treat
+known devices.  The client's own IP throttle still applies.  Failures are logged with the
 peer address (``authentication failure for {login} from {client_ip}``) so fail2ban can act.
 The reactor (clock) is a parameter, so the policy is tested with ``task.Clock``.
 """
@@ -216,6 +220,8 @@ class Authenticator:
         self._semaphore = defer.DeferredSemaphore(self.MAX_CONCURRENT)
         self._by_ip: dict[str, _Counter] = {}
         self._by_account: dict[str, _Counter] = {}
+        #: account -> {ip_key: time of the last successful login from there}
+        self._known: dict[str, dict[str, float]] = {}
 
     # -- throttling state -------------------------------------------------------------
 
@@ -230,8 +236,37 @@ class Authenticator:
         for what, table, key in (("ip", self._by_ip, client_ip), ("account", self._by_account, login)):
             c = self._counter(table, key, now)
             if c is not None and now < c.blocked_until:
+                if what == "account" and self.is_known_client(login, client_ip, now):
+                    continue
                 return what
         return None
+
+    #: clients remembered per account (the most recent are kept)
+    MAX_KNOWN_PER_ACCOUNT = 32
+
+    def is_known_client(self, login: str, client_ip: str, now: float | None = None) -> bool:
+        """Did ``client_ip`` (its throttle key) log in to ``login`` within ``success_memory``?"""
+        memory = getattr(self.settings, "success_memory", 0.0)
+        seen = self._known.get(login.lower(), {}).get(ip_key(client_ip))
+        if now is None:
+            now = self.reactor.seconds()
+        return memory > 0 and seen is not None and now - seen <= memory
+
+    def _remember_client(self, login: str, ip: str, now: float) -> None:
+        if getattr(self.settings, "success_memory", 0.0) <= 0:
+            return
+        if login not in self._known and len(self._known) >= self.MAX_TRACKED:
+            memory = self.settings.success_memory
+            for k in [k for k, ips in self._known.items() if all(now - t > memory for t in ips.values())]:
+                del self._known[k]
+            if len(self._known) >= self.MAX_TRACKED:
+                for k in sorted(self._known, key=lambda k: max(self._known[k].values()))[: len(self._known) // 10 + 1]:
+                    del self._known[k]
+        ips = self._known.setdefault(login, {})
+        ips.pop(ip, None)
+        ips[ip] = now  # insertion order = age
+        while len(ips) > self.MAX_KNOWN_PER_ACCOUNT:
+            del ips[next(iter(ips))]
 
     def _record_failure(self, login: str, client_ip: str, now: float) -> int:
         """Count a failure; return the failure count that decides the delay."""
@@ -258,7 +293,13 @@ class Authenticator:
         return worst
 
     def _record_success(self, login: str, client_ip: str) -> None:
-        self._by_account.pop(login, None)
+        now = self.reactor.seconds()
+        self._remember_client(login, client_ip, now)
+        acct = self._by_account.get(login)
+        if acct is not None and now >= acct.blocked_until:
+            del self._by_account[login]
+        # a block stays while it lasts: the owner got in from a known client, but whoever
+        # caused it must not be let in from a new address because of that
         c = self._by_ip.get(client_ip)
         if c is not None:
             c.failures.pop(login, None)  # other accounts' failures from this IP still count
