@@ -270,3 +270,30 @@ def test_anti_spoofing_for_unauthenticated_hosted_sender(snap):
 def test_unknown_sender_policy_value_means_refuse(tmp_path):
     snap = snap_with(tmp_path, POSTOFFICE="ACME\t1\tsender_policy=whatever\nOTHER\t1\n")
     assert policy.sender_policy_of(snap, snap.auth_entry("alice@example.com")) == "refuse"
+
+
+# -- postmaster (RFC 5321 §4.5.1) --------------------------------------------------------------
+
+
+def test_postmaster_goes_to_the_primary_domain_not_an_unhosted_host_name(tmp_path):
+    snap = snap_with(tmp_path, DOMAINS="example.com\tACME\t1\nother.test\tACME\t1\n",
+                     ADDRESS_MAP="[SMTP:postmaster@example.com]\t[SF:ACME/ALICE]\n")
+    # mail.example.com is the host name but not hosted: postmaster@ it would be relayed
+    assert policy.postmaster_address(snap, "mail.example.com") == "postmaster@example.com"
+    assert policy.postmaster_address(snap, "mail.example.com", "hostmaster") == "hostmaster@example.com"
+    # a full address is the admin's choice, used as written
+    assert policy.postmaster_address(snap, "mail.example.com", "admin@remote.test") == "admin@remote.test"
+    # a hosted host name is the primary domain
+    assert policy.primary_domain(snap, "OTHER.test") == "other.test"
+    path = policy.bare_postmaster_path(snap, "mail.example.com")
+    assert (path.address, path.local, path.domain) == ("postmaster@example.com", "postmaster", "example.com")
+    verdict = policy.check_recipient(snap, path, sender_domain="remote.test", relay_ok=False, resolve=resolve)
+    assert verdict.ok
+
+
+def test_postmaster_skips_disabled_domains_and_falls_back_to_the_host_name(tmp_path):
+    snap = snap_with(tmp_path, DOMAINS="old.test\tACME\t0\nexample.com\tACME\t1\n")
+    assert policy.primary_domain(snap, "mx.test") == "example.com"
+    empty = snap_with(tmp_path / "none", DOMAINS="")
+    assert policy.primary_domain(empty, "mx.test") is None
+    assert policy.postmaster_address(empty, "MX.test") == "postmaster@mx.test"

@@ -291,3 +291,51 @@ def check_recipient(
     if relay_ok:
         return ACCEPT
     return _refuse(R.S554_RELAY_DENIED.format(address=address), "relay access denied")
+
+
+# -- postmaster ----------------------------------------------------------------------------
+
+POSTMASTER = "postmaster"
+
+
+def primary_domain(snap: Any, hostname: str) -> str | None:
+    """The domain a bare local part (``<Postmaster>``, ``[queue] postmaster``) belongs to.
+
+    The host name if it is a hosted domain, else the first enabled domain in DOMAINS.tab
+    (the one ``tmmail init --domain`` wrote), else None.  The host name is often a name
+    like ``mail.example.com`` that is not hosted itself, and ``postmaster@mail.example.com``
+    would then be relayed, i.e. refused or sent to DNS, instead of reaching anyone here.
+    """
+    host = (hostname or "").lower()
+    if host and snap.is_hosted_domain(host):
+        return host
+    for name, domain in snap.domains.items():
+        if domain.enabled:
+            return name
+    return None
+
+
+def postmaster_address(snap: Any, hostname: str, configured: str = POSTMASTER) -> str:
+    """The address that reaches this server's postmaster (RFC 5321 §4.5.1).
+
+    ``configured`` is ``[queue] postmaster``: a full address is used as written (the admin
+    chose it); a bare local part is taken in :func:`primary_domain` (the host name when no
+    domain is hosted at all).  Used for ``RCPT TO:<Postmaster>`` and for the reports about
+    mail that cannot be bounced, so both land where ``tmmail init`` put the postmaster.
+    """
+    configured = (configured or POSTMASTER).strip()
+    if "@" in configured:
+        return configured
+    domain = primary_domain(snap, hostname) or (hostname or "localhost").lower()
+    return f"{configured}@{domain}"
+
+
+def bare_postmaster_path(snap: Any, hostname: str) -> Path:
+    """The forward-path ``RCPT TO:<Postmaster>`` (no domain, any case) stands for.
+
+    RFC 5321 §4.1.1.3 requires accepting it; it goes to ``postmaster@`` the primary domain,
+    where ``tmmail init`` created the postmaster mailbox.  The recipient is then checked
+    like any other, so it is accepted whenever the postmaster address resolves locally.
+    """
+    local, _, domain = postmaster_address(snap, hostname).rpartition("@")
+    return Path(address=f"{local}@{domain}", local=local, domain=domain)
