@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from tmmail import dsn, events as transfer_events, schedule
+from tmmail import dsn, events as transfer_events, policy, schedule
 from tmmail.address import AddressError, InternalAddress
 from tmmail.envelope import (
     DEFERRED as R_DEFERRED,
@@ -138,8 +138,6 @@ class Runner:
         #: messages that were being delivered when a process stopped or an I/O error hit:
         #: their connectors check for deliveries that happened but were not recorded
         self._resumed: set[str] = set()
-        pm = self.queue.postmaster
-        self.postmaster = pm if "@" in pm else f"{pm}@{self.hostname}"
 
         self._ready: deque[tuple[str, str]] = deque()
         self._queued: set[str] = set()
@@ -501,6 +499,17 @@ class Runner:
 
     def _retry_time(self, env: Envelope, r: Recipient, now: float) -> float:
         return schedule.clamp_to_expiry(schedule.next_attempt(now, r.attempts, self.queue), env.arrival, self.queue)
+
+    @property
+    def postmaster(self) -> str:
+        """Where reports about mail that cannot be bounced go ([queue] postmaster).
+
+        A bare local part is taken in the primary domain (tmmail.policy.postmaster_address),
+        not the host name: ``postmaster@mail.example.com`` is usually not hosted, so reports
+        to it were relayed to DNS and failed.  Read from the current tables each time, so a
+        domain added or removed later is followed.
+        """
+        return policy.postmaster_address(self.store.current(), self.hostname, self.queue.postmaster)
 
     def _full_address(self, address: str) -> str:
         """RFC 5321 §4.1.1.3: a bare ``<Postmaster>`` is this host's postmaster."""
