@@ -406,7 +406,15 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         return R.S502_NOT_IMPLEMENTED
 
     def do_HELP(self, arg: str) -> Any:
-        return R.S214_HELP
+        """The commands this session can use now: STARTTLS only before TLS (and if offered),
+        AUTH only where EHLO would advertise it and not once logged in -- a client (or a
+        scanner) must not be told about a command that would only be refused."""
+        commands = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY", "HELP", "QUIT"]
+        if self._starttls_available():
+            commands.append("STARTTLS")
+        if self._auth_available() and self.auth is None:
+            commands.append("AUTH")
+        return "214 2.0.0 Commands: " + " ".join(commands)
 
     def _reset_transaction(self) -> None:
         if self.tx is not None:
