@@ -527,3 +527,24 @@ def test_guesses_from_elsewhere_do_not_lock_out_the_owner(tmp_path, reactor_thre
     assert login("127.0.0.1", PASSWORD) == 235  # the owner's known client still gets in
     assert login("127.0.0.3", PASSWORD) == 454  # and that did not lift the block for others
     h.stop()
+
+
+def test_help_lists_only_what_the_session_can_use(h):
+    base = b"214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT"
+    r = Raw(h.start("smtp"))
+    r.reply()
+    r.send(b"EHLO c\r\nHELP\r\n")
+    assert r.replies(2)[1] == base + b" STARTTLS"  # MX before TLS: AUTH is not offered
+    r.send(b"STARTTLS\r\n")
+    r.reply()
+    r.starttls()
+    r.send(b"EHLO c\r\nHELP\r\n")
+    assert r.replies(2)[1] == base + b" AUTH"
+    r.send(b"AUTH PLAIN " + b64(f"\0alice@example.com\0{PASSWORD}") + b"\r\nHELP\r\n")
+    assert r.replies(2) == [b"235 2.7.0 Authentication successful", base]
+    r.close()
+    r = Raw(h.start("smtps"), tls=True)
+    r.reply()
+    r.send(b"HELP\r\n")
+    assert r.reply() == base + b" AUTH"
+    r.close()

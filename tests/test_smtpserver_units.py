@@ -341,3 +341,33 @@ def test_rate_limiter_reservations_count_until_committed_or_released():
     assert rl.usage("a@x") == (1, 1) and rl.pending("a@x") == (0, 0)
     a.release()  # after commit: nothing more is given back
     assert rl.check("a@x", 1, 2) is None and rl.check("a@x", 2, 0) == "messages"
+
+
+# -- connection limit keys ------------------------------------------------------------------
+
+
+def test_connection_key_counts_ipv6_per_64():
+    from tmmail.smtpserver import connection_key
+
+    assert connection_key("192.0.2.7") == "192.0.2.7"
+    assert connection_key("2001:db8:1:2::1") == connection_key("2001:db8:1:2:ffff:eeee:dddd:cccc") == "2001:db8:1:2::/64"
+    assert connection_key("2001:db8:1:3::1") != connection_key("2001:db8:1:2::1")
+    assert connection_key("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+def test_per_ip_connection_limit_applies_to_an_ipv6_64():
+    """Rotating through the addresses of one /64 must not get around max_connections_per_ip."""
+    from twisted.internet import task
+
+    from tmmail import config
+    from tmmail.smtpserver import SMTPFactory
+
+    settings = config.parse({"smtp": {"max_connections_per_ip": 2}}, "/nonexistent/tmmail.toml")
+    f = SMTPFactory(settings, "smtp", None, None, None, None, None, reactor=task.Clock())
+    assert f.admit("2001:db8:1:2::1") is None
+    assert f.admit("2001:db8:1:2::2") is None
+    assert f.admit("2001:db8:1:2::3") == "per_ip"
+    assert f.admit("2001:db8:1:99::1") is None  # another /64 is another client
+    f.release("2001:db8:1:2::1")
+    assert f.admit("2001:db8:1:2::4") is None
+    assert f.admit("192.0.2.1") is None and f.admit("192.0.2.1") is None and f.admit("192.0.2.1") == "per_ip"

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from tmmail import policy
 from tmmail.config import Settings
+from tmmail.cred import ip_key
 from tmmail.ratelimit import RateLimiter
 from tmmail.smtppath import Path
 
@@ -45,12 +46,23 @@ def client_ip_of(transport: Any) -> str:
     return str(addr)
 
 
+def connection_key(client_ip: str) -> str:
+    """What ``max_connections_per_ip`` counts: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 subscriber gets a whole /64 and can open each connection from another address
+    in it, so counting single IPv6 addresses would not limit anyone.  The same key as the
+    login throttle (tmmail.cred.ip_key), so both treat a client alike.
+    """
+    return ip_key(client_ip)
+
+
 class SharedState:
     """What all SMTP listeners of one server share."""
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         self.settings = settings
         self.connections = 0
+        #: open connections by connection_key (IPv4 address / IPv6 /64)
         self.per_ip: dict[str, int] = {}
         self.ratelimit = RateLimiter(
             settings.smtp.rate_messages_per_hour, settings.smtp.rate_recipients_per_hour, reactor.seconds
@@ -179,22 +191,24 @@ class SMTPFactory(protocol.Factory):
     def admit(self, client_ip: str) -> str | None:
         """Count a new connection; None if admitted, else the reason it is over a limit."""
         sh = self.shared
+        key = connection_key(client_ip)
         if self.smtp.max_connections and sh.connections >= self.smtp.max_connections:
             return "total"
-        if self.smtp.max_connections_per_ip and sh.per_ip.get(client_ip, 0) >= self.smtp.max_connections_per_ip:
+        if self.smtp.max_connections_per_ip and sh.per_ip.get(key, 0) >= self.smtp.max_connections_per_ip:
             return "per_ip"
         sh.connections += 1
-        sh.per_ip[client_ip] = sh.per_ip.get(client_ip, 0) + 1
+        sh.per_ip[key] = sh.per_ip.get(key, 0) + 1
         return None
 
     def release(self, client_ip: str) -> None:
         sh = self.shared
+        key = connection_key(client_ip)
         sh.connections -= 1
-        n = sh.per_ip.get(client_ip, 0) - 1
+        n = sh.per_ip.get(key, 0) - 1
         if n > 0:
-            sh.per_ip[client_ip] = n
+            sh.per_ip[key] = n
         else:
-            sh.per_ip.pop(client_ip, None)
+            sh.per_ip.pop(key, None)
 
     def check_recipient(self, session: Any, path: Path) -> policy.Verdict | defer.Deferred[policy.Verdict]:
         """The default RCPT decision: tmmail.policy.check_recipient on the current snapshot."""
