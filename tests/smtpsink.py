@@ -184,8 +184,23 @@ class _SMTP(SMTP):
     def _getparams(self, params: Any) -> Any:
         result = super()._getparams(params)
         if result is not None and self.sink.dsn:
-            self._tm_last_dsn = {k: result.pop(k) for k in DSN_KEYS if k in result}
+            # aiosmtpd upper-cases the parameters; ENVID and ORCPT are recorded as sent
+            raw = {}
+            for word in getattr(self, "_tm_raw", "").rpartition(">")[2].split():
+                key, _, value = word.partition("=")
+                raw[key.upper()] = value
+            self._tm_last_dsn = {k: raw.get(k, result[k]) for k in DSN_KEYS if k in result}
+            for k in DSN_KEYS:
+                result.pop(k, None)
         return result
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._tm_raw = arg or ""
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        self._tm_raw = arg or ""
+        await super().smtp_RCPT(arg)
 
     def connection_made(self, transport: Any) -> None:
         with self.sink.lock:
@@ -241,6 +256,7 @@ class Sink:
         smtputf8: bool = True,
         address: str = "127.0.0.1",
         tracker: Tracker | None = None,
+        size_limit: int = 10 * 1024 * 1024,
     ) -> None:
         self.script = Script()
         self.messages: list[Received] = []
@@ -253,7 +269,7 @@ class Sink:
         self.tracker = tracker or Tracker()
         kw: dict[str, Any] = dict(
             hostname=address, port=self.port, server_hostname=name, enable_SMTPUTF8=smtputf8,
-            data_size_limit=10 * 1024 * 1024,
+            data_size_limit=size_limit,  # advertised as SIZE
         )
         if tls is not None:
             kw["tls_context"] = tls

@@ -7,7 +7,17 @@ import email.policy
 
 import pytest
 
-from tmmail.dsn import DELAYED, DELIVERED, FAILED, RecipientReport, build_report, header_part, reply_status
+from tmmail.dsn import (
+    DELAYED,
+    DELIVERED,
+    FAILED,
+    LOCAL_DIAGNOSTIC,
+    RecipientReport,
+    build_report,
+    header_part,
+    reply_status,
+    xtext_decode,
+)
 
 ORIGINAL = b"From: alice@example.org\nTo: bob@example.com\nSubject: hello\nMessage-ID: <m1@example.org>\n\nBody line\n"
 
@@ -143,3 +153,27 @@ def test_helpers() -> None:
     assert reply_status("550 5.1.1 No such user", True) == "5.1.1"
     assert reply_status("451 try later", False) == "4.0.0"
     assert reply_status("", True) == "5.0.0"
+
+
+def test_local_diagnostic_type_and_no_remote_mta() -> None:
+    """A reply this server made up itself is not shown as a remote server's (RFC 3464 §2.3.5,
+    §2.3.6); a ";" inside a reply is text, not a type separator."""
+    msg = report(recipients=[RecipientReport("a@x.example", FAILED, "5.3.4",
+                                             diagnostic="552 5.3.4 too big; limit 1000",
+                                             diagnostic_type=LOCAL_DIAGNOSTIC)])
+    _, rcpt = status_groups(msg)
+    assert rcpt["Diagnostic-Code"] == "X-TMmail; 552 5.3.4 too big; limit 1000"
+    assert "Remote-MTA" not in rcpt
+    assert "said" not in msg.get_payload()[0].get_content()
+    _, remote = status_groups(report(recipients=[RecipientReport("a@x.example", FAILED, "5.1.1",
+                                                                 diagnostic="550 5.1.1 gone; sorry",
+                                                                 remote_mta="mx.x.example")]))
+    assert remote["Diagnostic-Code"] == "smtp; 550 5.1.1 gone; sorry"
+
+
+def test_envid_is_reported_xtext_decoded_without_field_injection() -> None:
+    per_msg, _ = status_groups(report(envid="a+2Bb+3Dc+0D+0AX-Injected:+20yes+00"))
+    assert per_msg["Original-Envelope-Id"] == "a+b=c+0D+0AX-Injected: yes+00"
+    assert "X-Injected" not in per_msg
+    assert xtext_decode("rfc822;Bob+2Bx@example.com") == "rfc822;Bob+x@example.com"
+    assert xtext_decode("+e9+7F") == "+e9+7F"  # non-ASCII octet, DEL: kept encoded

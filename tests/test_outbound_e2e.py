@@ -52,8 +52,31 @@ def report_fields(raw: bytes) -> tuple[str, list[dict[str, str]]]:
     parts = msg.get_payload()
     text = parts[0].get_content()
     status = parts[1].get_payload()
+    if parts[1].get_content_type() == "message/global-delivery-status":
+        # RFC 6533: the email package takes it for one message: its header is the first group
+        first = status[0]
+        rest = first.get_payload()
+        status = [first] + [email.message_from_string(g) for g in rest.strip("\n").split("\n\n") if g.strip()]
     # "type; value" or "type;value": both are RFC 3464; compare without the optional space
     return text, [{k: v.replace("; ", ";", 1) for k, v in g.items()} for g in status[1:]]
+
+
+def report_head(raw: bytes) -> dict[str, str]:
+    """The per-message fields of a report (Reporting-MTA, Original-Envelope-Id, ...)."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    return dict(msg.get_payload()[1].get_payload()[0].items())
+
+
+def returned_part(raw: bytes) -> tuple[str, bytes]:
+    """(content type, bytes) of the third part: the message or its header sent back."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    part = msg.get_payload()[2]
+    inner = part.get_payload()
+    if isinstance(inner, list):  # message/rfc822
+        inner = inner[0].as_bytes()
+    elif isinstance(inner, str):
+        inner = inner.encode()
+    return part.get_content_type(), inner
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +295,165 @@ def test_queue_commands_while_the_runner_runs(world, zone):
     assert {m.content.rstrip(b"\r\n")[-1:] for m in sink.messages} == {b"0", b"1"}
     (report,) = w.reports()
     _, fields = report_fields(report)
-    assert fields[0]["Diagnostic-Code"] == "smtp;" + BOUNCE_REPLY
+    assert fields[0]["Diagnostic-Code"] == "X-TMmail;" + BOUNCE_REPLY  # the administrator, not a peer
+    assert "Remote-MTA" not in fields[0]
     assert w.queue("list")[1] == "0 messages in the queue\n"
+
+
+# -- RFC 3461 parameters end to end ---------------------------------------------------------
+
+
+def settled(w: World, qid: str, reports: int) -> list[bytes]:
+    """Wait for the message to leave the queue with ``reports`` reports, and for no more."""
+    wait_for(lambda: w.gone(qid) and len(w.reports()) >= reports, what=f"{reports} reports")
+    time.sleep(0.4)  # a report queued late would show up by now
+    got = w.reports()
+    assert len(got) == reports, [report_fields(r)[1] for r in got]
+    return got
+
+
+@pytest.mark.parametrize("dsn", [True, False])
+def test_notify_success_relayed_notice_only_when_the_next_hop_has_no_dsn(world, zone, dsn):
+    """RFC 3461 §5.2.2 / §6.2.1 (d): a DSN-capable next hop gets NOTIFY and ORCPT and reports
+    the success itself; to one without DSN we say "relayed" (RFC 3464 §2.3.3)."""
+    w = world()
+    mx(zone, "far.test", "127.0.0.43")
+    with Sink(address="127.0.0.43", port=world.port, dsn=dsn) as sink:
+        qid = w.send(["bob@far.test"], rcpt_params={"bob@far.test": {"NOTIFY": "SUCCESS,FAILURE",
+                                                                      "ORCPT": "rfc822;Bob@far.test"}})
+        got = settled(w, qid, 0 if dsn else 1)
+    assert [m.rcpt_tos for m in sink.messages] == [["bob@far.test"]]
+    if dsn:
+        assert sink.messages[0].rcpt_dsn == [{"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;Bob@far.test"}]
+        return
+    assert sink.messages[0].rcpt_options == [[]]  # no NOTIFY/ORCPT to a server without DSN
+    text, (f,) = report_fields(got[0])
+    assert f["Action"] == "relayed" and f["Status"] == "2.0.0"
+    assert f["Final-Recipient"] == "rfc822;bob@far.test" and f["Original-Recipient"] == "rfc822;Bob@far.test"
+    assert f["Remote-MTA"] == "dns;mx.far.test" and "Diagnostic-Code" not in f
+    assert "relayed" in text
+
+
+def test_notify_failure_gets_no_delay_notice_delay_failure_does(world, zone):
+    w = world(lifetime=1.6, delay_notice_after=0.4, retry_initial=0.25, retry_max=0.25)
+    mx(zone, "far.test", "127.0.0.44")
+    with Sink(address="127.0.0.44", port=world.port) as sink:
+        sink.script.rcpt["quiet@far.test"] = "452 4.2.2 mailbox full"
+        sink.script.rcpt["eager@far.test"] = "452 4.2.2 mailbox full"
+        qid = w.send(["quiet@far.test", "eager@far.test"],
+                     rcpt_params={"quiet@far.test": {"NOTIFY": "FAILURE"}, "eager@far.test": {"NOTIFY": "DELAY,FAILURE"}})
+        got = settled(w, qid, 2)
+    delayed, failed = (report_fields(r)[1] for r in got)
+    # the delay notice names only the recipient that asked for one
+    assert [(f["Final-Recipient"], f["Action"]) for f in delayed] == [("rfc822;eager@far.test", "delayed")]
+    assert sorted((f["Final-Recipient"], f["Action"]) for f in failed) == [
+        ("rfc822;eager@far.test", "failed"), ("rfc822;quiet@far.test", "failed")]
+
+
+def test_notify_never_with_a_remote_5xx_sends_nothing(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.45")
+    with Sink(address="127.0.0.45", port=world.port) as sink:
+        sink.script.rcpt["gone@far.test"] = "550 5.1.1 no such user"
+        qid = w.send(["gone@far.test"], rcpt_params={"gone@far.test": {"NOTIFY": "NEVER"}})
+        settled(w, qid, 0)
+    assert sink.messages == []
+    pm = os.path.join(w.settings.postoffices_dir, "ACME", "POSTMASTER", "Maildir", "new")
+    assert not os.path.isdir(pm) or os.listdir(pm) == []
+
+
+@pytest.mark.parametrize("ret", ["HDRS", "FULL"])
+def test_ret_chooses_headers_or_full_message_in_the_failure_report(world, zone, ret):
+    w = world()
+    mx(zone, "far.test", "127.0.0.46")
+    with Sink(address="127.0.0.46", port=world.port) as sink:
+        sink.script.rcpt["gone@far.test"] = "550 5.1.1 no such user"
+        qid = w.send(["gone@far.test"], mail_params={"RET": ret})
+        (report,) = settled(w, qid, 1)
+    ctype, returned = returned_part(report)
+    assert b"Subject: outbound" in returned
+    if ret == "HDRS":
+        assert ctype == "text/rfc822-headers" and b"body" not in returned
+    else:
+        assert ctype == "message/rfc822" and returned.replace(b"\r\n", b"\n").endswith(b"\n\n.dot first\nbody\n")
+
+
+def test_envid_and_orcpt_are_reported_decoded_and_passed_on_as_xtext(world, zone):
+    """RFC 3461 §4.4 / §4.2 carry ENVID and ORCPT as xtext; RFC 3464 §2.2.1 / §2.3.1 report
+    the values themselves: "+2B" is "+", "+3D" is "=", while a control character stays
+    encoded (no field injection)."""
+    w = world()
+    mx(zone, "far.test", "127.0.0.47")
+    envid = "QQ+2B1+3Dx+0D+0AX-Evil:+20y"
+    with Sink(address="127.0.0.47", port=world.port) as sink:
+        sink.script.rcpt["gone@far.test"] = "550 5.1.1 no such user"
+        qid = w.send(["bob@far.test", "gone@far.test"], mail_params={"ENVID": envid}, rcpt_params={
+            "bob@far.test": {"ORCPT": "rfc822;Bob+2Bold@far.test"},
+            "gone@far.test": {"ORCPT": "rfc822;Gone+2Bold@far.test"}})
+        (report,) = settled(w, qid, 1)
+    # the next hop gets the xtext as the client sent it
+    (m,) = sink.messages
+    assert m.mail_dsn["ENVID"] == envid and m.rcpt_dsn == [{"ORCPT": "rfc822;Bob+2Bold@far.test"}]
+    head = report_head(report)
+    assert head["Original-Envelope-Id"] == "QQ+1=x+0D+0AX-Evil: y"
+    assert "X-Evil" not in report_head(report).keys()
+    _, (f,) = report_fields(report)
+    assert f["Original-Recipient"] == "rfc822;Gone+old@far.test" and f["Final-Recipient"] == "rfc822;gone@far.test"
+
+
+# -- errors TMmail makes up itself are not the remote server's -------------------------------
+
+
+def local_failure(report: bytes) -> dict[str, str]:
+    text, (f,) = report_fields(report)
+    assert "Remote-MTA" not in f, f
+    assert f["Diagnostic-Code"].startswith("X-TMmail;"), f
+    assert " said:" not in text  # the human part does not put it in a peer's mouth
+    return f
+
+
+def test_size_refused_before_sending_is_our_reply_not_the_peers(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.48")
+    with Sink(address="127.0.0.48", port=world.port, size_limit=200) as sink:
+        qid = w.send(["bob@far.test"], data=MSG + b"x" * 300 + b"\n")
+        (report,) = settled(w, qid, 1)
+    assert sink.messages == []
+    f = local_failure(report)
+    assert f["Status"] == "5.3.4" and "exceeds the fixed maximum of mx.far.test[127.0.0.48]" in f["Diagnostic-Code"]
+
+
+def test_smtputf8_refusal_is_our_reply_not_the_peers(world, zone):
+    w = world()
+    mx(zone, "far.test", "127.0.0.49")
+    with Sink(address="127.0.0.49", port=world.port, smtputf8=False) as sink:
+        qid = w.send(["jos\u00e9@far.test"])
+        (report,) = settled(w, qid, 1)
+    assert sink.messages == []
+    f = local_failure(report)
+    assert f["Status"] == "5.6.7" and f["Final-Recipient"].startswith("utf-8;jos")  # RFC 6533 type
+
+
+def test_dns_failure_is_reported_without_a_remote_mta(world, zone):
+    w = world()  # nothing in the zone: far.test does not exist
+    qid = w.send(["bob@nowhere.test"])
+    (report,) = settled(w, qid, 1)
+    f = local_failure(report)
+    assert f["Status"] == "5.1.2" and "NXDOMAIN" in f["Diagnostic-Code"]
+
+
+def test_lost_connection_is_our_reply_and_names_the_host_in_its_text(world, zone):
+    w = world(delay_notice_after=0.01, retry_initial=3600.0, retry_max=3600.0)
+    mx(zone, "far.test", "127.0.0.50")
+    with Sink(address="127.0.0.50", port=world.port) as sink:
+        sink.script.data = "drop"  # close after the data, without a reply
+        qid = w.send(["bob@far.test"])
+        wait_for(lambda: w.reports(), what="delay notice")
+    env = w.envelope(qid)
+    assert env.recipients[0].state == "deferred" and env.recipients[0].remote_mta == ""
+    f = local_failure(w.reports()[0])
+    assert f["Action"] == "delayed" and f["Status"] == "4.4.2"
+    assert "mx.far.test[127.0.0.50]" in f["Diagnostic-Code"]
 
 
 # -- the real server, killed in the middle of a delivery ---------------------------------------

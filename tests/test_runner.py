@@ -197,7 +197,7 @@ def test_unknown_recipient_goes_to_badmail_with_ndr(make) -> None:
     _, rcpt = dsn_fields(ndr)
     assert rcpt["Final-Recipient"] == "rfc822;nobody@example.com"
     assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.1.1"
-    assert rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    assert rcpt["Diagnostic-Code"].startswith("X-TMmail; 550 5.1.1")  # our own reply: no smtp type
 
 
 def test_notify_never_suppresses_ndr(make) -> None:
@@ -736,7 +736,7 @@ def test_pickup_reject_bounces(make) -> None:
     assert w.mails("BOB") == []
     report = w.mails("ALICE")[0]
     _, rcpt = dsn_fields(report)
-    assert rcpt["Action"] == "failed" and rcpt["Diagnostic-Code"] == "smtp; 550 5.7.1 Virus found: Eicar-Test"
+    assert rcpt["Action"] == "failed" and rcpt["Diagnostic-Code"] == "X-TMmail; 550 5.7.1 Virus found: Eicar-Test"
     # the refused content is not sent back: headers only
     assert parse(report).get_payload()[2].get_content_type() == "text/rfc822-headers"
     assert hook.calls[0][0] == "pickup"

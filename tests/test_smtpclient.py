@@ -168,7 +168,7 @@ def test_delivers_with_esmtp_parameters(reactor_thread, tmp_path, pipelining):
     assert got.helo == "relay.tmmail.test"
     assert f"SIZE={len(BODY) + 5}" in got.mail_options and "BODY=8BITMIME" in got.mail_options
     assert got.mail_dsn == {"RET": "HDRS", "ENVID": "Q123"}
-    assert got.rcpt_dsn[0] == {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "RFC822;BOB@ORIG.TEST"}
+    assert got.rcpt_dsn[0] == {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;bob@orig.test"}
     assert got.rcpt_dsn[1] == {}
 
 

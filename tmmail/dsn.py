@@ -41,18 +41,35 @@ class RecipientReport:
     status: str
     #: the RCPT ORCPT parameter as given, e.g. "rfc822;user@example.com"
     original_recipient: str | None = None
-    #: the SMTP reply, e.g. "550 5.1.1 No such user" (written as "smtp; 550 ...")
+    #: the reply, e.g. "550 5.1.1 No such user" (written as "smtp; 550 ...")
     diagnostic: str | None = None
-    #: the MTA that gave the reply, e.g. "mx.example.com" (written as "dns; mx.example.com")
+    #: the MTA that gave the reply, e.g. "mx.example.com" (written as "dns; mx.example.com");
+    #: None when the reply is this server's own (RFC 3464 §2.3.5: Remote-MTA names a peer)
     remote_mta: str | None = None
     last_attempt: float | None = None
     #: for delayed: when we give up
     will_retry_until: float | None = None
+    #: RFC 3464 §2.3.6 diagnostic-type: "smtp" for a reply a remote SMTP server sent,
+    #: LOCAL_DIAGNOSTIC (an "X-" type, §2.1) for one this server made up itself
+    diagnostic_type: str = "smtp"
+
+
+#: the diagnostic-type of replies TMmail itself generated (size or SMTPUTF8 refusals, DNS
+#: failures, lost connections, local delivery errors), as Postfix writes "X-Postfix"
+LOCAL_DIAGNOSTIC = "X-TMmail"
 
 
 def xtext_decode(text: str) -> str:
-    """Undo RFC 3461 §4 xtext (``+2B`` -> ``+``): ORCPT values are reported decoded (§6.3)."""
-    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    """Undo RFC 3461 §4 xtext (``+2B`` -> ``+``): ORCPT and ENVID values are reported decoded
+    (RFC 3461 §6.3; RFC 3464 §2.2.1, §2.3.1).  A hex pair that would decode to something a
+    header cannot carry (a control character, CR/LF, a non-ASCII octet) stays encoded, so a
+    client cannot inject fields into the report."""
+
+    def one(m: re.Match[str]) -> str:
+        code = int(m.group(1), 16)
+        return chr(code) if 0x20 <= code < 0x7F else m.group(0)
+
+    return re.sub(r"\+([0-9A-Fa-f]{2})", one, text)
 
 
 def _one_line(text: str) -> str:
@@ -148,7 +165,8 @@ def delivery_status(
     """The ``message/delivery-status`` body (RFC 3464 §2.1: groups separated by empty lines)."""
     head = []
     if envid:
-        head.append(f"Original-Envelope-Id: {_one_line(envid)}")
+        # RFC 3464 §2.2.1: the envelope id itself, not its xtext transport form (RFC 3461 §4.4)
+        head.append(f"Original-Envelope-Id: {_one_line(xtext_decode(envid))}")
     head.append(f"Reporting-MTA: dns; {hostname}")
     if received_from:
         head.append(f"Received-From-MTA: dns; {_one_line(received_from)}")
@@ -166,7 +184,8 @@ def delivery_status(
         if r.remote_mta:
             fields.append(f"Remote-MTA: {_typed(r.remote_mta, 'dns')}")
         if r.diagnostic:
-            fields.append(f"Diagnostic-Code: {_typed(r.diagnostic, 'smtp')}")
+            # the type is never parsed out of the text: a reply may contain ";" itself
+            fields.append(f"Diagnostic-Code: {r.diagnostic_type}; {_one_line(r.diagnostic)}")
         if r.last_attempt:
             fields.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if r.will_retry_until and r.action == DELAYED:
@@ -193,6 +212,7 @@ def build_report(
 ) -> bytes:
     """A complete RFC 3464 report addressed to ``to`` (the original sender, or the postmaster).
 
+    ``envid`` is the ENVID parameter as the client sent it (xtext; the report has it decoded).
     ``original`` is the original message with LF line endings; pass ``original_complete=False``
     if it was cut short (only its header is then returned).  Raises ValueError for ``to == ""``:
     nothing is ever reported to the null sender.

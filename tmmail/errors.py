@@ -31,6 +31,24 @@ class PermanentError(DeliveryError):
     permanent = True
 
 
+class Delivered:
+    """A successful outcome with details the runner needs (a connector may return ``None`` instead).
+
+    ``remote_mta``: the host that took the message (DSN Remote-MTA of a "relayed" report);
+    ``dsn_passed``: the next hop supports DSN (RFC 3461) and got NOTIFY/ORCPT, so it takes over
+    the reporting: no "relayed" notice is sent for NOTIFY=SUCCESS (RFC 3461 §5.2.2, §6.2.1 d).
+    """
+
+    permanent = False
+
+    def __init__(self, remote_mta: str = "", dsn_passed: bool = False) -> None:
+        self.remote_mta = remote_mta
+        self.dsn_passed = dsn_passed
+
+    def __repr__(self) -> str:
+        return f"Delivered(remote_mta={self.remote_mta!r}, dsn_passed={self.dsn_passed!r})"
+
+
 class ConfigError(Exception):
     """A configuration or provider file is malformed; the message names file and line."""
 

@@ -11,10 +11,13 @@ class IConnector(Interface):
     The runner (tmmail.runner) groups the due recipients of one message by ``scheme`` and
     ``batch_key(target)`` and calls ``deliver`` once per group **on the reactor thread**; the
     connector must not block (run disk I/O in a thread pool, network I/O asynchronously).
-    It returns nothing of the message's fate itself: each outcome is ``None`` (delivered) or a
-    tmmail.errors.DeliveryError (TransientError -> the runner defers with back-off,
-    PermanentError -> failed); only the runner decides what a failure means.  An error may
-    carry ``remote_mta`` (str, e.g. "mx.example.com") for the DSN's Remote-MTA field.  If the
+    It returns nothing of the message's fate itself: each outcome is ``None`` or a
+    tmmail.errors.Delivered (delivered; Delivered says which host took it and whether that host
+    takes over DSN reporting) or a tmmail.errors.DeliveryError (TransientError -> the runner
+    defers with back-off, PermanentError -> failed); only the runner decides what a failure
+    means.  An error carries ``remote_mta`` (str, e.g. "mx.example.com") only when a remote
+    server gave that reply: the DSN then has Remote-MTA and Diagnostic-Code type "smtp",
+    otherwise none and the type X-TMmail.  If the
     Deferred errbacks or gives the wrong number of outcomes, every item is deferred with
     451 4.3.0.  The runner saves the next attempt time before calling ``deliver`` and every
     outcome after, so a connector never needs its own queue state.
@@ -35,7 +38,7 @@ class IConnector(Interface):
         ``envelope``: tmmail.envelope.Envelope (read-only for the connector); ``items``: list of
         (tmmail.envelope.Recipient, InternalAddress target) pairs; ``message_path``: the spool
         ``.eml`` (LF line endings, read-only, valid until the Deferred fires).  The result has
-        one outcome per item, in order: ``None`` or a DeliveryError.
+        one outcome per item, in order: ``None``, a Delivered or a DeliveryError.
         """
 
 

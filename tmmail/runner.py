@@ -44,7 +44,7 @@ from tmmail.envelope import (
     EnvelopeError,
     Recipient,
 )
-from tmmail.errors import DeliveryError, PermanentError, TransientError
+from tmmail.errors import Delivered, DeliveryError, PermanentError, TransientError
 from tmmail.router import (
     UNKNOWN_LOCAL,
     RouterOptions,
@@ -629,7 +629,7 @@ class Runner:
                 self._dest_release(dest)
         now = self.reactor.seconds()
         for (r, _), outcome in zip(items, outcomes):
-            if outcome is not None and not isinstance(outcome, DeliveryError):
+            if outcome is not None and not isinstance(outcome, (DeliveryError, Delivered)):
                 log.error("{queue_id}: connector {scheme} returned {outcome!r}", queue_id=env.queue_id,
                           scheme=scheme, outcome=outcome)
                 outcome = TransientError(*E_INTERNAL)
@@ -679,11 +679,16 @@ class Runner:
         if not self._dest_busy[dest]:
             del self._dest_busy[dest]
 
-    def _apply(self, env: Envelope, r: Recipient, outcome: DeliveryError | None, now: float) -> None:
+    def _apply(self, env: Envelope, r: Recipient, outcome: DeliveryError | Delivered | None, now: float) -> None:
+        # set only for a reply a peer sent (tmmail.connectors.smtp): the DSN's Remote-MTA
         r.remote_mta = str(getattr(outcome, "remote_mta", "") or "")
-        if outcome is None:
+        if outcome is None or isinstance(outcome, Delivered):
             r.state = R_DELIVERED
             r.last_reply = R_DELIVERED_OK
+            if outcome is not None and outcome.dsn_passed:
+                # RFC 3461 §5.2.2, §6.2.1 (d): NOTIFY went on to a DSN-capable next hop, which
+                # reports success itself; a "relayed" notice is only for one that cannot
+                r.reported = True
         elif outcome.permanent:
             r.state = R_FAILED
             r.last_reply = outcome.reply()
@@ -775,6 +780,9 @@ class Runner:
             original_recipient=dsn.xtext_decode(r.orcpt) if r.orcpt else None,
             diagnostic=r.last_reply if action not in (dsn.DELIVERED, dsn.RELAYED) else None,
             remote_mta=r.remote_mta or None,
+            # RFC 3464 §2.3.6: "smtp" only for what a remote server said; our own replies
+            # (refusals before sending, DNS, lost connections, local delivery) get an X- type
+            diagnostic_type="smtp" if r.remote_mta else dsn.LOCAL_DIAGNOSTIC,
             last_attempt=r.last_attempt or None,
             will_retry_until=until,
         )

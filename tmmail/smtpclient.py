@@ -242,7 +242,8 @@ class Session:
             await self._send(msg, results)
         except SMTPClientError as e:
             self.broken = True
-            reply = self.proto.closing_reply or Reply(421, (f"4.4.2 {e.text}",))
+            # a reply we make up names the peer in its text: it has no Remote-MTA in a DSN
+            reply = self.proto.closing_reply or Reply(421, (f"4.4.2 {e.text} with {self}",))
             remote = self.proto.closing_reply is not None
             for i in range(n):
                 if results[i] is None or (results[i].status == DELIVERED and results[i].stage == "RCPT"):

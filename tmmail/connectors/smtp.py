@@ -12,9 +12,11 @@ waiting for the same destination or kept idle for ``IDLE_SECONDS`` (RSET before 
 ``relay.max_connections_per_domain`` / ``relay.max_connections`` bound the open connections
 (an idle connection of another destination is closed when the global limit is reached).
 
-Outcomes (tmmail.interfaces.IConnector): None, or a TransientError / PermanentError carrying
-the remote reply (code, enhanced code, text) and ``remote_mta`` (the host name), so the DSN
-shows what the remote server said.
+Outcomes (tmmail.interfaces.IConnector): tmmail.errors.Delivered (the host that took it, and
+whether it supports DSN and so takes over NOTIFY=SUCCESS reporting), or a TransientError /
+PermanentError with the reply (code, enhanced code, text) and, only when the peer sent that
+reply, ``remote_mta`` (the host name), so the DSN tells what a remote server said from what
+TMmail decided itself.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tmmail import routes
-from tmmail.errors import DeliveryError, PermanentError, TransientError
+from tmmail.errors import Delivered, DeliveryError, PermanentError, TransientError
 from tmmail.interfaces import IConnector
 from tmmail.mx import Hop, Resolver
 from tmmail.smtpclient import (
@@ -74,6 +76,8 @@ def message_size(path: str) -> int:
 
 
 Share = tuple[Any, ...]
+#: one recipient's outcome (None only before it has one)
+Outcome = DeliveryError | Delivered | None
 
 
 def share_key(session: Session) -> Share | None:
@@ -330,7 +334,7 @@ class SMTPConnector:
 
     # -- one batch --------------------------------------------------------------------------
 
-    async def _deliver(self, envelope: Any, items: list[tuple[Any, Any]], path: str) -> list[DeliveryError | None]:
+    async def _deliver(self, envelope: Any, items: list[tuple[Any, Any]], path: str) -> list[Outcome]:
         domain = self.batch_key(items[0][1])
         try:
             route = routes.route_for(domain, self.store.current() if self.store is not None else None, self.relay)
@@ -386,12 +390,12 @@ class SMTPConnector:
     async def _attempt(
         self, qid: str, route: routes.Route, domain: str, msg: OutboundMessage, session: Session | None,
         hops: list[Hop] | None = None,
-    ) -> tuple[list[DeliveryError | None], Session | None]:
+    ) -> tuple[list[Outcome], Session | None]:
         """Deliver to every recipient: ``MAX_RECIPIENTS`` per transaction on one connection, and
         recipients refused with "452 too many recipients" again in a further transaction
         (RFC 5321 §4.5.3.1.10)."""
         n = len(msg.recipients)
-        outcomes: list[DeliveryError | None] = [None] * n
+        outcomes: list[Outcome] = [None] * n
         chunks = collections.deque(list(range(i, min(n, i + MAX_RECIPIENTS))) for i in range(0, n, MAX_RECIPIENTS))
         todo = chunks.popleft()
         session, results = await self._first(qid, route, domain, msg, todo, outcomes, session, hops)
@@ -409,7 +413,6 @@ class SMTPConnector:
             todo = chunks.popleft()
             if not session.usable:
                 err = TransientError(451, "4.4.2", f"connection to {session} lost before the next transaction")
-                err.remote_mta = session.host  # type: ignore[attr-defined]
                 for chunk in (todo, *chunks):
                     for i in chunk:
                         outcomes[i] = err
@@ -424,7 +427,7 @@ class SMTPConnector:
         domain: str,
         msg: OutboundMessage,
         todo: list[int],
-        outcomes: list[DeliveryError | None],
+        outcomes: list[Outcome],
         session: Session | None,
         hops: list[Hop] | None = None,
     ) -> tuple[Session | None, list[RecipientResult]]:
@@ -516,7 +519,7 @@ class SMTPConnector:
         msg: OutboundMessage,
         todo: list[int],
         results: list[RecipientResult],
-        outcomes: list[DeliveryError | None],
+        outcomes: list[Outcome],
     ) -> None:
         for i, result in zip(todo, results):
             outcome = _outcome(session, result)
@@ -552,15 +555,20 @@ def _retry_elsewhere(session: Session, results: list[RecipientResult]) -> bool:
     )
 
 
-def _outcome(session: Session, result: RecipientResult) -> DeliveryError | None:
+def _outcome(session: Session, result: RecipientResult) -> DeliveryError | Delivered:
+    """The runner's outcome for one recipient.  ``remote_mta`` (DSN Remote-MTA, and
+    Diagnostic-Code type "smtp") only for a reply the peer actually sent: a refusal made here
+    (SIZE, SMTPUTF8) or a synthetic "421 4.4.2 connection lost" names no remote MTA."""
     if result.status == DELIVERED:
-        return None
+        # RFC 3461 §5.2.2: NOTIFY/ORCPT went on to a DSN-capable peer, which now reports
+        return Delivered(session.host, dsn_passed=session.has("DSN"))
     reply = result.reply
     if result.status == DEFERRED:
         err: DeliveryError = TransientError(reply.code if 400 <= reply.code < 500 else 451, reply.enhanced or "4.0.0", reply.text)
     else:
         err = PermanentError(reply.code if 500 <= reply.code < 600 else 550, reply.enhanced or "5.0.0", reply.text)
-    err.remote_mta = session.host  # type: ignore[attr-defined]
+    if result.remote:
+        err.remote_mta = session.host  # type: ignore[attr-defined]
     return err
 
 
