@@ -509,3 +509,31 @@ def test_server_killed_during_delivery_delivers_each_recipient_exactly_once(tmp_
     # the server added its Received: header; the rest is the message as sent
     assert two.messages[0].content.endswith(MSG.replace(b"\n", b"\r\n"))
     assert two.messages[0].content.startswith(b"Received: ")
+
+
+def test_mx_without_starttls_logs_the_plaintext_fallback(tmp_path, reactor_thread, zone):
+    """The real server relays to an MX that offers no STARTTLS: the mail goes in clear text
+    and twistd.log says so at warning level, naming the peer (as the other TLS fallbacks)."""
+    zone.clear()
+    port = free_port()
+    mx(zone, "plain.test", "127.0.0.52")
+    srv = Server(tmp_path / "srv").init(
+        f'[relay]\nmx_port = {port}\nconnect_timeout = 3.0\ncommand_timeout = 10.0\n'
+        f'[dns]\nnameservers = ["{zone.address}"]\ntimeout = 2.0\n'
+        '[queue]\nscan_interval = 0.1\n'
+    )
+    with open(os.path.join(srv.root, "config", "SMTP-ACCESS.tab"), "a") as f:
+        f.write("127.0.0.1\t1\ttests relay from loopback\n")
+    with Sink(address="127.0.0.52", port=port) as sink:  # no tls= : no STARTTLS in its EHLO
+        srv.start(roles=["smtp"])
+        try:
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                s.sendmail("sender@elsewhere.test", ["bob@plain.test"], MSG.replace(b"\n", b"\r\n"))
+            wait_for(lambda: sink.messages, what="relayed")
+            peer = f"mx.plain.test[127.0.0.52]:{port}"
+            line = srv.wait_for(lambda: next((ln for ln in open(srv.logfile).read().splitlines()
+                                               if "does not offer STARTTLS" in ln), None))
+        finally:
+            srv.stop()
+    assert sink.messages[0].tls is False
+    assert "#warn]" in line and f"{peer} does not offer STARTTLS; sending without TLS" in line

@@ -513,7 +513,10 @@ async def _open(reactor: Any, host: str, address: str, port: int, config: Client
             except ReplyError as e:
                 if tls == "starttls":
                     raise TLSFailed(f"STARTTLS refused: {e.reply}") from None
-                log.info("STARTTLS refused by {peer} ({reply}); continuing without TLS", peer=str(session), reply=str(e.reply))
+                log.warn("STARTTLS refused by {peer} ({reply}); continuing without TLS", peer=str(session), reply=str(e.reply))
+        elif tls == "opportunistic" and use_tls:
+            # a plaintext fallback is logged like the others (refused, handshake failed)
+            log.warn("{peer} does not offer STARTTLS; sending without TLS", peer=str(session))
         if config.user:
             if not session.tls and tls != "none":
                 raise TLSFailed(f"not sending credentials to {session} without TLS")
