@@ -62,7 +62,7 @@ def makeService(options: Any) -> service.IService:
     from tmmail.service import MailService
 
     settings = config.with_listeners(config.load(options["config"]), options["listen"])
-    return MailService(settings)
+    return MailService(settings, handle_signals=True)  # we are twistd: SIGHUP reloads
 
 
 def listener_service(description: str, factory: Any, implicit_tls: bool, tls: Any) -> service.IService:

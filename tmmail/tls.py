@@ -59,7 +59,8 @@ class ReloadingContextFactory:
         self.log.info("TLS certificate loaded from {path}", path=self.certificate)
 
     def reload(self) -> None:
-        """Re-read the files now (SIGHUP / admin reload); keep the old context on error."""
+        """Re-read the files now (called by tmmail.service.MailService.reload on SIGHUP);
+        keep the old context on error."""
         try:
             self._load()
         except Exception as e:  # noqa: BLE001 - any bad file must not take TLS down
