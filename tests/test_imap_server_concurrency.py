@@ -54,16 +54,84 @@ def test_expunge_in_one_session_reaches_the_other_only_at_allowed_points(env):
     assert not any(b"EXPUNGE" in ln for ln in lines)
     assert lines[-1].startswith(b"b2 ")
     assert b"* 3 FETCH (UID 3)\r\n" in lines
-    # the expunged message cannot be read any more
+    # the expunged message cannot be read any more (no content; OK [EXPUNGEISSUED] as Dovecot)
     lines = cmd(b, fb, b"b3", b"FETCH 2 BODY.PEEK[]")
-    assert lines[-1].startswith(b"b3 NO [EXPUNGEISSUED]")
-    # STORE and SEARCH also keep the numbering
+    assert lines[-1].startswith(b"b3 OK [EXPUNGEISSUED]")
+    assert not any(b"Body of message 2" in ln for ln in lines)
+    # STORE and SEARCH also keep the numbering: message 3 is still 3, no EXPUNGE in between
+    lines = cmd(b, fb, b"b4a", b"STORE 3 +FLAGS (\\Flagged)")
+    assert not any(b"EXPUNGE" in ln for ln in lines)
+    assert lines[0].startswith(b"* 3 FETCH (FLAGS (") and b"\\Flagged" in lines[0]
+    assert lines[-1].startswith(b"b4a OK")
     assert not any(b"EXPUNGE" in ln for ln in cmd(b, fb, b"b4", b"SEARCH ALL"))
     # NOOP is an allowed point: now the EXPUNGE arrives and numbers shift
     lines = cmd(b, fb, b"b5", b"NOOP")
     assert lines[0] == b"* 2 EXPUNGE\r\n"
     lines = cmd(b, fb, b"b6", b"FETCH 2 (UID)")
     assert lines[0] == b"* 2 FETCH (UID 3)\r\n"
+    a.close()
+    b.close()
+
+
+def _expunged_by_other_session(env, count: int = 3):
+    """Sessions a and b on INBOX with ``count`` messages; b expunges message 1 (UID 1) and a
+    has not been told yet."""
+    for n in range(1, count + 1):
+        deliver(env, message(n, subject=f"needle {n}", body=f"needle body {n}\n"), tmp_name=f"m{n}")
+    a, fa = login_raw(env)
+    b, fb = login_raw(env)
+    cmd(a, fa, b"a1", b"SELECT INBOX")
+    cmd(b, fb, b"b1", b"SELECT INBOX")
+    cmd(b, fb, b"b2", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+    assert cmd(b, fb, b"b3", b"EXPUNGE")[0] == b"* 1 EXPUNGE\r\n"
+    return a, fa, b, fb
+
+
+def test_search_skips_messages_another_session_expunged(env):
+    """RFC 2180 §4.1.2: a content SEARCH over a message expunged by another session returns the
+    other matches (not NO for the whole command); the gone message simply does not match."""
+    a, fa, b, fb = _expunged_by_other_session(env)
+    for n, criteria in enumerate((b"BODY needle", b"SUBJECT needle", b"TEXT needle",
+                                  b"NOT BODY nomatch", b"SENTSINCE 1-Jan-2000")):
+        tag = b"s%d" % n
+        lines = cmd(a, fa, tag, b"SEARCH " + criteria)
+        assert lines[0] == b"* SEARCH 2 3\r\n", (criteria, lines)
+        assert lines[-1].startswith(tag + b" OK [EXPUNGEISSUED]"), (criteria, lines)
+        assert not any(b"EXPUNGE\r\n" in ln for ln in lines)
+    # the UID form reports the expunge first and then searches the live messages
+    lines = cmd(a, fa, b"u1", b"UID SEARCH BODY needle")
+    assert lines[0] == b"* 1 EXPUNGE\r\n"
+    assert lines[1] == b"* SEARCH 2 3\r\n" and lines[-1].startswith(b"u1 OK UID SEARCH completed")
+    a.close()
+    b.close()
+
+
+def test_fetch_store_copy_of_live_and_expunged_messages(env):
+    """RFC 2180 §4.1.3/§4.4: FETCH 1:3 returns the live messages and answers
+    OK [EXPUNGEISSUED] (Dovecot's reply); STORE changes the live ones; COPY copies the live
+    ones (COPYUID names them); no EXPUNGE is sent during these non-UID commands."""
+    a, fa, b, fb = _expunged_by_other_session(env)
+    lines = cmd(a, fa, b"f1", b"FETCH 1:3 (UID BODY.PEEK[TEXT])")
+    text = b"".join(lines)
+    assert b"* 2 FETCH (UID 2 BODY[TEXT]" in text and b"needle body 2" in text
+    assert b"* 3 FETCH (UID 3 BODY[TEXT]" in text and b"needle body 3" in text
+    assert b"needle body 1" not in text and b"EXPUNGE\r\n" not in text
+    assert lines[-1].startswith(b"f1 OK [EXPUNGEISSUED]")
+    lines = cmd(a, fa, b"f2", b"STORE 1:3 +FLAGS (\\Flagged)")
+    assert lines[-1].startswith(b"f2 OK") and not any(b"EXPUNGE\r\n" in ln for ln in lines)
+    assert any(ln.startswith(b"* 2 FETCH") and b"\\Flagged" in ln for ln in lines)
+    assert any(ln.startswith(b"* 3 FETCH") and b"\\Flagged" in ln for ln in lines)
+    lines = cmd(a, fa, b"f3", b"COPY 1:3 Trash")
+    assert lines[-1].startswith(b"f3 OK [COPYUID ") and b" 2:3 1:2] " in lines[-1], lines
+    assert not any(b"EXPUNGE\r\n" in ln for ln in lines)
+    # the other session sees the flags; Trash holds exactly the two live messages
+    lines = cmd(b, fb, b"b4", b"FETCH 1:2 (UID FLAGS)")
+    assert all(b"\\Flagged" in ln for ln in lines[:2])
+    lines = cmd(b, fb, b"b5", b"STATUS Trash (MESSAGES)")
+    assert lines[0] == b"* STATUS Trash (MESSAGES 2)\r\n"
+    # NOOP: now a is told, and numbering shifts
+    assert cmd(a, fa, b"f4", b"NOOP")[0] == b"* 1 EXPUNGE\r\n"
+    assert cmd(a, fa, b"f5", b"FETCH 1 (UID)")[0] == b"* 1 FETCH (UID 2)\r\n"
     a.close()
     b.close()
 

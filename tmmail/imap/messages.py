@@ -213,10 +213,12 @@ class MessageCommands:
         max_uid = sel.max_uid()
         name = b"UID SEARCH" if uid else b"SEARCH"
 
+        gone: list[Any] = []  # expunged by another session, not reported yet: they do not match
+
         def answer(found: list[Any]) -> None:
             nums = [m.uid for m in found] if uid else [m.seq for m in found]
             self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + b"\r\n")
-            self.tagged(tag, R.OK_COMPLETED % name)
+            self.tagged(tag, (R.OK_EXPUNGED_SEARCH if gone else R.OK_COMPLETED) % name)
 
         if flags_only(args):
             nums = sel.search_by_flags(program, uid)
@@ -228,10 +230,10 @@ class MessageCommands:
 
         if program.needs_content:
             # reading and decoding every message: off the reactor
-            d = self.blocking(search, program, msgs, max_seq, max_uid)
+            d = self.blocking(search, program, msgs, max_seq, max_uid, gone)
             d.addCallback(answer)
             return self.store_call(tag, d)
-        answer(search(program, msgs, max_seq, max_uid))
+        answer(search(program, msgs, max_seq, max_uid, gone))
         return None
 
     # -- FETCH -----------------------------------------------------------------------------
@@ -312,8 +314,8 @@ class MessageCommands:
         def done(_: Any) -> None:
             if failed:
                 self.tagged(tag, R.NO_SERVERBUG)
-            elif missing:
-                self.tagged(tag, R.NO_EXPUNGED)
+            elif missing:  # the live messages were answered (RFC 2180 §4.1.3, as Dovecot)
+                self.tagged(tag, R.OK_EXPUNGED_FETCH)
             else:
                 self.tagged(tag, R.OK_COMPLETED % name)
 

@@ -24,6 +24,7 @@ __all__ = [
     "SequenceSet",
     "SearchProgram",
     "BadCharset",
+    "MessageGone",
     "parse_search",
     "search",
     "parse_date",
@@ -31,6 +32,11 @@ __all__ = [
 
 MAX_NUMBER = 4294967295
 SUPPORTED_CHARSETS = ("UTF-8", "US-ASCII")
+
+
+class MessageGone(Exception):
+    """Raised by a message's ``load()`` when it was expunged meanwhile (another session, RFC 2180
+    §4.1.2): :func:`search` leaves the message out of the result instead of failing."""
 
 
 class BadCharset(Exception):
@@ -538,7 +544,19 @@ def parse_search(tokens: list) -> SearchProgram:
     return SearchProgram(root, charset)
 
 
-def search(program: SearchProgram, messages: Iterable, max_seq: int, max_uid: int) -> list:
-    """The messages matching ``program``, in input order."""
+def search(program: SearchProgram, messages: Iterable, max_seq: int, max_uid: int,
+           gone: list | None = None) -> list:
+    """The messages matching ``program``, in input order.
+
+    A message whose content is needed but has been expunged (``load()`` raises
+    :class:`MessageGone`) does not match; it is appended to ``gone`` when given."""
     root = program.root
-    return [m for m in messages if root.match(_Ctx(m, max_seq, max_uid))]
+    out = []
+    for m in messages:
+        try:
+            if root.match(_Ctx(m, max_seq, max_uid)):
+                out.append(m)
+        except MessageGone:
+            if gone is not None:
+                gone.append(m)
+    return out

@@ -16,6 +16,8 @@ from operator import attrgetter
 from typing import Any, Callable, Iterable
 
 from tmmail.imap.fetch import format_flags
+from tmmail.imap.search import MessageGone
+from tmmail.store_common import NoSuchMessage
 
 _uid = attrgetter("uid")
 #: seconds between re-reads of the selected folder when nothing in this process changed it
@@ -34,6 +36,11 @@ def _letters_getter(msgs: list[Any]) -> Any:
 def _letters(info: Any) -> Any:
     letters = getattr(info, "letters", None)
     return letters if letters is not None else info.flags
+
+
+class Expunged(NoSuchMessage, MessageGone):
+    """The message was expunged by someone else and this session has not been told yet:
+    FETCH answers ``[EXPUNGEISSUED]`` (a store error), SEARCH leaves it out (MessageGone)."""
 
 
 class Msg:
@@ -67,7 +74,10 @@ class Msg:
         return self.info.internal_date
 
     def load(self) -> bytes:
-        return self._read(self.info.uid)
+        try:
+            return self._read(self.info.uid)
+        except NoSuchMessage as e:
+            raise Expunged(str(e) or "message has been expunged") from None
 
 
 class SelectedMailbox:
