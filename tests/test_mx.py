@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import socket
+
+import dns.nameserver
 
 import pytest
 
 from tests.dnsserver import TestDNS
 from tmmail.errors import PermanentError, TransientError
-from tmmail.mx import Hop, Resolver, domain_literal, order_mx, parse_nameserver
+from tmmail.mx import Hop, Resolver, domain_literal, gai_error, order_mx, parse_nameserver
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +222,59 @@ def test_host_hops_for_ip_and_system_resolver():
     r = Resolver([], timeout=1.0)
     assert r.host_hops_sync("127.0.0.1", 25) == [Hop("127.0.0.1", "127.0.0.1", 25)]
     # system mode resolves route/smarthost names with getaddrinfo, so /etc/hosts works
-    assert "127.0.0.1" in r.addresses_sync("localhost")
+    assert "127.0.0.1" in [h.address for h in r.host_hops_sync("localhost", 25)]
+
+
+def test_where_addresses_come_from(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# local resolver\nnameserver 127.0.0.1\n")
+    system = Resolver([], resolv_conf=str(conf))
+    # MX hosts' addresses: DNS (TTL cache, NXDOMAIN told from no data); configured names: the system
+    assert not system.no_config
+    assert not system.uses_getaddrinfo() and system.uses_getaddrinfo(configured=True)
+    # no resolver configuration at all: getaddrinfo is all there is
+    for missing in (tmp_path / "none", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.write_text("search example.test\n")  # no nameserver line
+        bare = Resolver([], resolv_conf=str(missing))
+        assert bare.no_config and bare.uses_getaddrinfo() and bare.uses_getaddrinfo(configured=True)
+    # explicit nameservers: DNS for everything
+    explicit = Resolver(["127.0.0.1:5353"])
+    assert not explicit.uses_getaddrinfo() and not explicit.uses_getaddrinfo(configured=True)
+
+
+def test_getaddrinfo_errors_keep_nxdomain_and_no_data_apart():
+    gone = gai_error("gone.test", socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert isinstance(gone, PermanentError) and gone.enhanced == "5.1.2"
+    if hasattr(socket, "EAI_NODATA"):
+        empty = gai_error("empty.test", socket.gaierror(socket.EAI_NODATA, "No address associated with hostname"))
+        assert isinstance(empty, PermanentError) and empty.enhanced == "5.4.4"
+    later = gai_error("slow.test", socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    assert isinstance(later, TransientError) and later.enhanced == "4.4.3"
+
+
+def test_system_configuration_asks_dns_for_mx_host_addresses_and_caches_them(dnsz, tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\n")
+    clock = FakeClock()
+    r = Resolver([], timeout=2.0, clock=clock, resolv_conf=str(conf))
+    # resolv.conf has no port syntax: aim the configured resolver at the test server's port
+    host, port = parse_nameserver(dnsz.address)
+    r._dns.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    dnsz.mx("sys.test", [(10, "mx.sys.test")])
+    dnsz.a("mx.sys.test", "127.0.0.9", ttl=60)
+    assert [h.address for h in r.resolve_sync("sys.test", 25)] == ["127.0.0.9"]
+    assert [h.address for h in r.resolve_sync("sys.test", 25)] == ["127.0.0.9"]
+    assert dnsz.count("mx.sys.test", "A") == 1  # the second time from the cache
+    clock.now += 61
+    r.resolve_sync("sys.test", 25)
+    assert dnsz.count("mx.sys.test", "A") == 2  # the TTL ran out
+    with pytest.raises(PermanentError) as nx:
+        r.addresses_sync("gone.sys.test")
+    dnsz.txt("bare.sys.test", "exists, no address")
+    with pytest.raises(PermanentError) as nodata:
+        r.addresses_sync("bare.sys.test")
+    assert (nx.value.enhanced, nodata.value.enhanced) == ("5.1.2", "5.4.4")
 
 
 def test_mx_list_is_cut_at_our_own_name(dnsz):

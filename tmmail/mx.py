@@ -7,8 +7,12 @@
   556 5.1.10; RFC 3463 5.1.2 bad destination system); DNS timeouts and SERVFAIL are transient
   (4.4.3 directory server failure).
 * Lookups use dnspython's blocking resolver in a thread (never on the reactor) against
-  ``settings.dns.nameservers`` ("HOST:PORT") or the system configuration, and answers
-  (including NXDOMAIN / no-data answers) are cached for their TTL.
+  ``settings.dns.nameservers`` ("HOST:PORT") or the system configuration (/etc/resolv.conf),
+  for MX records and for the A/AAAA records of MX hosts alike, and answers (including NXDOMAIN
+  / no-data answers, told apart) are cached for their TTL.  The system's getaddrinfo (which
+  honours /etc/hosts) is used only for the configured host names of routes and the smarthost
+  when no nameservers are set, and for every address lookup when there is no resolver
+  configuration at all.
 
 The blocking core (:meth:`Resolver.resolve_sync`) is pure apart from the DNS queries, so it is
 tested directly; :meth:`Resolver.resolve` is the reactor-friendly wrapper the connector uses.
@@ -38,6 +42,7 @@ __all__ = [
     "Hop",
     "Resolver",
     "parse_nameserver",
+    "gai_error",
     "order_mx",
     "domain_literal",
     "NEGATIVE_TTL",
@@ -139,12 +144,23 @@ def _negative_ttl(exc: Exception) -> float:
     return NEGATIVE_TTL
 
 
+def gai_error(host: str, e: socket.gaierror) -> DeliveryError:
+    """The delivery error for a failed getaddrinfo: the name does not exist (5.1.2), exists
+    without addresses (5.4.4, as a DNS no-data answer) or could not be looked up now (4.4.3)."""
+    if e.errno == socket.EAI_NONAME:
+        return PermanentError(550, "5.1.2", f"host {host} not found")
+    if e.errno == getattr(socket, "EAI_NODATA", -5):
+        return PermanentError(550, "5.4.4", f"host {host} has no addresses")
+    return TransientError(451, "4.4.3", f"lookup of {host} failed: {e}")
+
+
 class Resolver:
     """MX / address lookups with a TTL cache; thread-safe; ``resolve`` never blocks the reactor.
 
     ``clock`` gives the time for cache expiry (tests pass a fake); ``rng`` shuffles equal MX
-    preferences.  ``nameservers`` empty means the system configuration (/etc/resolv.conf) for
-    DNS, and the system's getaddrinfo (which honours /etc/hosts) for route and smarthost names.
+    preferences.  ``nameservers`` empty means the system configuration (``resolv_conf``) for
+    DNS, and the system's getaddrinfo (which honours /etc/hosts) for route and smarthost names;
+    without a usable ``resolv_conf``, getaddrinfo for MX hosts' addresses too (``no_config``).
     """
 
     def __init__(
@@ -154,20 +170,25 @@ class Resolver:
         reactor: Any = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        resolv_conf: str = "/etc/resolv.conf",
     ) -> None:
         self.reactor = reactor
         self.clock = clock
         self.rng = rng or random.Random()
         self.system = not nameservers
+        #: no resolver configuration (no resolv.conf or no nameserver in it): addresses come
+        #: from getaddrinfo, MX records from 127.0.0.1 (what the C library would ask too)
+        self.no_config = False
         if nameservers:
             r = dns.resolver.Resolver(configure=False)
             r.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(ns)) for ns in nameservers]
         else:
             try:
-                r = dns.resolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:  # pragma: no cover - no resolv.conf
+                r = dns.resolver.Resolver(filename=resolv_conf)
+            except dns.resolver.NoResolverConfiguration:
                 r = dns.resolver.Resolver(configure=False)
                 r.nameservers = ["127.0.0.1"]
+                self.no_config = True
         r.lifetime = timeout
         r.timeout = max(0.5, timeout / 3)
         r.retry_servfail = False
@@ -226,15 +247,18 @@ class Resolver:
 
     # -- host addresses ----------------------------------------------------------------------
 
-    def addresses_sync(self, host: str) -> list[str]:
+    def addresses_sync(self, host: str, configured: bool = False) -> list[str]:
         """BLOCKING: A then AAAA addresses of ``host``; raises PermanentError / TransientError.
 
         IPv4 first: hosts with broken IPv6 routes are still common, and every address is tried
-        in turn anyway (an unreachable IPv6 network fails at once).
+        in turn anyway (an unreachable IPv6 network fails at once).  ``configured``: a name
+        from the configuration (route, smarthost), which the system resolves (/etc/hosts)
+        unless nameservers are set; MX hosts always come from DNS while there is a resolver
+        configuration (:meth:`uses_getaddrinfo`).
         """
         if _is_ip(host):
             return [str(ipaddress.ip_address(host))]
-        if self.system:
+        if self.uses_getaddrinfo(configured):
             return self._getaddrinfo(host)
         found: list[str] = []
         nxdomain = 0
@@ -254,20 +278,24 @@ class Resolver:
             raise PermanentError(550, "5.1.2", f"host {host} does not exist (NXDOMAIN)")
         raise PermanentError(550, "5.4.4", f"host {host} has no A or AAAA records")
 
+    def uses_getaddrinfo(self, configured: bool = False) -> bool:
+        """Whether addresses come from the system's getaddrinfo instead of DNS queries (which
+        are cached by TTL): only without nameservers, for configured names or when there is
+        no resolver configuration."""
+        return self.system and (configured or self.no_config)
+
     def _getaddrinfo(self, host: str) -> list[str]:
         try:
             infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
-            if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
-                raise PermanentError(550, "5.1.2", f"host {host} not found") from None
-            raise TransientError(451, "4.4.3", f"lookup of {host} failed: {e}") from None
+            raise gai_error(host, e) from None
         v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
         v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
         return list(dict.fromkeys(v4 + v6))
 
     def host_hops_sync(self, host: str, port: int) -> list[Hop]:
         """BLOCKING: hops for a named host (routes, smarthost): no MX lookup, just addresses."""
-        return [Hop(host, a, port) for a in self.addresses_sync(host)]
+        return [Hop(host, a, port) for a in self.addresses_sync(host, configured=True)]
 
     # -- MX ----------------------------------------------------------------------------------
 
