@@ -90,7 +90,7 @@ def certificate(tmp_root: str) -> tuple[str, str]:
 
 def start_imap(reactor_thread: Any, tmp_path: Any, role: str = "imap", imap: dict | None = None,
                users: dict | None = None, with_tls: bool = True, auth: dict | None = None,
-               quotas: dict | None = None) -> IMAPEnv:
+               quotas: dict | None = None, smtp: dict | None = None) -> IMAPEnv:
     """Tables, settings, Maildirs and a listening IMAPFactory; stopped by ``stop_imap``."""
     from twisted.internet import reactor
 
@@ -107,7 +107,7 @@ def start_imap(reactor_thread: Any, tmp_path: Any, role: str = "imap", imap: dic
     auth_settings = {"free_failures": 100, "base_delay": 0.0}
     auth_settings.update(auth or {})
     settings = config.parse({"server": {"state_dir": root, "config_dir": os.path.join(root, "config")},
-                             "imap": imap_settings, "auth": auth_settings})
+                             "imap": imap_settings, "auth": auth_settings, "smtp": smtp or {}})
     for po, mb in users.values():
         maildir.create(maildir.mailbox_path(settings.postoffices_dir, po, mb))
     providers = ProviderStore(settings.config_dir)

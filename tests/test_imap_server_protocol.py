@@ -403,3 +403,103 @@ def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
         s.close()
     finally:
         stop_imap(reactor_thread, e)
+
+
+# -- tags, exact capability sets, the authenticated timeout --------------------------------------
+
+BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
+             "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE"]
+
+
+def caps_of(line: bytes) -> set[str]:
+    """The capability atoms of ``* CAPABILITY ...`` or of an ``[CAPABILITY ...]`` code."""
+    text = line.decode()
+    if "[CAPABILITY " in text:
+        text = text.split("[CAPABILITY ", 1)[1].split("]", 1)[0]
+    else:
+        text = text.split("CAPABILITY ", 1)[1]
+    return set(text.split())
+
+
+def test_tags_may_contain_close_bracket(env):
+    """RFC 3501 §9: tag = 1*<any ASTRING-CHAR except "+">, and ASTRING-CHAR includes "]"."""
+    s, f = raw_session(env)
+    s.sendall(b"a]1 NOOP\r\n")
+    assert read_until_tag(f, b"a]1") == [b"a]1 OK NOOP completed\r\n"]
+    s.sendall(b"]] CAPABILITY\r\n")
+    assert read_until_tag(f, b"]]")[-1] == b"]] OK CAPABILITY completed\r\n"
+    s.sendall(b"x+y NOOP\r\n")  # "+" stays invalid
+    assert f.readline() == b"* BAD Invalid tag\r\n"
+    s.sendall(b"b NOOP\r\n")
+    assert read_until_tag(f, b"b")[-1] == b"b OK NOOP completed\r\n"
+    s.close()
+
+
+def test_exact_capabilities_plain_starttls_imaps_and_after_login(reactor_thread, tmp_path):
+    """The whole sets, not subsets: greeting and CAPABILITY on the plain port before TLS, after
+    STARTTLS, on imaps, and after login; APPENDLIMIT follows smtp.max_message_size."""
+    limit = 12345678
+    e = start_imap(reactor_thread, tmp_path, imap={"allow_plaintext_auth": False},
+                   smtp={"max_message_size": limit})
+    try:
+        appendlimit = f"APPENDLIMIT={limit}"
+        before_tls = set(BASE_CAPS) | {appendlimit, "STARTTLS", "LOGINDISABLED"}
+        after_tls = set(BASE_CAPS) | {appendlimit, "AUTH=PLAIN"}
+        logged_in = set(BASE_CAPS) | {appendlimit}
+        s = socket.create_connection(("127.0.0.1", e.port), timeout=10)
+        f = s.makefile("rb")
+        assert caps_of(f.readline()) == before_tls  # greeting
+        s.sendall(b"a CAPABILITY\r\n")
+        lines = read_until_tag(f, b"a")
+        assert caps_of(lines[0]) == before_tls and lines[-1].startswith(b"a OK")
+        s.sendall(b"b STARTTLS\r\n")
+        assert f.readline().startswith(b"b OK")
+        tls = client_tls().wrap_socket(s, server_hostname="localhost")
+        tf = tls.makefile("rb")
+        tls.sendall(b"c CAPABILITY\r\n")
+        lines = read_until_tag(tf, b"c")
+        assert caps_of(lines[0]) == after_tls
+        tls.sendall(b'd LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        assert caps_of(read_until_tag(tf, b"d")[-1]) == logged_in
+        tls.sendall(b"e CAPABILITY\r\n")
+        assert caps_of(read_until_tag(tf, b"e")[0]) == logged_in
+        tls.close()
+    finally:
+        stop_imap(reactor_thread, e)
+    e2 = start_imap(reactor_thread, tmp_path / "imaps", role="imaps",
+                    imap={"allow_plaintext_auth": False})
+    try:
+        default_limit = f"APPENDLIMIT={25 * 1024 * 1024}"
+        m = imaplib.IMAP4_SSL("127.0.0.1", e2.port, ssl_context=client_tls(), timeout=10)
+        assert {c.upper() for c in m.capabilities} == {c.upper() for c in BASE_CAPS} | {
+            default_limit, "AUTH=PLAIN"}
+        typ, data = m.capability()
+        assert caps_of(b"CAPABILITY " + data[0]) == set(BASE_CAPS) | {default_limit, "AUTH=PLAIN"}
+        typ, data = m.login("alice@example.com", PASSWORD)
+        assert caps_of(data[0]) == set(BASE_CAPS) | {default_limit}
+        m.logout()
+    finally:
+        stop_imap(reactor_thread, e2)
+
+
+def test_authenticated_timeout_uses_the_configured_value(reactor_thread, tmp_path):
+    """A logged-in client idle for longer than idle_timeout_authenticated gets BYE and is closed;
+    the shorter pre-login timeout no longer applies after login."""
+    e = start_imap(reactor_thread, tmp_path, imap={"idle_timeout_unauthenticated": 0.6,
+                                                   "idle_timeout_authenticated": 2.0})
+    try:
+        s, f = raw_session(e)
+        s.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+        assert read_until_tag(f, b"a")[-1].startswith(b"a OK")
+        s.sendall(b"b SELECT INBOX\r\n")
+        assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+        t0 = time.monotonic()
+        s.settimeout(15)
+        line = f.readline()
+        waited = time.monotonic() - t0
+        assert line == b"* BYE Autologout; idle for too long\r\n"
+        assert f.readline() == b""  # closed
+        assert waited >= 1.5  # the 0.6 s pre-login timeout was replaced by the 2 s one
+        s.close()
+    finally:
+        stop_imap(reactor_thread, e)

@@ -143,3 +143,52 @@ def test_timeouts_follow_the_injected_clock(tmp_path):
     clock.advance(2)
     assert transport.value().endswith(b"* BYE Autologout; idle for too long\r\n")
     assert transport.disconnecting
+
+
+def test_timeout_and_appendlimit_defaults():
+    """RFC 3501 §5.4: the autologout timer after login is at least 30 minutes (1800 s); before
+    login it is much shorter; the APPEND limit follows SMTP's message size unless set."""
+    from tmmail import config
+
+    s = config.parse({})
+    assert s.imap.idle_timeout_authenticated == 1800.0
+    assert s.imap.idle_timeout_unauthenticated == 60.0
+    assert s.imap.idle_timeout_unauthenticated < s.imap.idle_timeout_authenticated
+    assert s.imap.max_literal_size == s.smtp.max_message_size == 25 * 1024 * 1024
+    s = config.parse({"smtp": {"max_message_size": 10_000_000}})
+    assert s.imap.max_literal_size == 10_000_000
+    s = config.parse({"smtp": {"max_message_size": 10_000_000}, "imap": {"max_literal_size": 5000}})
+    assert s.imap.max_literal_size == 5000
+
+
+def test_login_switches_to_the_authenticated_timeout(tmp_path):
+    """On an injected clock: the pre-login timeout is replaced by idle_timeout_authenticated."""
+    from twisted.internet import defer, task
+    from twisted.internet.testing import StringTransport
+
+    from tmmail import config
+    from tmmail.imap.server import IMAPFactory
+
+    clock = task.Clock()
+    settings = config.parse({"server": {"state_dir": str(tmp_path)},
+                             "imap": {"allow_plaintext_auth": True}})
+
+    class Auth:
+        def authenticate(self, login, password, ip):
+            return defer.succeed(type("E", (), {"login": login, "postoffice": "P", "mailbox": "M"})())
+
+    factory = IMAPFactory(settings, "imap", None, Auth(), None, reactor=clock)
+    factory.open_account = lambda entry: defer.succeed(object())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"a LOGIN u@example.com pw\r\n")
+    assert b"a OK [CAPABILITY" in transport.value()
+    clock.advance(1799)
+    assert not transport.disconnecting
+    proto.dataReceived(b"b NOOP\r\n")
+    clock.advance(1799)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.value().endswith(b"* BYE Autologout; idle for too long\r\n")
+    assert transport.disconnecting

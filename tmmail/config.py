@@ -86,6 +86,8 @@ class IMAPSettings:
     idle_timeout_authenticated: float = 1800.0
     idle_timeout_unauthenticated: float = 60.0
     max_line_length: int = 65536
+    #: APPEND limit (advertised as APPENDLIMIT); when not set, parse() makes it
+    #: smtp.max_message_size, so whatever SMTP accepted can be appended (Sent, moves)
     max_literal_size: int = 25 * 1024 * 1024
     allow_plaintext_auth: bool = False
     max_connections_per_ip: int = 50
@@ -270,6 +272,11 @@ def parse(data: dict[str, Any], path: str = "<settings>") -> Settings:
             kwargs["listen"] = listen
         else:
             extra[name] = value
+    imap_data = data.get("imap")
+    if not (isinstance(imap_data, dict) and "max_literal_size" in imap_data):
+        smtp = kwargs.get("smtp", SMTPSettings())
+        kwargs["imap"] = replace(kwargs.get("imap", IMAPSettings()),
+                                 max_literal_size=smtp.max_message_size)
     kwargs["extra"] = extra
     return Settings(**kwargs)
 

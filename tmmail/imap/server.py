@@ -41,7 +41,8 @@ _AUTHED = (AUTH, SELECTED)
 _MAX_BUFFERED = 256 * 1024
 #: consecutive BAD commands before the connection is closed
 _MAX_ERRORS = 50
-_TAG_BAD = frozenset(b'(){ %*"\\+]')
+#: RFC 3501 tag = 1*<any ASTRING-CHAR except "+">; ASTRING-CHAR includes resp-specials "]"
+_TAG_BAD = frozenset(b'(){ %*"\\+')
 
 
 def _valid_tag(tag: bytes) -> bool:
