@@ -68,6 +68,11 @@ def site(template_dir: Path, tmp_path: Path) -> Path:
     return d / "tmmail.toml"
 
 
+#: what `tmmail init --domain example.com` puts in the address map, and its `mailbox list` line
+PM_ROW = ("[SMTP:postmaster@example.com]", "[SF:EXAMPLE/postmaster]")
+PM_LIST = "postmaster@example.com\tEXAMPLE/postmaster\tenabled\tquota=0\tpassword=none\n"
+
+
 def tables(conf: Path) -> dict[str, bytes]:
     return snapshot_files(conf.parent / "config")
 
@@ -92,7 +97,12 @@ def test_init_writes_a_complete_working_configuration(template_dir: Path) -> Non
     assert snap.is_hosted_domain("example.com")
     assert snap.domain("example.com").postoffice == "EXAMPLE"  # type: ignore[union-attr]
     assert list(snap.postoffices) == ["EXAMPLE"]
-    assert snap.smtp_access == () and not snap.auth and not snap.mailboxes  # nothing trusted, no users
+    assert snap.smtp_access == ()  # nothing trusted
+    # the only mailbox is the postmaster's (RFC 5321 §4.5.1), and nobody can log in to it yet
+    assert list(snap.mailboxes) == [("EXAMPLE", "POSTMASTER")]
+    assert [(a.login, a.can_login) for a in snap.auth.values()] == [("postmaster@example.com", False)]
+    assert [(m.source, m.destination) for m in snap.address_map] == [PM_ROW]
+    assert os.path.isdir(maildir.mailbox_path(settings.postoffices_dir, "EXAMPLE", "postmaster") + "/new")
 
 
 def test_init_certificate_is_self_signed_for_the_hostname(template_dir: Path) -> None:
@@ -232,6 +242,51 @@ def test_postoffice_and_domain_commands(site: Path) -> None:
     assert [l.split("\t")[0] for l in ok(site, "postoffice", "list").splitlines()] == ["EXAMPLE"]
 
 
+def test_postmaster_of_init_can_be_given_a_password(site: Path) -> None:
+    # init's postmaster mailbox receives mail at once; its owner sets a password to read it
+    ok(site, "mailbox", "passwd", "postmaster@example.com", "--password-stdin", stdin="pm pw\n")
+    snap = ProviderStore(str(site.parent / "config")).current()
+    entry = snap.auth_entry("postmaster@example.com")
+    assert entry is not None and entry.can_login and verify_password("pm pw", entry.password_hash)
+    # it is a mailbox like any other: a second one is refused with one line
+    assert "already exists" in refused(site, "mailbox", "add", "postmaster@example.com")
+
+
+def test_new_domain_gets_a_postmaster_alias_to_the_same_place(site: Path) -> None:
+    from tmmail.router import resolve
+
+    ok(site, "postoffice", "add", "ACME")
+    out = ok(site, "domain", "add", "acme.test", "--postoffice", "ACME")
+    assert "postmaster@acme.test is an alias of postmaster@example.com" in out
+    snap = ProviderStore(str(site.parent / "config")).current()
+    assert [t.value for t in resolve(snap, "postmaster@acme.test").targets] == ["EXAMPLE/postmaster"]
+    assert [t.value for t in resolve(snap, "PostMaster@ACME.test").targets] == ["EXAMPLE/postmaster"]
+    # a domain whose postmaster already resolves (here through a catch-all mask) keeps it
+    ok(site, "mailbox", "add", "boss@acme.test")
+    ok(site, "alias", "add", "*", "[SF:ACME/boss]")
+    out = ok(site, "domain", "add", "other.test", "--postoffice", "ACME")
+    assert "postmaster" not in out
+    assert not ProviderStore(str(site.parent / "config")).current().map_exact("postmaster@other.test")
+
+
+def test_first_domain_without_init_domain_gets_a_postmaster_mailbox(tmp_path: Path) -> None:
+    ok(None, "init", str(tmp_path / "var"))
+    conf = tmp_path / "var" / "tmmail.toml"
+    ok(conf, "postoffice", "add", "ACME")
+    out = ok(conf, "domain", "add", "acme.test", "--postoffice", "ACME")
+    assert "created mailbox postmaster@acme.test" in out
+    assert ok(conf, "mailbox", "list") == "postmaster@acme.test\tACME/postmaster\tenabled\tquota=0\tpassword=none\n"
+    # a second domain of that post office reaches it by the local part alone: nothing to add
+    from tmmail.router import resolve
+
+    ok(conf, "domain", "add", "two.test", "--postoffice", "ACME")
+    snap = ProviderStore(str(tmp_path / "var" / "config")).current()
+    assert [t.value for t in resolve(snap, "postmaster@two.test").targets] == ["ACME/postmaster"]
+    # a domain of another post office gets an alias to it
+    ok(conf, "postoffice", "add", "OTHER")
+    assert "alias of postmaster@acme.test" in ok(conf, "domain", "add", "three.test", "--postoffice", "OTHER")
+
+
 def test_unicode_domain_is_stored_as_a_label(site: Path) -> None:
     ok(site, "domain", "add", "bücher.example", "--postoffice", "EXAMPLE")
     assert "xn--bcher-kva.example\tEXAMPLE" in ok(site, "domain", "list")
@@ -252,8 +307,10 @@ def test_mailbox_add_creates_maildir_login_and_address(site: Path) -> None:
     entry = snap.auth["alice@example.com"]
     assert entry.login == "alice@example.com" and (entry.postoffice, entry.mailbox) == ("EXAMPLE", "Alice")
     assert entry.password_hash.startswith("$scrypt$") and verify_password("s3cret pw", entry.password_hash)
-    assert [(m.source, m.destination) for m in snap.address_map] == [("[SMTP:Alice@example.com]", "[SF:EXAMPLE/Alice]")]
-    assert ok(site, "mailbox", "list") == "Alice@example.com\tEXAMPLE/Alice\tenabled\tquota=2147483648\tpassword=set\n"
+    assert [(m.source, m.destination) for m in snap.address_map] == [
+        PM_ROW, ("[SMTP:Alice@example.com]", "[SF:EXAMPLE/Alice]")]
+    assert ok(site, "mailbox", "list") == (
+        "Alice@example.com\tEXAMPLE/Alice\tenabled\tquota=2147483648\tpassword=set\n" + PM_LIST)
 
 
 def test_mailbox_without_password_cannot_log_in(site: Path) -> None:
@@ -321,7 +378,7 @@ def test_mailbox_remove_keeps_the_maildir(site: Path) -> None:
     assert (Path(path) / "new" / "1.msg").exists()
     snap = ProviderStore(settings.config_dir).current()
     assert snap.mailbox("EXAMPLE", "carol") is None and "carol@example.com" not in snap.auth
-    assert [m.source for m in snap.address_map] == ["[SMTP:dave@example.com]"]  # alias to carol went too
+    assert [m.source for m in snap.address_map] == [PM_ROW[0], "[SMTP:dave@example.com]"]  # alias to carol went too
     assert snap.senders == ()
     assert snap.mailbox("EXAMPLE", "dave") is not None
 
@@ -348,6 +405,7 @@ def test_alias_commands(site: Path) -> None:
     ok(site, "alias", "add", "team@example.com", "[LS:EXAMPLE/team]")
     ok(site, "alias", "add", "ext@example.com", "someone@remote.example")
     assert ok(site, "alias", "list").splitlines() == [
+        "postmaster@example.com\t[SF:EXAMPLE/postmaster]\t0",
         "joe@example.com\t[SF:EXAMPLE/joe]\t0",
         "Sales@example.com\t[SMTP:joe@example.com]\t0",
         "*@example.com\t[SF:EXAMPLE/joe]\t0",
@@ -358,7 +416,7 @@ def test_alias_commands(site: Path) -> None:
     ok(site, "alias", "remove", "sales@example.com")
     ok(site, "alias", "remove", "[SMTP:*@example.com]")
     assert [l.split("\t")[0] for l in ok(site, "alias", "list").splitlines()] == [
-        "joe@example.com", "team@example.com", "ext@example.com"
+        "postmaster@example.com", "joe@example.com", "team@example.com", "ext@example.com"
     ]
 
 
@@ -400,7 +458,7 @@ def test_console_script_uses_tmmail_config_and_default_path(site: Path, tmp_path
     env.pop("TMMAIL_CONFIG")
     p = subprocess.run([str(TMMAIL), "mailbox", "list"], cwd=site.parent.parent, capture_output=True,
                        text=True, env=env, timeout=60)  # ./var/tmmail.toml
-    assert p.returncode == 0 and p.stdout.startswith("zed@example.com\t"), p.stderr
+    assert p.returncode == 0 and "\nzed@example.com\t" in p.stdout, p.stderr
     p = subprocess.run([str(TMMAIL), "domain", "list"], cwd=tmp_path / "var" / "config", capture_output=True,
                        text=True, env=env, timeout=60)
     assert p.returncode == 2 and "not found" in p.stderr and p.stderr.count("\n") == 1
@@ -426,7 +484,7 @@ def test_concurrent_admin_commands_lose_no_update(site: Path) -> None:
         t.join(60)
     assert not errors
     snap = ProviderStore(str(site.parent / "config")).current()
-    assert len(snap.address_map) == 1 + 6 * 5
+    assert len(snap.address_map) == 2 + 6 * 5  # postmaster, joe, the aliases
 
 
 def test_init_with_an_ip_address_as_hostname(tmp_path: Path) -> None:

@@ -324,3 +324,44 @@ def test_parallel_deliveries_never_pass_the_quota(tmp_path):
         assert len(subjects) == 2
     finally:
         srv.stop()
+
+
+def test_postmaster_of_a_fresh_init(tmp_path):
+    """RFC 5321 §4.5.1 on a server made by `tmmail init --hostname H --domain D` alone.
+
+    <Postmaster> (any case, no domain), postmaster@D and postmaster@ a domain added later all
+    reach init's postmaster mailbox, and a report about <> mail that failed goes there too
+    instead of to postmaster@H (not hosted: it used to be relayed and fail on DNS).
+    """
+    srv = Server(tmp_path / "tm", hostname="mail.example.com", domain="example.com").init(
+        "[queue]\nscan_interval = 0.1\n")
+    srv.add_mailbox(ALICE, "alice-pw", quota="1K")
+    srv.cli("postoffice", "add", "ACME")
+    srv.cli("domain", "add", "acme.test", "--postoffice", "ACME")
+    srv.cli("mailbox", "passwd", "postmaster@example.com", "--password-stdin", input="pm-pw\n")
+    srv.start(roles=("smtp", "pop3"))
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.example")
+            for i, rcpt in enumerate(("<postmaster>", "<PostMaster>", "<postmaster@example.com>",
+                                      "<POSTMASTER@acme.test>")):
+                assert s.docmd("MAIL FROM:<carol@remote.example>")[0] == 250
+                code, text = s.docmd(f"RCPT TO:{rcpt}")
+                assert code == 250, (rcpt, text)
+                assert s.data(f"Subject: pm {i}\r\n\r\nto {rcpt}\r\n".encode())[0] == 250
+            # <> mail that cannot be delivered (larger than the mailbox quota: 552 5.2.2)
+            s.sendmail("", [ALICE], b"Subject: too big bounce\r\n\r\n" + (b"y" * 76 + b"\r\n") * 30)
+        got = srv.wait_for(lambda: len(pop3_messages(srv, "postmaster@example.com", "pm-pw")) == 5
+                           and pop3_messages(srv, "postmaster@example.com", "pm-pw"), timeout=20)
+        subjects = sorted(m.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in got)
+        assert [x for x in subjects if x.startswith(b"pm ")] == [b"pm 0", b"pm 1", b"pm 2", b"pm 3"]
+        assert [x for x in subjects if x.startswith(b"Postmaster Copy:")] == [subjects[0]]
+        report = next(m for m in got if b"Postmaster Copy:" in m)
+        assert b"5.2.2" in report and b"too big bounce" in report
+        delivered_to = [m.split(b"Delivered-To: ", 1)[1].split(b"\r\n", 1)[0] for m in got]
+        assert delivered_to.count(b"postmaster@example.com") == 4  # <postmaster> twice, postmaster@example.com, the report
+        assert b"POSTMASTER@acme.test" in delivered_to
+        assert srv.messages(ALICE) == []
+        assert "postmaster@mail.example.com" not in srv.log()
+    finally:
+        srv.stop()

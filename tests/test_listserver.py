@@ -379,7 +379,7 @@ def test_through_the_runner_into_maildirs(template, tmp_path, reactor_thread) ->
     toml = (d / "tmmail.toml").read_text().replace("[queue]\n", "[queue]\nscan_interval = 0.05\n", 1)
     (d / "tmmail.toml").write_text(toml)
     w = World(d)
-    for user in ("alice", "bob", "postmaster"):
+    for user in ("alice", "bob"):  # postmaster@: made by tmmail init
         w.cli("mailbox", "add", f"{user}@example.com")
     w.cli("list", "add", "team@example.com", "--postoffice", "EXAMPLE", "--members-only", "--footer", "-- team")
     w.cli("list", "member", "add", "team@example.com", "alice@example.com")

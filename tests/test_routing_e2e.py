@@ -68,7 +68,7 @@ def env(tmp_path_factory, zone):
     with open(srv.config, "a") as f:
         f.write(f'\n[[events.pickup]]\ncommand = ["{scanner}"]\ntimeout = 30\n'
                 'reject_text = "Message refused: virus found"\n')
-    for user in ("alice", "bob", "fwd", "postmaster"):
+    for user in ("alice", "bob", "fwd"):  # postmaster@: made by tmmail init
         srv.add_mailbox(f"{user}@example.com")
     srv.cli("group", "add", "staff@example.com", "--postoffice", "EXAMPLE")
     srv.cli("group", "add", "ops@example.com", "--postoffice", "EXAMPLE")

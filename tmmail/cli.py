@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
-from tmmail import config
+from tmmail import config, policy
 from tmmail.address import AddressError, InternalAddress, is_mask, normalize_domain, parse_address
 from tmmail.errors import ConfigError
 from tmmail.providers import (
@@ -54,6 +54,9 @@ __all__ = ["main", "Context", "CLIError", "OPTIONAL_MODULES", "parse_size", "bui
 OPTIONAL_MODULES = ("tmmail.cli_queue", "tmmail.cli_badmail", "tmmail.cli_group", "tmmail.cli_list")
 
 EXIT_USAGE = 2
+
+#: the mailbox ``tmmail init --domain`` creates, and the alias ``domain add`` gives new domains
+POSTMASTER = "postmaster"
 
 
 class CLIError(Exception):
@@ -243,6 +246,9 @@ def init_config(directory: str, hostname: str = "localhost", domain: str | None 
         store.write("POSTOFFICE", [(po_name, "1")])
         store.write("DOMAINS", [(domain, po_name, "1")])
         os.makedirs(os.path.join(directory, "postoffices", po_name), exist_ok=True)
+        # RFC 5321 §4.5.1: postmaster@ every domain (and <Postmaster>) must reach someone
+        _add_mailbox(store, store.reload(), os.path.join(directory, "postoffices"),
+                     parse_address(f"{POSTMASTER}@{domain}"))
     tls_dir = os.path.join(directory, "tls")
     generate_self_signed(host, os.path.join(tls_dir, "server.crt"), os.path.join(tls_dir, "server.key"))
     atomic_write(toml_path, render_settings(host).encode("utf-8"))
@@ -251,6 +257,8 @@ def init_config(directory: str, hostname: str = "localhost", domain: str | None 
     if domain is not None:
         summary.append(f"  domain {domain} in post office {po_name}; add mailboxes with:")
         summary.append(f"    tmmail --config {toml_path} mailbox add USER@{domain} --password-stdin")
+        summary.append(f"  mailbox {POSTMASTER}@{domain} gets mail for the postmaster and reports; to read it:")
+        summary.append(f"    tmmail --config {toml_path} mailbox passwd {POSTMASTER}@{domain} --password-stdin")
     return "\n".join(summary) + "\n"
 
 
@@ -330,9 +338,39 @@ def cmd_domain_add(args: argparse.Namespace, ctx: Context) -> int:
         existing = snap.domain(domain)
         if existing is not None:
             raise CLIError(f"domain {domain} already exists (post office {existing.postoffice})")
+        primary = policy.postmaster_address(snap, ctx.settings.server.hostname, ctx.settings.queue.postmaster)
+        primary_is_local = _resolves_locally(snap, primary)
         ctx.store.write("DOMAINS", _rows(snap, "DOMAINS") + [(domain, po.name, "1")])
-    ctx.stdout.write(f"added domain {domain} to post office {po.name}\n")
+        postmaster = _give_postmaster(ctx, ctx.store.reload(), domain, primary if primary_is_local else None)
+    ctx.stdout.write(f"added domain {domain} to post office {po.name}{postmaster}\n")
     return 0
+
+
+def _resolves_locally(snap: Providers, address: str) -> bool:
+    from tmmail.router import resolve
+
+    return resolve(snap, address).kind == "local"
+
+
+def _give_postmaster(ctx: Context, snap: Providers, domain: str, primary: str | None) -> str:
+    """RFC 5321 §4.5.1: ``postmaster@domain`` must be accepted.  Unless it already resolves
+    (a mask, say), it becomes an alias of the server's postmaster (``primary``, an address
+    that resolves here), so one person gets every domain's postmaster mail; with no such
+    postmaster yet it gets its own mailbox, as ``tmmail init --domain`` creates.  Returns a
+    note for the command's output."""
+    address = parse_address(f"{POSTMASTER}@{domain}")
+    if _resolves_locally(snap, str(address)):
+        return ""
+    if primary is not None:
+        dest = str(InternalAddress.smtp(primary))
+        ctx.store.write("ADDRESS-MAP", _rows(snap, "ADDRESS-MAP") + [(str(InternalAddress.smtp(address)), dest, "0")])
+        return f"; {address} is an alias of {primary}"
+    existing = snap.mailbox(snap.domain(domain).postoffice, POSTMASTER)  # type: ignore[union-attr]
+    if existing is not None:
+        ctx.store.write("ADDRESS-MAP", _rows(snap, "ADDRESS-MAP") + [(str(InternalAddress.smtp(address)), _sf(existing), "0")])
+        return f"; {address} goes to mailbox {existing.postoffice}/{existing.name}"
+    po = _add_mailbox(ctx.store, snap, ctx.settings.postoffices_dir, address)
+    return f"; created mailbox {address} ({po}/{POSTMASTER}, no password yet)"
 
 
 def cmd_domain_remove(args: argparse.Namespace, ctx: Context) -> int:
@@ -358,9 +396,33 @@ def cmd_domain_list(args: argparse.Namespace, ctx: Context) -> int:
 # mailboxes
 
 
-def cmd_mailbox_add(args: argparse.Namespace, ctx: Context) -> int:
+def _add_mailbox(store: ProviderStore, snap: Providers, postoffices_dir: str, address: Any,
+                 hashed: str = LOCKED_PASSWORD, quota: int = 0) -> str:
+    """Create the mailbox named after ``address``'s local part in its domain's post office:
+    Maildir, MAILBOX row, AUTH login, address map entry.  Returns the post office name.
+    The caller holds ``store.locked()``; ``snap`` is its fresh snapshot."""
     from tmmail import maildir
 
+    name = address.local
+    if not NAME_RE.fullmatch(name) or len(name.encode()) > 64:
+        raise CLIError(f"local part {name!r} cannot be a mailbox name (letters, digits, . _ + - and the like)")
+    po = _postoffice_of_domain(snap, address.domain)
+    existing = snap.mailbox(po, name)
+    if existing is not None:
+        raise CLIError(f"mailbox {existing.name} already exists in post office {po}")
+    if snap.auth_entry(address.key) is not None:
+        raise CLIError(f"login {address.key} already exists")
+    if snap.map_exact(str(address)):
+        raise CLIError(f"{address} is already in the address map (tmmail alias list)")
+    maildir.create(maildir.mailbox_path(postoffices_dir, po, name))
+    mbx = Mailbox(po, name, 1, quota)
+    store.write("MAILBOX", _rows(snap, "MAILBOX") + [(po, name, "1", str(quota), "0")])
+    store.write("AUTH", _rows(snap, "AUTH") + [(address.key, f"{po}/{name}", hashed, "USER")])
+    store.write("ADDRESS-MAP", _rows(snap, "ADDRESS-MAP") + [(str(InternalAddress.smtp(address)), _sf(mbx), "0")])
+    return po
+
+
+def cmd_mailbox_add(args: argparse.Namespace, ctx: Context) -> int:
     address = _address(args.address)
     quota = parse_size(args.quota) if args.quota is not None else 0
     password = _read_password(ctx) if args.password_stdin else None
@@ -368,23 +430,9 @@ def cmd_mailbox_add(args: argparse.Namespace, ctx: Context) -> int:
     if not NAME_RE.fullmatch(name) or len(name.encode()) > 64:
         raise CLIError(f"local part {name!r} cannot be a mailbox name (letters, digits, . _ + - and the like)")
     hashed = _hash(password) if password is not None else LOCKED_PASSWORD
-    source = str(InternalAddress.smtp(address))
     with ctx.store.locked():
         snap = ctx.store.reload()
-        po = _postoffice_of_domain(snap, address.domain)
-        existing = snap.mailbox(po, name)
-        if existing is not None:
-            raise CLIError(f"mailbox {existing.name} already exists in post office {po}")
-        if snap.auth_entry(address.key) is not None:
-            raise CLIError(f"login {address.key} already exists")
-        if snap.map_exact(str(address)):
-            raise CLIError(f"{address} is already in the address map (tmmail alias list)")
-        path = maildir.mailbox_path(ctx.settings.postoffices_dir, po, name)
-        maildir.create(path)
-        mbx = Mailbox(po, name, 1, quota)
-        ctx.store.write("MAILBOX", _rows(snap, "MAILBOX") + [(po, name, "1", str(quota), "0")])
-        ctx.store.write("AUTH", _rows(snap, "AUTH") + [(address.key, f"{po}/{name}", hashed, "USER")])
-        ctx.store.write("ADDRESS-MAP", _rows(snap, "ADDRESS-MAP") + [(source, _sf(mbx), "0")])
+        po = _add_mailbox(ctx.store, snap, ctx.settings.postoffices_dir, address, hashed, quota)
     note = "" if password is not None else " (no password: it receives mail but nobody can log in)"
     ctx.stdout.write(f"added mailbox {address} as {po}/{name}{note}\n")
     return 0
