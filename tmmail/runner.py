@@ -152,8 +152,6 @@ class Runner:
         self._loop: task.LoopingCall | None = None
         self._idle_waiters: list[defer.Deferred] = []
         self._locks: dict[str, defer.DeferredLock] = {}
-        #: flushed messages: every recipient not final is tried, whatever its back-off says
-        self._forced: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -230,16 +228,6 @@ class Runner:
 
         self.reactor.callLater(0, go)
 
-    def flush(self) -> None:
-        """Make every deferred message due now (``tmmail queue flush``)."""
-        self.reactor.callFromThread(self._flush)
-
-    def _flush(self) -> None:
-        for qid in list(self._due):
-            self._forced.add(qid)
-            self._push(qid, 0.0)
-        self._tick()
-
     def when_idle(self, timeout: float | None = None) -> defer.Deferred:
         """A Deferred fired when nothing is being processed or waiting to be (tests, stop)."""
         d: defer.Deferred = defer.Deferred()
@@ -280,7 +268,7 @@ class Runner:
         self._due[qid] = when
         heapq.heappush(self._heap, (when, qid))
         if len(self._heap) > 2 * len(self._due) + 1024:
-            # drop entries made stale by flush()
+            # drop stale entries (a message pushed again before its old entry came up)
             self._heap = [(w, q) for q, w in self._due.items()]
             heapq.heapify(self._heap)
 
@@ -296,7 +284,7 @@ class Runner:
         while self._heap and self._heap[0][0] <= now:
             when, qid = heapq.heappop(self._heap)
             if self._due.get(qid) != when:
-                continue  # stale entry (rescheduled by flush)
+                continue  # stale entry (rescheduled since)
             if qid in self._queued:
                 # a stale scan is looking at it right now; do not lose the schedule
                 self._push(qid, now + self.queue.scan_interval)
@@ -411,10 +399,9 @@ class Runner:
                 yield self._finish(env)
                 return
         now = self.reactor.seconds()
-        forced = qid in self._forced
-        self._forced.discard(qid)
         self._route(env)
-        due = [r for r in env.recipients if not r.final and (forced or r.next_attempt <= now)]
+        # `tmmail queue flush` (tmmail.cli_queue) makes recipients due by saving next_attempt
+        due = [r for r in env.recipients if not r.final and r.next_attempt <= now]
         if due:
             batches: dict[tuple[str, str, str], list[tuple[Recipient, InternalAddress]]] = {}
             immediate: list[tuple[Recipient, DeliveryError]] = []
