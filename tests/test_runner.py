@@ -866,3 +866,67 @@ def test_forwarded_mail_leaves_with_srs_sender(make) -> None:
 
     r = resolve(w.store.current(), srs_sender, w.runner.router_options)
     assert [str(t) for t in r.targets] == ["[SMTP:carol@remote.test]"]
+
+
+# -- messages handed over in memory by the SMTP server (Runner.take) ---------------------------
+
+
+def handed(w: World, rcpts: list[str], data: bytes = MSG) -> str:
+    """Commit as the SMTP server does with an in-process runner: into active/, then take()."""
+    from tmmail.groupcommit import GroupCommitter
+
+    wr = w.spool.open_message()
+    wr.write(data)
+    job = wr.commit_job(Envelope.new(queue_id=wr.id, sender="alice@example.com", recipients=rcpts), ACTIVE)
+    committer = GroupCommitter(reactor, [w.spool.root])
+    try:
+        assert committer.run_batch([job]) == [None]
+    finally:
+        committer.stop()
+    assert w.ids(ACTIVE) == [wr.id] and w.ids(INCOMING) == []
+    assert job.head == data and job.envelope_bytes == open(w.spool.path(ACTIVE, wr.id, ".env"), "rb").read()
+    w.rt.call(w.runner.take, wr.id, job.envelope_bytes, job.head)
+    return wr.id
+
+
+def test_handed_over_message_is_delivered_and_removed(make) -> None:
+    w = make()
+    w.start()
+    handed(w, ["admin@example.com", "bob@example.com"])
+    wait_for(lambda: w.mails("ADMIN") and w.mails("BOB"))
+    w.idle()
+    assert w.mails("ADMIN")[0].endswith(MSG) and len(w.mails("BOB")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT))
+
+
+def test_handed_over_message_counts_hops_from_memory(make) -> None:
+    w = make()
+    w.start()
+    hops = b"".join(b"Received: from hop%d.test by hop%d.test; Sun, 22 Nov 2026 07:00:00 +0000\n" % (i, i + 1)
+                    for i in range(31))
+    qid = handed(w, ["bob@example.com"], hops + MSG)
+    wait_for(lambda: w.ids(BADMAIL) == [qid] and w.mails("ALICE"))
+    assert w.mails("BOB") == []
+
+
+def test_lost_move_and_removal_do_not_redeliver(make) -> None:
+    """The move to active/ and the removal of a message delivered only to Maildirs are not
+    synced: after a crash that lost both, the message is back in incoming/ although its copy
+    is in the Maildir; recovery must recognise the copy, not deliver it twice."""
+    w = make()
+    qid = w.send(["admin@example.com"])
+    files = {ext: open(w.spool.path(INCOMING, qid, ext), "rb").read() for ext in (".eml", ".env")}
+    w.start()
+    wait_for(lambda: w.mails("ADMIN"))
+    w.idle()
+    w.stop()
+    assert w.ids(INCOMING) == [] and w.ids(ACTIVE) == []
+    for ext, data in files.items():  # what the disk may hold after such a crash
+        with open(w.spool.path(INCOMING, qid, ext), "wb") as f:
+            f.write(data)
+    w.start()
+    wait_for(lambda: w.ids(INCOMING) == [])
+    w.idle()
+    time.sleep(0.2)
+    assert len(w.mails("ADMIN")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, CORRUPT))

@@ -138,6 +138,9 @@ class Runner:
         #: messages that were being delivered when a process stopped or an I/O error hit:
         #: their connectors check for deliveries that happened but were not recorded
         self._resumed: set[str] = set()
+        #: messages handed over in memory by the SMTP server (``take``): queue id ->
+        #: (envelope as written, start of the message or None); they are already in active/
+        self._handed: dict[str, tuple[bytes, bytes | None]] = {}
 
         self._ready: deque[tuple[str, str]] = deque()
         self._queued: set[str] = set()
@@ -182,6 +185,9 @@ class Runner:
             self._resumed.add(qid)
             self._enqueue(qid, ACTIVE)
         for qid in found[INCOMING]:
+            # the move to active/ is not synced (Spool.move durable=False): a message found
+            # here may have been delivered already, so its connectors check, as for active/
+            self._resumed.add(qid)
             self._enqueue(qid, INCOMING)
         for when, qid in due:
             self._push(qid, when)
@@ -216,6 +222,14 @@ class Runner:
     def wake(self, queue_id: str | None = None) -> None:
         """New mail in incoming/ (``queue_id`` is informational): scan soon.  Any thread."""
         self.reactor.callFromThread(self._wake)
+
+    def take(self, queue_id: str, envelope: bytes, head: bytes | None) -> None:
+        """A message the SMTP server has just committed into active/ (reactor thread):
+        processed without a directory scan, a move or reading its files back.  ``envelope``
+        is the envelope file's bytes, ``head`` the start of the message (None: read it)."""
+        self._handed[queue_id] = (envelope, head)
+        self._enqueue(queue_id, ACTIVE)
+        self._pump()
 
     def _wake(self) -> None:
         if self._wake_pending or not self._running:
@@ -344,7 +358,7 @@ class Runner:
 
     def _activate(self, qid: str, src: str) -> Envelope | None:
         try:
-            self.spool.move(qid, src, ACTIVE)
+            self.spool.move(qid, src, ACTIVE, durable=False)
         except FileNotFoundError:
             if not os.path.exists(self.spool.path(ACTIVE, qid, ".env")):
                 return None  # already handled (a stale scan saw it) or removed by an admin
@@ -358,22 +372,42 @@ class Runner:
             self.spool.to_corrupt(qid, ACTIVE)
             return None
         if any(not r.target and not r.final for r in env.recipients):
-            # first routing pass: RFC 5321 §6.3 loop detection by counting Received: fields
             with open(self.spool.message_path(ACTIVE, qid), "rb") as f:
-                hops = count_received(f.read(1 << 16))
-            if hops > self.router_options.max_received:
-                for r in env.recipients:
-                    if not r.final:
-                        r.state = R_FAILED
-                        r.bad = True
-                        code, enh, text = E_TOO_MANY_HOPS
-                        r.last_reply = f"{code} {enh} {text}: {hops}"
-                log.warn("{queue_id}: {hops} Received: headers, put in badmail/", queue_id=qid, hops=hops)
+                self._count_hops(env, f.read(1 << 16))
         return env
+
+    def _handed_envelope(self, qid: str, raw: bytes, head: bytes | None) -> Envelope | None:
+        """``_activate`` for a message handed over by ``take`` (reactor thread, no I/O unless
+        the message was too big to keep its start in memory)."""
+        try:
+            env = Envelope.from_bytes(raw)
+        except EnvelopeError as e:  # pragma: no cover - we wrote it a moment ago
+            log.error("{queue_id}: unreadable envelope: {error}", queue_id=qid, error=e)
+            return None
+        if head is None:
+            return None  # read it back in a thread (_activate; the move is a no-op)
+        if any(not r.target and not r.final for r in env.recipients):
+            self._count_hops(env, head)
+        return env
+
+    def _count_hops(self, env: Envelope, head: bytes) -> None:
+        """First routing pass: RFC 5321 §6.3 loop detection by counting Received: fields."""
+        hops = count_received(head)
+        if hops > self.router_options.max_received:
+            for r in env.recipients:
+                if not r.final:
+                    r.state = R_FAILED
+                    r.bad = True
+                    code, enh, text = E_TOO_MANY_HOPS
+                    r.last_reply = f"{code} {enh} {text}: {hops}"
+            log.warn("{queue_id}: {hops} Received: headers, put in badmail/", queue_id=env.queue_id, hops=hops)
 
     @defer.inlineCallbacks
     def _process(self, qid: str, src: str) -> Any:
-        env = yield self._io(self._activate, qid, src)
+        handed = self._handed.pop(qid, None)
+        env = self._handed_envelope(qid, *handed) if handed is not None else None
+        if env is None:
+            env = yield self._io(self._activate, qid, src)
         if env is None:
             self._resumed.discard(qid)
             return
@@ -571,7 +605,7 @@ class Runner:
         conn = self.connectors[scheme]
         remote = scheme not in LOCAL_SCHEMES
         dest = f"{scheme}:{key}"
-        if self.events.active(transfer_events.DELIVER) and not env.released:
+        if self.events.active(transfer_events.DELIVER):
             outcome = yield self.events.run(
                 transfer_events.DELIVER, env, path, [str(t) for _, t in items]
             )
@@ -799,7 +833,12 @@ class Runner:
             if keep:
                 self.spool.move(qid, ACTIVE, BADMAIL)
             else:
-                self.spool.remove(qid, ACTIVE)
+                # every copy in a Maildir is its own record (recovery recognises it), so a
+                # removal lost in a crash re-sends nothing and needs no sync of its own
+                local_only = not reports and all(
+                    r.state == R_DELIVERED and r.target.upper().startswith("[SF:") for r in env.recipients
+                )
+                self.spool.remove(qid, ACTIVE, durable=not local_only)
         else:
             self.spool.move(qid, ACTIVE, DEFERRED)
         if reports:

@@ -129,6 +129,9 @@ class SMTPFactory(protocol.Factory):
         self.authenticator = authenticator
         self.tls = tls_context_factory
         self.on_queued = on_queued
+        #: ``hand_off(queue_id, envelope_bytes, head)``: an in-process runner's Runner.take; when
+        #: set, commits go straight to active/ and the message is handed over in memory
+        self.hand_off: Callable[[str, bytes, bytes | None], Any] | None = None
         self.reactor = reactor
         self._resolve = resolve
         self.recipient_check = recipient_check or self.check_recipient

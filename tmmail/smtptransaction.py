@@ -385,9 +385,13 @@ class TransactionCommands:
         size = tx.sink.size
         login = self.auth.login if self.auth is not None else None
         committer = self.factory.committer if hasattr(writer, "commit_job") else None
+        hand_off = self.factory.hand_off if committer is not None else None
+        job = None
         if committer is not None:
-            # shares its syncs with every other session's commit (tmmail.groupcommit)
-            d = committer.commit(writer.commit_job(env))
+            # shares its syncs with every other session's commit (tmmail.groupcommit); with an
+            # in-process runner the message goes straight to active/ and is handed over in memory
+            job = writer.commit_job(env, "active" if hand_off is not None else "incoming")
+            d = committer.commit(job)
         else:
             d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.commit, env)
 
@@ -403,11 +407,14 @@ class TransactionCommands:
                 queue_id=writer.id, sender=tx.sender, rcpts=len(tx.recipients), size=size,
                 client_ip=self.client_ip, login=login or "-",
             )
-            if self.factory.on_queued is not None:
-                try:
+            try:
+                if hand_off is not None and job is not None:
+                    hand_off(writer.id, job.envelope_bytes, job.head)
+                elif self.factory.on_queued is not None:
                     self.factory.on_queued(writer.id)
-                except Exception:
-                    log.failure("on_queued failed for {queue_id}", queue_id=writer.id)
+            except Exception:
+                # the message is safe in the spool; the runner's next start recovers it
+                log.failure("handing over {queue_id} failed", queue_id=writer.id)
             return R.S250_QUEUED.format(queue_id=writer.id)
 
         def failed(f: Failure) -> str:

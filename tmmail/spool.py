@@ -215,15 +215,23 @@ class SpoolWriter:
             raise
         self._closed = True
 
-    def commit_job(self, envelope: Envelope) -> "_CommitJob":
+    def commit_job(self, envelope: Envelope, state: str = INCOMING) -> "_CommitJob":
         """The same commit as a tmmail.groupcommit job: ``GroupCommitter.commit(job)`` runs
-        it with other sessions' commits, sharing the syncs (the writer is closed by it)."""
+        it with other sessions' commits, sharing the syncs (the writer is closed by it).
+
+        ``state`` is where the message is published: ``incoming/`` (the runner finds it by
+        scanning) or ``active/`` when the caller hands it to an in-process runner itself
+        (``job.head`` / ``job.envelope_bytes`` then spare the runner a move and two reads; a
+        message left in ``active/`` is recovered at the next start like any other).
+        """
         if self._closed:
             raise ValueError("writer already committed or aborted")
         if envelope.queue_id != self.id:
             raise ValueError("envelope queue id does not match the message")
+        if state not in (INCOMING, ACTIVE):
+            raise ValueError(f"cannot commit into {state}/")
         self._closed = True
-        return _CommitJob(self, envelope)
+        return _CommitJob(self, envelope, state)
 
     def abort(self) -> None:
         """Drop the message (the client gave up or was refused)."""
@@ -255,18 +263,29 @@ class _CommitJob:
     """``SpoolWriter.commit`` split into the phases of tmmail.groupcommit: prepare (flush the
     .eml, write tmp/ID.env, no fsync), publish (.eml then .env into incoming/), rollback."""
 
-    def __init__(self, writer: SpoolWriter, envelope: Envelope) -> None:
+    #: bytes of the message kept for the runner's hop count (tmmail.router.count_received)
+    HEAD = 1 << 16
+
+    def __init__(self, writer: SpoolWriter, envelope: Envelope, state: str = INCOMING) -> None:
         self.writer = writer
         self.envelope = envelope
+        self.state = state
         self.moved = False
+        #: set by prepare(): the start of the message (None if it was spilled to disk) and
+        #: the envelope as written, for a caller that hands the message on in memory
+        self.head: bytes | None = None
+        self.envelope_bytes = b""
 
     def prepare(self) -> list[str]:
         w, sp = self.writer, self.writer.spool
+        if w._file is None:
+            self.head = bytes(w._buf[: self.HEAD])
         w._close_data()
         env_tmp = sp.path(TMP, w.id, ".env")
+        self.envelope_bytes = self.envelope.to_bytes()
         fd = os.open(env_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(self.envelope.to_bytes())
+            view = memoryview(self.envelope_bytes)
             while view:
                 view = view[os.write(fd, view):]
         finally:
@@ -276,17 +295,17 @@ class _CommitJob:
     def publish(self) -> list[str]:
         w, sp = self.writer, self.writer.spool
         self.moved = True
-        # .eml first, .env last: the message exists in incoming/ once its .env is there
-        os.rename(sp.path(TMP, w.id, ".eml"), sp.path(INCOMING, w.id, ".eml"))
-        os.rename(sp.path(TMP, w.id, ".env"), sp.path(INCOMING, w.id, ".env"))
-        return [os.path.join(sp.root, INCOMING)]
+        # .eml first, .env last: the message exists in its state once its .env is there
+        os.rename(sp.path(TMP, w.id, ".eml"), sp.path(self.state, w.id, ".eml"))
+        os.rename(sp.path(TMP, w.id, ".env"), sp.path(self.state, w.id, ".env"))
+        return [os.path.join(sp.root, self.state)]
 
     def rollback(self) -> None:
         w, sp = self.writer, self.writer.spool
         if self.moved:
             for ext in (".env", ".eml"):
                 try:
-                    os.unlink(sp.path(INCOMING, w.id, ext))
+                    os.unlink(sp.path(self.state, w.id, ext))
                 except OSError:
                     pass
         w._cleanup()
@@ -403,21 +422,31 @@ class Spool:
             raise
         self._dirsync[state].sync()
 
-    def move(self, queue_id: str, src: str, dst: str) -> None:
-        """Change state: rename the .eml, then the .env; fsync both directories."""
+    def move(self, queue_id: str, src: str, dst: str, durable: bool = True) -> None:
+        """Change state: rename the .eml, then the .env; fsync both directories.
+
+        ``durable=False`` skips the syncs, for a move whose loss in a crash changes nothing
+        (incoming/ -> active/: recovery takes a message from either, and the next durable
+        change of the message, a save or a move, makes the rename durable with it).
+        """
         if src == dst:
             return
         os.rename(self.path(src, queue_id, ".eml"), self.path(dst, queue_id, ".eml"))
         os.rename(self.path(src, queue_id, ".env"), self.path(dst, queue_id, ".env"))
+        if not durable:
+            return
         self._dirsync[dst].sync()
         if self._dirsync[src] is not self._dirsync[dst]:
             self._dirsync[src].sync()
 
-    def remove(self, queue_id: str, state: str) -> None:
+    def remove(self, queue_id: str, state: str, durable: bool = True) -> None:
         """Forget a finished message: rename the .env to .done, unlink the .eml, the .done.
 
         The .done marker says "finished" whatever the envelope inside says (the runner does not
         save the envelope before removing), so recovery completes a half-done removal.
+        ``durable=False`` skips the directory sync, for a message whose every outcome is
+        recorded elsewhere (each recipient's Maildir copy, which recovery recognises): if the
+        removal is lost in a crash, the message is processed again and nothing is re-sent.
         """
         done = self.path(state, queue_id, ".done")
         try:
@@ -429,7 +458,8 @@ class Spool:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        self._dirsync[state].sync()
+        if durable:
+            self._dirsync[state].sync()
 
     def to_corrupt(self, queue_id: str, state: str) -> None:
         """Move whatever files of the message are in ``state`` to corrupt/ (never deleted)."""
