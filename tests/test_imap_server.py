@@ -151,8 +151,10 @@ def test_store_flags_keywords_and_silent(env):
     s, f = login_raw(env)
     cmd(s, f, b"a", b"SELECT INBOX")
     lines = cmd(s, f, b"b", b"STORE 1:2 +FLAGS (\\Flagged $Label1)")
-    assert len(lines) == 3
-    assert b"\\Flagged" in lines[0] and b"$Label1" in lines[0] and lines[-1].startswith(b"b OK")
+    # a new keyword: FLAGS and PERMANENTFLAGS first, then one FETCH per message
+    assert len(lines) == 5 and lines[0].startswith(b"* FLAGS (") and b"$Label1" in lines[0]
+    assert lines[1].startswith(b"* OK [PERMANENTFLAGS (")
+    assert b"\\Flagged" in lines[2] and b"$Label1" in lines[2] and lines[-1].startswith(b"b OK")
     lines = cmd(s, f, b"c", b"UID STORE 2 -FLAGS.SILENT (\\Flagged)")
     assert lines == [b"c OK UID STORE completed\r\n"]
     lines = cmd(s, f, b"d", b"UID STORE 3 FLAGS (\\Answered \\Draft)")

@@ -207,3 +207,42 @@ def test_noop_reports_new_mail_and_append_from_other_session(env):
     assert b"* 1 EXISTS\r\n" in lines and lines[-1].startswith(b"b2 OK")
     a.close()
     b.close()
+
+
+def test_new_keyword_announces_flags_to_this_and_other_sessions(env):
+    """RFC 3501 §7.2.6: STORE of a keyword the folder did not have sends FLAGS and
+    OK [PERMANENTFLAGS] before the FETCH and the tagged reply; other sessions get them at their
+    next NOOP, an idling one at once (before the FETCH that uses the keyword)."""
+    deliver(env, message(1), tmp_name="m1")
+    deliver(env, message(2), tmp_name="m2")
+    a, fa = login_raw(env)
+    b, fb = login_raw(env)
+    c, fc = login_raw(env)
+    cmd(a, fa, b"a1", b"SELECT INBOX")
+    cmd(b, fb, b"b1", b"SELECT INBOX")
+    cmd(c, fc, b"c1", b"SELECT INBOX")
+    c.sendall(b"c2 IDLE\r\n")
+    assert fc.readline().startswith(b"+ ")
+    lines = cmd(a, fa, b"a2", b"STORE 1 +FLAGS ($Label1)")
+    assert lines[0] == b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label1)\r\n", lines
+    assert lines[1].startswith(b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen "
+                               b"\\Draft $Label1 \\*)]"), lines
+    assert lines[2].startswith(b"* 1 FETCH (FLAGS (") and b"$Label1" in lines[2]
+    assert lines[3].startswith(b"a2 OK")
+    # the same keyword again, or an old one: no FLAGS
+    lines = cmd(a, fa, b"a3", b"STORE 2 +FLAGS ($Label1 \\Seen)")
+    assert not any(ln.startswith((b"* FLAGS", b"* OK [PERMANENTFLAGS")) for ln in lines)
+    # the idling session: FLAGS arrives before the FETCH that carries the keyword
+    got = wait_line(c, fc, lambda ln: ln.startswith(b"* 1 FETCH") and b"$Label1" in ln, timeout=3)
+    flags_at = [i for i, ln in enumerate(got) if ln.startswith(b"* FLAGS (") and b"$Label1" in ln]
+    assert flags_at and flags_at[0] < len(got) - 1, got
+    c.sendall(b"DONE\r\n")
+    wait_line(c, fc, lambda ln: ln.startswith(b"c2 OK"))
+    # the other session learns at NOOP, FLAGS and PERMANENTFLAGS before the FETCHes
+    lines = cmd(b, fb, b"b2", b"NOOP")
+    assert lines[0] == b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label1)\r\n", lines
+    assert lines[1].startswith(b"* OK [PERMANENTFLAGS (") and b"$Label1" in lines[1]
+    assert any(ln.startswith(b"* 1 FETCH") and b"$Label1" in ln for ln in lines[2:])
+    assert not any(ln.startswith(b"* FLAGS") for ln in cmd(b, fb, b"b3", b"NOOP"))
+    for s in (a, b, c):
+        s.close()

@@ -461,6 +461,8 @@ class MessageCommands:
             return None
 
         def answer(_: Any = None) -> None:
+            if self.selected is sel:  # a new keyword: FLAGS/PERMANENTFLAGS first (RFC 3501 §7.2.6)
+                self._out.extend(sel.flag_list_updates())
             if not silent and self.selected is sel:
                 msgs = sel.messages
                 fb = sel.flags_table()

@@ -91,6 +91,7 @@ class SelectedMailbox:
         self.dirty = False
         self._refreshed = time.monotonic()
         self._flag_cache: dict[tuple[frozenset[str], bool], bytes] = {}
+        self._flag_list = tuple(folder.permanent_flags)  # as the SELECT response announced it
 
     def close(self) -> None:
         if self._cancel_watch is not None:
@@ -217,6 +218,21 @@ class SelectedMailbox:
         """EXPUNGEs held back by ``refresh(expunges=False)`` wait for the next allowed point."""
         return bool(self.folder.pending_expunges)
 
+    def flag_list_updates(self) -> list[bytes]:
+        """``* FLAGS`` and ``* OK [PERMANENTFLAGS]`` when the folder's keywords changed since
+        this session last heard (a STORE or APPEND introduced one, RFC 3501 §7.2.6): to be sent
+        before the responses that use the new keyword."""
+        perm = tuple(self.folder.permanent_flags)
+        if perm == self._flag_list:
+            return []
+        self._flag_list = perm
+        flags = " ".join(f for f in perm if f != "\\*").encode("utf-8", "replace")
+        out = [b"* FLAGS (" + flags + b")\r\n"]
+        if not self.read_only:
+            out.append(b"* OK [PERMANENTFLAGS (" + " ".join(perm).encode("utf-8", "replace")
+                       + b")] Flags permitted\r\n")
+        return out
+
     def updates(self, expunges: bool, force: bool = False) -> tuple[list[bytes], bool]:
         """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``.
 
@@ -233,11 +249,12 @@ class SelectedMailbox:
         ch = self.folder.refresh(expunges)
         if not expunges and self._holds_expunges():
             self.dirty = True  # deliver the held EXPUNGEs at the next allowed point
-        if not ch:
-            return [], False
-        if ch.uidvalidity_changed:
+        if ch and ch.uidvalidity_changed:
             return [], True
-        out: list[bytes] = [b"* %d EXPUNGE\r\n" % seq for seq, _uid in ch.expunged]
+        out = self.flag_list_updates()
+        if not ch:
+            return out, False
+        out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in ch.expunged)
         for seq, info in ch.flags:
             out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
         if ch.new:
