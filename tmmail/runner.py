@@ -605,7 +605,7 @@ class Runner:
         conn = self.connectors[scheme]
         remote = scheme not in LOCAL_SCHEMES
         dest = f"{scheme}:{key}"
-        if self.events.active(transfer_events.DELIVER):
+        if self.events.active(transfer_events.DELIVER) and not env.released:
             outcome = yield self.events.run(
                 transfer_events.DELIVER, env, path, [str(t) for _, t in items]
             )
