@@ -314,7 +314,7 @@ def settled(w: World, qid: str, reports: int) -> list[bytes]:
 
 @pytest.mark.parametrize("dsn", [True, False])
 def test_notify_success_relayed_notice_only_when_the_next_hop_has_no_dsn(world, zone, dsn):
-    """RFC 3461 §5.2.2 / §6.2.1 (d): a DSN-capable next hop gets NOTIFY and ORCPT and reports
+    """RFC 3461 §5.2.1 / §5.2.2: a DSN-capable next hop gets NOTIFY and ORCPT and reports
     the success itself; to one without DSN we say "relayed" (RFC 3464 §2.3.3)."""
     w = world()
     mx(zone, "far.test", "127.0.0.43")

@@ -36,7 +36,7 @@ class Delivered:
 
     ``remote_mta``: the host that took the message (DSN Remote-MTA of a "relayed" report);
     ``dsn_passed``: the next hop supports DSN (RFC 3461) and got NOTIFY/ORCPT, so it takes over
-    the reporting: no "relayed" notice is sent for NOTIFY=SUCCESS (RFC 3461 §5.2.2, §6.2.1 d).
+    the reporting: no "relayed" notice is sent for NOTIFY=SUCCESS (RFC 3461 §5.2.1; "relayed" is for a next hop without DSN, §5.2.2).
     """
 
     permanent = False

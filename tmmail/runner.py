@@ -707,8 +707,8 @@ class Runner:
             r.state = R_DELIVERED
             r.last_reply = R_DELIVERED_OK
             if outcome is not None and outcome.dsn_passed:
-                # RFC 3461 §5.2.2, §6.2.1 (d): NOTIFY went on to a DSN-capable next hop, which
-                # reports success itself; a "relayed" notice is only for one that cannot
+                # RFC 3461 §5.2.1: NOTIFY went on to a DSN-capable next hop, which
+                # reports success itself; a "relayed" notice is only for one that cannot (§5.2.2)
                 r.reported = True
         elif outcome.permanent:
             r.state = R_FAILED

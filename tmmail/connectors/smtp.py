@@ -560,7 +560,7 @@ def _outcome(session: Session, result: RecipientResult) -> DeliveryError | Deliv
     Diagnostic-Code type "smtp") only for a reply the peer actually sent: a refusal made here
     (SIZE, SMTPUTF8) or a synthetic "421 4.4.2 connection lost" names no remote MTA."""
     if result.status == DELIVERED:
-        # RFC 3461 §5.2.2: NOTIFY/ORCPT went on to a DSN-capable peer, which now reports
+        # RFC 3461 §5.2.1: NOTIFY/ORCPT went on to a DSN-capable peer, which now reports
         return Delivered(session.host, dsn_passed=session.has("DSN"))
     reply = result.reply
     if result.status == DEFERRED:
