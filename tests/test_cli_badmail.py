@@ -96,6 +96,7 @@ def test_quarantine_list_release_delete(conf) -> None:
     assert run(conf, "quarantine", "release", ids[0])[0] == 0
     env = spool.load(INCOMING, ids[0])
     assert env.checked and env.recipients[0].state == PENDING  # the pickup hooks will not hold it again
+    assert env.released  # nor the deliver hooks
     assert run(conf, "quarantine", "delete", ids[1])[0] == 0
     assert spool.list(QUARANTINE) == []
     assert run(conf, "badmail", "show", ids[0])[0] == 2  # not in badmail/

@@ -279,3 +279,11 @@ def test_srs_only_for_our_domains(tmp_path) -> None:
     assert (r.kind, r.targets) == (REMOTE, (SMTP(theirs),))
     ours = srs.forward("x@y.example", "example.com")
     assert resolve(snap, ours, RouterOptions(srs=srs)).targets == (SMTP("x@y.example"),)
+
+
+def test_failed_redirect_with_copy_keeps_the_copy_and_reports_the_redirect(tmp_path) -> None:
+    snap = tables(tmp_path, **{**BASE, "MAILBOX": BASE["MAILBOX"] + ["ACME\tKEEP\t1\t0\t2\tnobody@example.com"]},
+                  ADDRESS_MAP=[])
+    r = resolve(snap, "keep@example.com")
+    assert r.targets == (SF("ACME/KEEP"),)
+    assert [(f.destination, f.status) for f in r.failures] == [("[SMTP:nobody@example.com]", "5.1.1")]

@@ -318,8 +318,7 @@ class _Resolver:
                 # the copy is kept; the redirect itself failed: that branch goes to bad mail
                 del self.failures[mark:]
                 if not isinstance(e, _GroupAgain):
-                    self.failures.append(BranchFailure(
-                        "redirect " + ";".join(str(d) for d in dests), str(e), e.status))
+                    self.failures.extend(BranchFailure(str(d), str(e), e.status) for d in dests if d != own)
                 return keep
             raise
         return tuple(dict.fromkeys(keep + redirected))
