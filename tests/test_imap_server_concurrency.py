@@ -246,3 +246,52 @@ def test_new_keyword_announces_flags_to_this_and_other_sessions(env):
     assert not any(ln.startswith(b"* FLAGS") for ln in cmd(b, fb, b"b3", b"NOOP"))
     for s in (a, b, c):
         s.close()
+
+
+def _read_to_eof(s, f, timeout: float = 5.0) -> list[bytes]:
+    s.settimeout(timeout)
+    lines = []
+    while True:
+        line = f.readline()
+        if not line:
+            return lines
+        lines.append(line)
+
+
+@pytest.mark.parametrize("how", ["DELETE", "RENAME"])
+def test_selected_folder_deleted_or_renamed_by_another_session_ends_the_session(env, how):
+    """Like Dovecot: the session whose selected folder another session DELETEd or RENAMEd gets
+    * BYE at its next command (an idling one at once) and is closed; it never answers from the
+    stale view."""
+    a, fa = login_raw(env)
+    b, fb = login_raw(env)
+    i, fi = login_raw(env)
+    cmd(b, fb, b"b1", b"CREATE Work")
+    cmd(b, fb, b"b1b", b"CREATE Work/Sub")
+    body = b"Subject: x\r\n\r\nhello\r\n"
+    b.sendall(b"b2 APPEND Work {%d+}\r\n%s\r\n" % (len(body), body))
+    wait_line(b, fb, lambda ln: ln.startswith(b"b2 OK"))
+    assert cmd(a, fa, b"a1", b"SELECT Work")[-1].startswith(b"a1 OK")
+    assert cmd(i, fi, b"i1", b"SELECT Work/Sub")[-1].startswith(b"i1 OK")
+    i.sendall(b"i2 IDLE\r\n")
+    assert fi.readline().startswith(b"+ ")
+    t0 = time.monotonic()
+    line = b"DELETE Work/Sub" if how == "DELETE" else b"RENAME Work Play"
+    assert cmd(b, fb, b"b3", line)[-1].startswith(b"b3 OK")
+    # the idling session on the deleted/renamed folder is told at once
+    got = wait_line(i, fi, lambda ln: ln.startswith(b"* BYE"), timeout=3)
+    assert time.monotonic() - t0 < 2.0
+    assert not any(ln.startswith(b"i2 OK") for ln in got)
+    assert _read_to_eof(i, fi) == []
+    if how == "DELETE":  # Work itself is still there: a stays usable
+        lines = cmd(a, fa, b"a2", b"FETCH 1 (FLAGS)")
+        assert lines[-1].startswith(b"a2 OK")
+        assert cmd(b, fb, b"b4", b"DELETE Work")[-1].startswith(b"b4 OK")
+    # the non-idling session: its next command gets BYE, not an answer from the stale view
+    a.sendall(b"a3 FETCH 1 (FLAGS)\r\n")
+    lines = _read_to_eof(a, fa)
+    assert lines and lines[0].startswith(b"* BYE"), lines
+    assert not any(b"FETCH (" in ln or ln.startswith(b"a3 ") for ln in lines), lines
+    # the session that made the change goes on
+    assert cmd(b, fb, b"b5", b"NOOP")[-1].startswith(b"b5 OK")
+    b.close()

@@ -119,12 +119,18 @@ class MailboxCommands:
             return
         lines, invalid = self.selected.updates(expunges, force)
         if invalid:
-            self.log.warn("IMAP UIDVALIDITY of {mailbox} changed under {login}; closing session",
-                          mailbox=self.selected.name, login=self.login)
-            self.send(b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed, please reconnect\r\n")
+            if self.selected.gone:
+                self.log.info("IMAP mailbox {mailbox} of {login} was deleted or renamed elsewhere; "
+                              "closing session", mailbox=self.selected.name, login=self.login)
+                self.send(R.BYE_MAILBOX_GONE)
+            else:
+                self.log.warn("IMAP UIDVALIDITY of {mailbox} changed under {login}; closing session",
+                              mailbox=self.selected.name, login=self.login)
+                self.send(b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed, please reconnect\r\n")
             self._closing = True
             self.flush()
             self.transport.loseConnection()
+            self._out = _Discard()  # the running command must not answer after the BYE
             return
         self._out.extend(lines)
 
@@ -266,8 +272,19 @@ class MailboxCommands:
         if self.selected is not None and self.selected.name == name:
             self.close_mailbox()  # RFC 3501 leaves this open; Dovecot deselects too
         d = self.blocking(self.account.delete_folder, name)
-        d.addCallback(lambda _: self.with_updates(tag, b"DELETE"))
+        d.addCallback(lambda _: self._folders_moved(tag, b"DELETE"))
         return self.store_call(tag, d)
+
+    def _folders_moved(self, tag: bytes, name: bytes) -> None:
+        """After DELETE/RENAME: other sessions of this mailbox re-check their selected folder at
+        once (an idling one gets its BYE now, others at their next command), then answer."""
+        root = getattr(self.account, "root", None)
+        for p in list(self.factory.protocols):
+            sel = getattr(p, "selected", None)
+            if p is not self and sel is not None and getattr(p.account, "root", None) == root:
+                sel.mark_dirty()
+                p.folder_changed()
+        self.with_updates(tag, name)
 
     def do_RENAME(self, tag: bytes, args: list) -> Any:
         if len(args) != 2:
@@ -277,8 +294,11 @@ class MailboxCommands:
         if new == "INBOX":
             self.tagged(tag, R.NO_ALREADYEXISTS)
             return None
+        sel = self.selected
+        if sel is not None and old != "INBOX" and (sel.name == old or sel.name.startswith(old + names.SEP)):
+            self.close_mailbox()  # as for DELETE: the selected name no longer exists
         d = self.blocking(self.account.rename_folder, old, new)
-        d.addCallback(lambda _: self.with_updates(tag, b"RENAME"))
+        d.addCallback(lambda _: self._folders_moved(tag, b"RENAME"))
         return self.store_call(tag, d)
 
     # -- SUBSCRIBE / UNSUBSCRIBE -----------------------------------------------------------
@@ -428,6 +448,16 @@ class MailboxCommands:
         """In a thread: the quota check, then the durable append."""
         check_quota(self.account.root, quota, len(data))
         return self.account.append(name, data, flags, date)
+
+
+class _Discard(list):
+    """Output buffer of a session that said BYE: whatever the command still adds is dropped."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
 
 
 class MailboxNameError(ParseError):

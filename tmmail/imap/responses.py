@@ -7,6 +7,7 @@ BYE_LOGOUT = b"* BYE TMmail logging out\r\n"
 BYE_TIMEOUT = b"* BYE Autologout; idle for too long\r\n"
 BYE_TOO_MANY = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
 BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+BYE_MAILBOX_GONE = b"* BYE Selected mailbox was deleted or renamed, please reconnect\r\n"
 BYE_TOO_MANY_ERRORS = b"* BYE Too many errors, closing the connection\r\n"
 
 OK_COMPLETED = b"OK %s completed"

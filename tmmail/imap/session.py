@@ -10,6 +10,7 @@ Pure logic (the folder's metadata calls are cheap stats).
 
 from __future__ import annotations
 
+import os
 import time
 from bisect import bisect_left
 from operator import attrgetter
@@ -92,6 +93,8 @@ class SelectedMailbox:
         self._refreshed = time.monotonic()
         self._flag_cache: dict[tuple[frozenset[str], bool], bytes] = {}
         self._flag_list = tuple(folder.permanent_flags)  # as the SELECT response announced it
+        #: the folder was deleted or renamed under this session (updates() then answers invalid)
+        self.gone = False
 
     def close(self) -> None:
         if self._cancel_watch is not None:
@@ -234,7 +237,8 @@ class SelectedMailbox:
         return out
 
     def updates(self, expunges: bool, force: bool = False) -> tuple[list[bytes], bool]:
-        """Untagged responses for what changed since the last call; ``(lines, uidvalidity_changed)``.
+        """Untagged responses for what changed since the last call; ``(lines, invalid)``: invalid
+        when UIDVALIDITY changed or the folder is gone (:attr:`gone`), the session must end.
 
         The folder is re-read when this process changed it (:meth:`mark_dirty`), when the
         client asks (``force``: NOOP, CHECK, IDLE) and otherwise at most every
@@ -246,6 +250,11 @@ class SelectedMailbox:
             return [], False
         self.dirty = False
         self._refreshed = now
+        path = getattr(self.folder, "path", None)
+        if path is not None and not os.path.isdir(path):
+            # DELETEd or RENAMEd by another session: never serve the stale view (Dovecot: BYE)
+            self.gone = True
+            return [], True
         ch = self.folder.refresh(expunges)
         if not expunges and self._holds_expunges():
             self.dirty = True  # deliver the held EXPUNGEs at the next allowed point
