@@ -205,6 +205,7 @@ def test_mask_local_part_in_mailbox_destination(tmp_path) -> None:
                   ADDRESS_MAP=["[SMTP:*@alias.test]\t[SF:ACME/*]"])
     assert resolve(snap, "bob@alias.test").targets == (SF("ACME/Bob"),)
     assert resolve(snap, "admin@alias.test").targets == (SF("ACME/ADMIN"),)
+    assert resolve(snap, "bob+lists@alias.test").targets == (SF("ACME/Bob"),)  # sub-address
     r = resolve(snap, "nobody@alias.test")
     assert r.kind == UNKNOWN_LOCAL and "no mailbox ACME/nobody" in r.reason
     assert resolve(snap, "gone@alias.test").kind == UNKNOWN_LOCAL  # disabled mailbox

@@ -390,8 +390,15 @@ class _Resolver:
                 # must exist (no such mailbox: refused at RCPT like an unknown user)
                 if subject is None:
                     return ()
-                dest = InternalAddress("SF", dest.value.replace("*", subject.local, 1))
+                pattern = dest.value
+                dest = InternalAddress("SF", pattern.replace("*", subject.local, 1))
                 mbx = self.p.mailbox(dest.postoffice, dest.name)
+                base, tag = split_subaddress(subject.local, self.opts.subaddress_separator)
+                if mbx is None and tag:
+                    # user+tag@alias.example -> the mailbox "user", as step 3 does for hosted names
+                    based = InternalAddress("SF", pattern.replace("*", base, 1))
+                    if self.p.mailbox(based.postoffice, based.name) is not None:
+                        dest, mbx = based, self.p.mailbox(based.postoffice, based.name)
                 if mbx is None:
                     group = self.groups.get(dest) if self.groups is not None else None
                     if group is not None:
