@@ -253,3 +253,35 @@ def test_dovecot_reads_tmmail_and_tmmail_reads_dovecot(reactor_thread, shared_ro
     finally:
         dove.stop()
         stop_imap(reactor_thread, env)
+
+
+def test_sent_date_searches_agree_with_dovecot(reactor_thread, shared_root):
+    """SENTBEFORE/SENTON/SENTSINCE on messages whose Date: is missing or unparseable: TMmail
+    answers exactly as Dovecot 2.3 on the same Maildir (such a message counts as sent on
+    1-Jan-1970; Dovecot does not fall back to INTERNALDATE)."""
+    env = start_imap(reactor_thread, shared_root)
+    dove = Dovecot(shared_root, env.maildir())
+    dates = ["Mon, 2 Nov 2026 10:00:00 +0000", None, "garbage, not a date",
+             "Thu, 31 Dec 2099 23:30:00 -0800"]
+    for n, date in enumerate(dates, 1):
+        head = f"From: a@example.org\nSubject: s{n}\n" + (f"Date: {date}\n" if date else "")
+        deliver(env, (head + "\nbody\n").encode(), tmp_name=f"d{n}")
+    today = time.strftime("%d-%b-%Y")
+    keys = ["SENTBEFORE 1-Jan-2000", "SENTON 1-Jan-1970", "SENTSINCE 1-Jan-2026",
+            "SENTON 31-Dec-2099", f"SENTON {today}", "NOT SENTBEFORE 2-Jan-1970"]
+    try:
+        m = env.connect("alice@example.com")
+        m.select("INBOX")
+        ours = {k: m.search(None, k)[1][0].split() for k in keys}
+        m.logout()
+        assert ours["SENTON 1-Jan-1970"] == [b"2", b"3"]
+        chown_tree(env.maildir(), MAIL_UID)
+        dove.start()
+        d = dove.connect()
+        d.select("INBOX")
+        theirs = {k: d.search(None, k)[1][0].split() for k in keys}
+        d.logout()
+        assert ours == theirs
+    finally:
+        dove.stop()
+        stop_imap(reactor_thread, env)
