@@ -335,12 +335,29 @@ def test_create_delete_rename_and_bad_names(env):
 
 
 def test_rename_inbox_moves_messages(env):
+    """RFC 3501 §6.3.5: RENAME INBOX moves its messages into the new folder; INBOX stays (empty,
+    same UIDVALIDITY, UIDNEXT not reused) and its children such as INBOX/sub are not renamed."""
     for n in range(1, 3):
         deliver(env, message(n), tmp_name=f"m{n}")
     s, f = login_raw(env)
+    assert cmd(s, f, b"a0", b"CREATE INBOX/sub")[-1].startswith(b"a0 OK")
+    before = b"".join(cmd(s, f, b"a1", b"STATUS INBOX (MESSAGES UIDNEXT UIDVALIDITY)"))
+    uidvalidity = re.search(rb"UIDVALIDITY (\d+)", before).group(1)
+    assert b"MESSAGES 2" in before and b"UIDNEXT 3" in before
     assert cmd(s, f, b"a", b"RENAME INBOX Old-Inbox")[-1].startswith(b"a OK")
     assert b"MESSAGES 2" in b"".join(cmd(s, f, b"b", b'STATUS "Old-Inbox" (MESSAGES)'))
-    assert b"MESSAGES 0" in b"".join(cmd(s, f, b"c", b"STATUS INBOX (MESSAGES)"))
+    after = b"".join(cmd(s, f, b"c", b"STATUS INBOX (MESSAGES UIDNEXT UIDVALIDITY)"))
+    assert b"MESSAGES 0" in after
+    assert b"UIDVALIDITY " + uidvalidity in after  # INBOX itself was not replaced
+    assert b"UIDNEXT 3" in after  # UIDs 1 and 2 are never handed out again in INBOX
+    listing = b"".join(cmd(s, f, b"d", b'LIST "" "*"'))
+    assert b'"/" INBOX/sub\r\n' in listing and b"Old-Inbox/sub" not in listing
+    assert re.search(rb'\* LIST \([^)]*\) "/" INBOX\r\n', listing)
+    # a new message in INBOX gets UID 3
+    deliver(env, message(3), tmp_name="m3")
+    lines = cmd(s, f, b"e", b"SELECT INBOX")
+    assert b"* 1 EXISTS\r\n" in lines
+    assert cmd(s, f, b"g", b"FETCH 1 (UID)")[0] == b"* 1 FETCH (UID 3)\r\n"
     s.close()
 
 

@@ -40,15 +40,17 @@ def test_smtp_delivery_is_pushed_to_idle_over_starttls(server):
     tag = m._new_tag()
     m.send(tag + b" IDLE\r\n")
     assert m.readline().startswith(b"+")
-    t0 = time.monotonic()
     send(server, "pushed")
+    t0 = time.monotonic()  # SMTP has accepted the message (250 after DATA)
     line = b""
     for _ in range(20):  # bounded: the push arrives as one of the next lines
         line = m.readline()
         if line.endswith(b"EXISTS\r\n"):
             break
     assert line == b"* %d EXISTS\r\n" % (before + 1)
-    assert time.monotonic() - t0 < 5  # the router wakes at once; IDLE pushes on delivery
+    pushed_after = time.monotonic() - t0
+    # the router wakes at once and delivery notifies the idling session: well within 2 s
+    assert pushed_after < 2.0, pushed_after
     m.send(b"DONE\r\n")
     for _ in range(20):
         if m.readline().startswith(tag + b" OK"):
