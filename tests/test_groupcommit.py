@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 
 import pytest
 from twisted.internet import defer
 
 from tmmail.envelope import Envelope
 from tmmail.groupcommit import GroupCommitter
-from tmmail.spool import INCOMING, TMP, Spool
+from tmmail.spool import ACTIVE, INCOMING, TMP, Spool
 
 
 class _Reactor:
@@ -108,4 +109,69 @@ def test_commit_after_stop_fails(tmp_path):
     w, env = _writer(spool)
     results = _wait([gc.commit(w.commit_job(env))])
     assert results[0].check(OSError)
+    assert os.listdir(os.path.join(spool.root, TMP)) == []
+
+
+def _count_syncs(gc: GroupCommitter, order: list[str]):
+    """Record each sync in ``order`` (as "sync") beside the publishes ("publish ID")."""
+    real = gc._sync_all
+
+    def counted():
+        order.append("sync")
+        real()
+
+    gc._sync_all = counted
+
+
+@pytest.mark.skipif(GroupCommitter(_Reactor(), ["/"]).use_syncfs is False and os.environ.get("CI") != "true",
+                    reason="syncfs(2) is not available on this kernel")
+def test_commits_into_active_publish_first_and_sync_once(tmp_path):
+    """A verified job (a commit into active/) is published before the cycle's only sync; a
+    commit into incoming/ keeps data-sync, publish, rename-sync."""
+    spool = Spool(str(tmp_path / "spool"))
+    gc = GroupCommitter(_Reactor(), [spool.root])
+    assert gc.use_syncfs
+    order: list[str] = []
+    _count_syncs(gc, order)
+
+    def job(state):
+        w, env = _writer(spool)
+        j = w.commit_job(env, state)
+        real = j.publish
+        j.publish = lambda: (order.append("publish " + state), real())[1]
+        return w, j
+
+    try:
+        w1, j1 = job(ACTIVE)
+        assert gc.run_batch([j1]) == [None]
+        assert order == ["publish active", "sync"]
+        del order[:]
+        w2, j2 = job(INCOMING)
+        assert gc.run_batch([j2]) == [None]
+        assert order == ["sync", "publish incoming", "sync"]
+    finally:
+        gc.stop()
+    env = spool.load(ACTIVE, w1.id)
+    data = open(spool.message_path(ACTIVE, w1.id), "rb").read()
+    assert env.data_size == len(data) and env.data_crc == zlib.crc32(data)
+    assert spool.list(INCOMING) == [w2.id]
+
+
+def test_failed_sync_after_early_publish_takes_the_files_back(tmp_path):
+    """The one sync of a verified cycle fails: nobody is told "durable", and the files that
+    were already published are removed again (the client hears 451 and keeps the message)."""
+    spool = Spool(str(tmp_path / "spool"))
+    gc = GroupCommitter(_Reactor(), [spool.root], use_syncfs=True)
+
+    def broken():
+        raise OSError(5, "write-back error")
+
+    gc._sync_all = broken
+    w, env = _writer(spool)
+    try:
+        results = gc.run_batch([w.commit_job(env, ACTIVE)])
+    finally:
+        gc.stop()
+    assert isinstance(results[0], OSError)
+    assert spool.list(ACTIVE) == [] and os.listdir(os.path.join(spool.root, ACTIVE)) == []
     assert os.listdir(os.path.join(spool.root, TMP)) == []

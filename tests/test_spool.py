@@ -293,3 +293,60 @@ def test_failed_commit_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
         w.commit(Envelope.new(queue_id=w.id, sender="", recipients=["x@y"]))
     # the SMTP server answers 451: the message must not be delivered behind the client's back
     assert files(spool, INCOMING) == [] and files(spool, TMP) == []
+
+
+# -- commits published before their sync (tmmail.groupcommit, verified jobs) -----------------
+
+
+def committed_to_active(spool: Spool, data: bytes = DATA) -> str:
+    from tmmail.groupcommit import GroupCommitter
+
+    w = spool.open_message()
+    w.write(data)
+    job = w.commit_job(Envelope.new(queue_id=w.id, sender="a@example.org", recipients=["x@example.com"]), ACTIVE)
+
+    class Now:
+        def callFromThread(self, fn, *a):  # noqa: N802
+            fn(*a)
+
+    gc = GroupCommitter(Now(), [spool.root])
+    try:
+        assert gc.run_batch([job]) == [None]
+    finally:
+        gc.stop()
+    return w.id
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "empty"])
+def test_recover_moves_a_commit_whose_data_never_reached_the_disk_to_corrupt(tmp_path, damage: str) -> None:
+    """A crash between publishing and the sync: the names are durable, the data is not.  No
+    250 was sent; the message must not be delivered as it is (nor deleted: corrupt/)."""
+    spool = Spool(str(tmp_path))
+    data = DATA * 100
+    qid = committed_to_active(spool, data)
+    good = committed_to_active(spool, data)
+    path = spool.message_path(ACTIVE, qid)
+    with open(path, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(len(data) // 2)
+        elif damage == "zeroed":
+            f.seek(4096 if len(data) > 4096 else 0)
+            f.write(b"\0" * 512)
+        else:
+            f.truncate(0)
+    found = restarted(spool).recover()
+    assert found[ACTIVE] == [good]
+    assert sorted(files(spool, CORRUPT)) == [qid + ".eml", qid + ".env"]
+    assert open(spool.message_path(ACTIVE, good), "rb").read() == data
+
+
+def test_recover_keeps_envelopes_without_a_checksum(tmp_path) -> None:
+    """Envelopes written before the size/CRC fields existed are not judged by them."""
+    spool = Spool(str(tmp_path))
+    qid = receive(spool)
+    env = spool.load(INCOMING, qid)
+    env.data_size = env.data_crc = None
+    spool.save(INCOMING, env)
+    with open(spool.message_path(INCOMING, qid), "ab") as f:
+        f.write(b"more\n")
+    assert restarted(spool).recover()[INCOMING] == [qid]

@@ -124,6 +124,11 @@ class Envelope:
     #: released from quarantine/ by an admin (tmmail quarantine release): no transfer event
     #: (pickup or deliver) is asked again, so the hook that quarantined it cannot stop it again
     released: bool = False
+    #: size and CRC-32 of the message file as committed (None for older envelopes): the SMTP
+    #: commit publishes its files before the one sync that makes them durable, so recovery
+    #: checks the data of a message it finds against these (tmmail.spool.Spool.recover)
+    data_size: int | None = None
+    data_crc: int | None = None
     #: not saved: set by the runner when the message was in the middle of delivery when the
     #: process stopped, so connectors check whether a delivery already happened
     recovered: bool = field(default=False, compare=False)
@@ -240,6 +245,8 @@ class Envelope:
                 origin=str(data.get("origin", ORIGIN_SMTP)),
                 checked=bool(data.get("checked", False)),
                 released=bool(data.get("released", False)),
+                data_size=_optional_int(data.get("data_size")),
+                data_crc=_optional_int(data.get("data_crc")),
             )
         except EnvelopeError:
             raise
@@ -248,6 +255,14 @@ class Envelope:
         if not env.recipients:
             raise EnvelopeError("envelope without recipients")
         return env
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise EnvelopeError(f"not a size or checksum: {value!r}")
+    return value
 
 
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode

@@ -14,6 +14,10 @@ committer thread takes *every* job queued while its previous cycle ran and does,
 Two syncs per cycle keep the ordering rule without relying on a file system's ordering
 guarantees (ext4 ``data=ordered`` with delayed allocation can commit a rename before the
 data it names): a reader never finds a published file whose data was not yet durable.
+A cycle whose jobs are all ``verified`` (their recovery checks the data against a size and
+checksum recorded with it, as the spool's commits into ``active/`` do) publishes first and
+syncs once: a crash before that sync can leave a published file with missing data, but
+nobody was told it was durable, and recovery moves it aside instead of delivering it.
 Without syncfs (not Linux, or a kernel that cannot report errors) step 2 fsyncs each job's
 files and step 4 fsyncs each distinct directory once.  The fsyncs never run on the reactor.
 """
@@ -47,6 +51,9 @@ class Job(Protocol):
 
     def rollback(self) -> None:
         """Undo after a failure (remove tmp and published files); must not raise."""
+
+    #: optional: True when recovery verifies the published data itself (one sync per cycle)
+    verified: bool
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -239,6 +246,28 @@ class GroupCommitter:
             group.sync()
         self.sync_seconds += time.perf_counter() - t0
 
+    @staticmethod
+    def _publish(jobs: list[Job], live: list[int], out: list[BaseException | None], dirs: set[str]) -> list[int]:
+        published = []
+        for i in live:
+            try:
+                dirs.update(jobs[i].publish())
+                published.append(i)
+            except BaseException as e:  # noqa: BLE001
+                out[i] = e
+        return published
+
+    def _sync_published(self, published: list[int], out: list[BaseException | None], dirs: set[str]) -> None:
+        try:
+            if self.use_syncfs:
+                self._sync_all()
+            else:
+                for d in dirs:
+                    fsync_path(d, directory=True)
+        except OSError as e:
+            for i in published:
+                out[i] = e
+
     def run_batch(self, jobs: list[Job]) -> list[BaseException | None]:
         """BLOCKING: one cycle; an outcome (None or the error) per job."""
         out: list[BaseException | None] = [None] * len(jobs)
@@ -249,36 +278,28 @@ class GroupCommitter:
             except BaseException as e:  # noqa: BLE001 - reported to that job's caller
                 out[i] = e
         live = [i for i in range(len(jobs)) if out[i] is None]
-        try:
-            if self.use_syncfs:
-                self._sync_all()
-            else:
-                for i in live:
-                    for path in files[i]:
-                        fsync_path(path)
-        except OSError as e:
-            # a write-back error: nobody in this batch can be told "durable"
-            for i in live:
-                out[i] = e
-            live = []
-        dirs: set[str] = set()
-        published = []
-        for i in live:
-            try:
-                dirs.update(jobs[i].publish())
-                published.append(i)
-            except BaseException as e:  # noqa: BLE001
-                out[i] = e
-        if published:
+        if self.use_syncfs and live and all(getattr(jobs[i], "verified", False) for i in live):
+            # every job's recovery checks its own data (Job.verified): publish, then one sync
+            published = self._publish(jobs, live, out, set())
+            if published:
+                self._sync_published(published, out, set())
+        else:
             try:
                 if self.use_syncfs:
                     self._sync_all()
                 else:
-                    for d in dirs:
-                        fsync_path(d, directory=True)
+                    for i in live:
+                        for path in files[i]:
+                            fsync_path(path)
             except OSError as e:
-                for i in published:
+                # a write-back error: nobody in this batch can be told "durable"
+                for i in live:
                     out[i] = e
+                live = []
+            dirs: set[str] = set()
+            published = self._publish(jobs, live, out, dirs)
+            if published:
+                self._sync_published(published, out, dirs)
         for i, err in enumerate(out):
             if err is not None:
                 try:

@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from typing import Any, Iterator
 
 from twisted.logger import Logger
@@ -155,10 +156,13 @@ class SpoolWriter:
         self._file: Any = None
         self._closed = False
         self.size = 0
+        #: CRC-32 of everything written (recorded in the envelope, checked by recovery)
+        self.crc = 0
 
     def write(self, data: bytes) -> None:
         """Append bytes (LF-terminated lines); no fsync, so fine on the reactor."""
         self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
         if self._file is None:
             self._buf += data
             if len(self._buf) > self.SPILL:
@@ -195,6 +199,7 @@ class SpoolWriter:
         try:
             self._close_data()
             fsync_path(sp.path(TMP, self.id, ".eml"))
+            envelope.data_size, envelope.data_crc = self.size, self.crc
             _write_durably(sp.path(TMP, self.id, ".env"), envelope.to_bytes())
             # .eml first, .env last: the message exists in incoming/ once its .env is there
             moved = True
@@ -261,7 +266,14 @@ class SpoolWriter:
 
 class _CommitJob:
     """``SpoolWriter.commit`` split into the phases of tmmail.groupcommit: prepare (flush the
-    .eml, write tmp/ID.env, no fsync), publish (.eml then .env into incoming/), rollback."""
+    .eml, write tmp/ID.env, no fsync), publish (.eml then .env into incoming/), rollback.
+
+    ``verified`` (a commit into active/, which nothing scans): the envelope records the
+    message's size and CRC-32 and recovery checks them, so the committer may publish before
+    its one sync (a crash before that sync leaves at most a message nobody was told about,
+    which recovery finds whole or moves to corrupt/); see tmmail.groupcommit.  A commit
+    into incoming/ keeps the two syncs: the runner's scan could pick the files up early.
+    """
 
     #: bytes of the message kept for the runner's hop count (tmmail.router.count_received)
     HEAD = 1 << 16
@@ -270,6 +282,7 @@ class _CommitJob:
         self.writer = writer
         self.envelope = envelope
         self.state = state
+        self.verified = state == ACTIVE
         self.moved = False
         #: set by prepare(): the start of the message (None if it was spilled to disk) and
         #: the envelope as written, for a caller that hands the message on in memory
@@ -282,6 +295,8 @@ class _CommitJob:
             self.head = bytes(w._buf[: self.HEAD])
         w._close_data()
         env_tmp = sp.path(TMP, w.id, ".env")
+        self.envelope.data_size = w.size
+        self.envelope.data_crc = w.crc
         self.envelope_bytes = self.envelope.to_bytes()
         fd = os.open(env_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -472,6 +487,26 @@ class Spool:
         self._dirsync[state].sync()
         log.error("message {queue_id} moved from {state} to corrupt/", queue_id=queue_id, state=state)
 
+    def _data_problem(self, state: str, queue_id: str) -> str | None:
+        """Why the message file does not match its envelope's size and CRC-32, or None (also
+        for an unreadable envelope or one without them: the runner judges those)."""
+        try:
+            env = self.load(state, queue_id)
+        except (EnvelopeError, FileNotFoundError):
+            return None
+        if env.data_size is None or env.data_crc is None:
+            return None
+        crc, size = 0, 0
+        with open(self.path(state, queue_id, ".eml"), "rb") as f:
+            while chunk := f.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+        if size != env.data_size:
+            return f"message data has {size} bytes, the envelope says {env.data_size}"
+        if crc != env.data_crc:
+            return "message data does not match the envelope's checksum"
+        return None
+
     def _free_corrupt_name(self, queue_id: str, ext: str) -> str:
         path = self.path(CORRUPT, queue_id, ext)
         n = 1
@@ -565,6 +600,16 @@ class Spool:
             else:
                 self.to_corrupt(qid, state)
                 env_at[qid] = CORRUPT
+        for qid, state in sorted(env_at.items()):
+            # an SMTP commit publishes before its sync (tmmail.groupcommit): after a crash its
+            # files may be in place with data that never reached the disk; no 250 was sent
+            # for such a message, and it must not be delivered as it is
+            if state in (INCOMING, ACTIVE) and eml_at.get(qid) == state and old(self.path(state, qid, ".env")):
+                problem = self._data_problem(state, qid)
+                if problem is not None:
+                    log.error("{queue_id}: {problem}; moved to corrupt/", queue_id=qid, problem=problem)
+                    self.to_corrupt(qid, state)
+                    env_at[qid] = eml_at[qid] = CORRUPT
         for qid, state in sorted(eml_at.items()):
             if qid not in env_at and state != CORRUPT and old(self.path(state, qid, ".eml")):
                 log.error("message data {queue_id} without envelope", queue_id=qid)
