@@ -300,3 +300,24 @@ def test_selected_folder_deleted_or_renamed_by_another_session_ends_the_session(
     # the session that made the change goes on
     assert cmd(b, fb, b"b5", b"NOOP")[-1].startswith(b"b5 OK")
     b.close()
+
+
+def test_rename_inbox_by_another_session_is_pushed_as_expunges(env):
+    """RENAME INBOX keeps INBOX: a session idling on it is not closed, it sees the messages go."""
+    for n in range(1, 3):
+        deliver(env, message(n), tmp_name=f"m{n}")
+    a, fa = login_raw(env)
+    b, fb = login_raw(env)
+    cmd(b, fb, b"b1", b"SELECT INBOX")
+    b.sendall(b"b2 IDLE\r\n")
+    assert fb.readline().startswith(b"+ ")
+    assert cmd(a, fa, b"a1", b"RENAME INBOX Saved")[-1].startswith(b"a1 OK")
+    t0 = time.monotonic()
+    got = wait_line(b, fb, lambda ln: ln == b"* 1 EXPUNGE\r\n", timeout=3)
+    assert time.monotonic() - t0 < 2.0
+    assert b"* 2 EXPUNGE\r\n" in got and not any(ln.startswith(b"* BYE") for ln in got)
+    b.sendall(b"DONE\r\n")
+    wait_line(b, fb, lambda ln: ln.startswith(b"b2 OK"))
+    assert cmd(b, fb, b"b3", b"NOOP")[-1].startswith(b"b3 OK")
+    a.close()
+    b.close()

@@ -272,19 +272,21 @@ class MailboxCommands:
         if self.selected is not None and self.selected.name == name:
             self.close_mailbox()  # RFC 3501 leaves this open; Dovecot deselects too
         d = self.blocking(self.account.delete_folder, name)
-        d.addCallback(lambda _: self._folders_moved(tag, b"DELETE"))
+        d.addCallback(lambda _: self._folders_moved(tag, b"DELETE", [name]))
         return self.store_call(tag, d)
 
-    def _folders_moved(self, tag: bytes, name: bytes) -> None:
-        """After DELETE/RENAME: other sessions of this mailbox re-check their selected folder at
-        once (an idling one gets its BYE now, others at their next command), then answer."""
-        root = getattr(self.account, "root", None)
-        for p in list(self.factory.protocols):
-            sel = getattr(p, "selected", None)
-            if p is not self and sel is not None and getattr(p.account, "root", None) == root:
-                sel.mark_dirty()
-                p.folder_changed()
-        self.with_updates(tag, name)
+    def _folders_moved(self, tag: bytes, command: bytes, affected: list[str]) -> None:
+        """After DELETE/RENAME: every session of this process with one of the ``affected``
+        folders selected re-reads it at once (store watchers: an idling one gets its BYE now,
+        others at their next command), then answer."""
+        from tmmail import maildir
+
+        for name in affected:
+            try:
+                maildir.notify(self.account.path_of(name))
+            except Exception:
+                self.log.failure("IMAP notify of {mailbox} failed", mailbox=name)
+        self.with_updates(tag, command)
 
     def do_RENAME(self, tag: bytes, args: list) -> Any:
         if len(args) != 2:
@@ -294,11 +296,16 @@ class MailboxCommands:
         if new == "INBOX":
             self.tagged(tag, R.NO_ALREADYEXISTS)
             return None
+        if old == "INBOX":
+            affected = ["INBOX"]  # its messages move; INBOX and its children stay
+        else:
+            affected = [f.name for f in self.account.list_folders()
+                        if f.name == old or f.name.startswith(old + names.SEP)]
         sel = self.selected
-        if sel is not None and old != "INBOX" and (sel.name == old or sel.name.startswith(old + names.SEP)):
+        if sel is not None and old != "INBOX" and sel.name in affected:
             self.close_mailbox()  # as for DELETE: the selected name no longer exists
         d = self.blocking(self.account.rename_folder, old, new)
-        d.addCallback(lambda _: self._folders_moved(tag, b"RENAME"))
+        d.addCallback(lambda _: self._folders_moved(tag, b"RENAME", affected))
         return self.store_call(tag, d)
 
     # -- SUBSCRIBE / UNSUBSCRIBE -----------------------------------------------------------
