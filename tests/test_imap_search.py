@@ -263,3 +263,23 @@ def corpus_mailbox():
 def test_same_result_as_dovecot(query):
     msgs = corpus_mailbox()
     assert run(query.encode("utf-8"), msgs) == DOVECOT["queries"][query]
+
+
+def test_expunged_message_does_not_match_and_is_reported():
+    """A message whose content is gone (load() raises MessageGone) simply does not match, also
+    under NOT; the others are still searched; flag-only programs never load and still see it."""
+    from tmmail.imap.search import MessageGone
+
+    class Gone(Stored):
+        def load(self):
+            raise MessageGone("expunged")
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    msgs = [Stored(1, 1, [], 100, now, M1), Gone(2, 2, ["\\Seen"], 100, now, M1),
+            Stored(3, 3, ["\\Seen"], 100, now, M1)]
+    for text in (b"BODY lunch", b"NOT BODY nomatch", b"SUBJECT lunch", b"SENTBEFORE 1-Jan-2030"):
+        gone: list = []
+        found = search(parse_search(tokenize(text)), msgs, 3, 3, gone)
+        assert [m.seq for m in found] == [1, 3], text
+        assert [m.seq for m in gone] == [2]
+    assert [m.seq for m in search(parse_search(tokenize(b"SEEN")), msgs, 3, 3)] == [2, 3]
