@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tmmail import policy
+from tmmail import policy, sendnow
 from tmmail import smtpreplies as R
 from tmmail.smtpauth import AuthCommands
 from tmmail.smtptransaction import Transaction, TransactionCommands
@@ -160,10 +160,18 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         # a client that does not read would keep the connection (and our buffer) forever
         self._abort_call = self.reactor.callLater(self.factory.close_grace, self.transport.abortConnection)
 
+    def _send(self, data: bytes) -> None:
+        """Replies go out at once (tmmail.sendnow) unless more pipelined commands are waiting
+        in the input buffer: then the reactor sends the replies of the batch together."""
+        if self._buf:
+            self.transport.write(data)
+        else:
+            sendnow.write(self.transport, data)
+
     def _reply(self, line: str) -> None:
         if self.closing:
             return
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        self._send(line.encode("utf-8") + b"\r\n")
         code = line[:3]
         if code[:1] in ("4", "5") and code != "421":
             self.errors += 1
@@ -178,7 +186,7 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             out.append(f"{line[:3]}{sep}{line[4:]}".encode("utf-8") + b"\r\n")
-        self.transport.write(b"".join(out))
+        self._send(b"".join(out))
 
     # -- input ---------------------------------------------------------------------------
 
