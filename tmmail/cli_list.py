@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
 from tmmail.address import AddressError, InternalAddress, parse_address
@@ -144,8 +145,13 @@ def cmd_member_remove(args: argparse.Namespace, ctx: Any) -> int:
 def cmd_member_list(args: argparse.Namespace, ctx: Any) -> int:
     snap = ctx.store.reload()
     ml = _find_list(snap, args.list)
+    from tmmail.connectors.listserver import bounce_count
+
+    now = time.time()
     for m in ml.members:
-        ctx.out(m.address, "active" if m.active else "disabled", f"bounces={m.bounces}")
+        # the count as the next bounce sees it (it starts again after bounce_reset_days)
+        count = bounce_count(str(m.bounces), str(m.last_bounce) if m.last_bounce else "", now, ml.bounce_reset)
+        ctx.out(m.address, "active" if m.active else "disabled", f"bounces={count}")
     return 0
 
 

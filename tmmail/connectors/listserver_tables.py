@@ -49,6 +49,8 @@ class Member:
     address: str
     status: int = 1
     bounces: int = 0
+    #: epoch seconds of the last counted bounce (0 = none recorded)
+    last_bounce: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -165,9 +167,10 @@ def build_index(list_rows: Any, member_rows: Any) -> ListIndex:
                 continue
             status = int(row[2]) if len(row) > 2 and row[2] else 1
             bounces = int(row[3]) if len(row) > 3 and row[3] else 0
+            last = float(row[4]) if len(row) > 4 and row[4].strip() else 0.0
         except (AddressError, ValueError, IndexError):
             continue
-        members.setdefault(key, []).append(Member(str(addr), status, bounces))
+        members.setdefault(key, []).append(Member(str(addr), status, bounces, last))
     by_key: dict[str, MailingList] = {}
     by_address: dict[str, tuple[MailingList, str]] = {}
     for row in list_rows:
