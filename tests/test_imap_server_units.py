@@ -192,3 +192,41 @@ def test_login_switches_to_the_authenticated_timeout(tmp_path):
     clock.advance(2)
     assert transport.value().endswith(b"* BYE Autologout; idle for too long\r\n")
     assert transport.disconnecting
+
+
+def test_incomplete_command_is_acked_at_once(tmp_path):
+    """While a command is incomplete (a literal, or its final CRLF, still to come) the server
+    sets TCP_QUICKACK after each read, so a client that sends the literal and the CRLF in two
+    writes (imaplib's APPEND) is not held ~40 ms by Nagle + delayed ACK; complete commands cost
+    no extra system call."""
+    import socket
+
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from tmmail import config
+    from tmmail.imap.server import IMAPFactory
+
+    class Sock:
+        calls: list = []
+
+        def setsockopt(self, *a):
+            self.calls.append(a)
+
+    settings = config.parse({"server": {"state_dir": str(tmp_path)}})
+    factory = IMAPFactory(settings, "imap", None, None, None, reactor=task.Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.socket = Sock()
+    proto.makeConnection(transport)
+    quick = (socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
+    proto.dataReceived(b"a NOOP\r\n")
+    assert Sock.calls == []
+    proto.dataReceived(b"b NOOP {5}\r\n")
+    assert transport.value().endswith(b"+ Ready for literal data\r\n")
+    proto.dataReceived(b"hello")
+    assert Sock.calls and all(c == quick for c in Sock.calls)
+    n = len(Sock.calls)
+    proto.dataReceived(b"\r\n")
+    assert transport.value().endswith(b"b OK NOOP completed\r\n")  # the command was complete
+    assert len(Sock.calls) == n

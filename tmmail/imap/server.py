@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import socket
 from typing import Any, Callable
 
 from twisted.internet import defer, protocol
@@ -43,6 +44,9 @@ _MAX_BUFFERED = 256 * 1024
 _MAX_ERRORS = 50
 #: RFC 3501 tag = 1*<any ASTRING-CHAR except "+">; ASTRING-CHAR includes resp-specials "]"
 _TAG_BAD = frozenset(b'(){ %*"\\+')
+
+#: Linux's TCP_QUICKACK (12); the socket module defines it only on Linux
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 
 
 def _valid_tag(tag: bytes) -> bool:
@@ -166,6 +170,8 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         elif self._paused and (not self._busy or self.reader.pending <= _MAX_BUFFERED):
             self._paused = False
             self.transport.resumeProducing()
+        if not self._busy and self.reader.buffered:
+            self._quickack()  # waiting for the rest of a command (a literal, its final CRLF)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, Line):
@@ -197,6 +203,27 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             return
         assert isinstance(event, Command)
         self._command(event.data)
+
+    def _quickack(self) -> None:
+        """ACK what was received at once (Linux TCP_QUICKACK) while a command is incomplete.
+
+        Clients often send a literal and the CRLF that ends the command in two writes (imaplib's
+        APPEND, many libraries); with Nagle on their side the CRLF waits until the literal is
+        ACKed, and the kernel delays that ACK by ~40 ms in an interactive connection (the server
+        has nothing to send yet to piggyback it on).  strace showed the CRLF of every such
+        APPEND arriving 42 ms after the literal (bench/imap_load.py: APPEND 67 ms, Dovecot 6 ms).
+        Setting TCP_QUICKACK sends the pending ACK now; it costs one setsockopt per read, and
+        only while a command is incomplete."""
+        t = self.transport
+        while t is not None:
+            sock = getattr(t, "socket", None)
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                except (OSError, AttributeError):
+                    pass
+                return
+            t = getattr(t, "transport", None)
 
     def _bad(self, tag: bytes, text: bytes) -> None:
         self.tagged(tag, text)
