@@ -447,7 +447,8 @@ def test_lost_connection_is_our_reply_and_names_the_host_in_its_text(world, zone
     mx(zone, "far.test", "127.0.0.50")
     with Sink(address="127.0.0.50", port=world.port) as sink:
         sink.script.data = "drop"  # close after the data, without a reply
-        qid = w.send(["bob@far.test"])
+        # queued a minute ago: the delay notice is due at the first deferral, however fast
+        qid = w.send(["bob@far.test"], arrival=time.time() - 60)
         wait_for(lambda: w.reports(), what="delay notice")
     env = w.envelope(qid)
     assert env.recipients[0].state == "deferred" and env.recipients[0].remote_mta == ""

@@ -141,6 +141,8 @@ class Runner:
         #: messages handed over in memory by the SMTP server (``take``): queue id ->
         #: (envelope as written, start of the message or None); they are already in active/
         self._handed: dict[str, tuple[bytes, bytes | None]] = {}
+        #: finished messages waiting for the shared removal job (queue id, durable, Deferred)
+        self._removals: list[tuple[str, bool, defer.Deferred]] = []
 
         self._ready: deque[tuple[str, str]] = deque()
         self._queued: set[str] = set()
@@ -775,18 +777,62 @@ class Runner:
         keep = any(r.bad for r in env.recipients) or (
             not env.sender and env.origin == ORIGIN_POSTMASTER and any(r.state == R_FAILED for r in env.recipients)
         )
-        data = env.to_bytes()
         done = env.done
         if done and not keep and not reports:
-            # the removal itself records the outcome; a save before it would be wasted
-            data = b""
+            # a plain removal records the outcome itself (no save before it), is not logged
+            # (each recipient's outcome line says it) and shares a thread job with others
+            yield self._remove(qid, durable=not self._recorded_in_maildirs(env))
+            return
+        data = env.to_bytes()
         when = env.next_due()
         yield self._io(self._finish_blocking, env, data, reports, done, keep)
-        if done and (keep or reports):
-            # a plain removal is not logged: each recipient's outcome line already says it
+        if done:
             log.info("{queue_id}: finished{where}", queue_id=qid, where=" (kept in badmail/)" if keep else "")
         else:
             self._push(qid, when if when is not None else now)
+
+    @staticmethod
+    def _recorded_in_maildirs(env: Envelope) -> bool:
+        """Every recipient was delivered into a Maildir: each copy is its own record
+        (recovery recognises it), so losing the removal in a crash re-sends nothing."""
+        return all(r.state == R_DELIVERED and r.target.upper().startswith("[SF:") for r in env.recipients)
+
+    def _remove(self, qid: str, durable: bool) -> defer.Deferred:
+        """Remove a finished message from active/; removals queued in one reactor turn share
+        one thread job (and, if any must be durable, one directory sync)."""
+        d: defer.Deferred = defer.Deferred()
+        self._removals.append((qid, durable, d))
+        if len(self._removals) == 1:
+            self.reactor.callLater(0, self._run_removals)
+        return d
+
+    def _run_removals(self) -> None:
+        batch, self._removals = self._removals, []
+
+        def work() -> list[BaseException | None]:
+            out: list[BaseException | None] = []
+            for qid, _, _ in batch:
+                try:
+                    self.spool.remove(qid, ACTIVE, durable=False)
+                    out.append(None)
+                except OSError as e:
+                    out.append(e)
+            if any(durable for _, durable, _ in batch):
+                self.spool.sync(ACTIVE)
+            return out
+
+        def done(results: list[BaseException | None]) -> None:
+            for (_, _, d), err in zip(batch, results):
+                if err is None:
+                    d.callback(None)
+                else:
+                    d.errback(Failure(err))
+
+        def failed(f: Failure) -> None:
+            for _, _, d in batch:
+                d.errback(f)
+
+        self._io(work).addCallbacks(done, failed)
 
     def _report(self, r: Recipient, action: str, until: float | None = None) -> dsn.RecipientReport:
         if action in (dsn.DELIVERED, dsn.RELAYED):
@@ -833,12 +879,7 @@ class Runner:
             if keep:
                 self.spool.move(qid, ACTIVE, BADMAIL)
             else:
-                # every copy in a Maildir is its own record (recovery recognises it), so a
-                # removal lost in a crash re-sends nothing and needs no sync of its own
-                local_only = not reports and all(
-                    r.state == R_DELIVERED and r.target.upper().startswith("[SF:") for r in env.recipients
-                )
-                self.spool.remove(qid, ACTIVE, durable=not local_only)
+                self.spool.remove(qid, ACTIVE)  # reports were queued: a durable removal
         else:
             self.spool.move(qid, ACTIVE, DEFERRED)
         if reports:

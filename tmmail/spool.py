@@ -45,6 +45,7 @@ _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _B36 = _ALPHABET[:36]
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+_random_pool = bytearray()
 
 log = Logger(namespace="tmmail.spool")
 
@@ -66,7 +67,11 @@ def new_queue_id(now: float | None = None) -> str:
     ms = int((time.time() if now is None else now) * 1000)
     with _counter_lock:
         n = next(_counter)
-    r = secrets.randbelow(62**4)  # one getrandom call, not four
+        if len(_random_pool) < 4:
+            # one getrandom call per 256 ids, not one per id (each costs a system call)
+            _random_pool[:] = os.urandom(1024)
+        r = int.from_bytes(_random_pool[-4:], "big") % 62**4
+        del _random_pool[-4:]
     rand = "".join(_ALPHABET[(r // 62**k) % 62] for k in range(4))
     return _base36(ms, 9) + _base36(n % 36**3, 3) + rand
 
@@ -475,6 +480,10 @@ class Spool:
                 pass
         if durable:
             self._dirsync[state].sync()
+
+    def sync(self, state: str) -> None:
+        """Make the renames and unlinks done so far in ``state`` durable."""
+        self._dirsync[state].sync()
 
     def to_corrupt(self, queue_id: str, state: str) -> None:
         """Move whatever files of the message are in ``state`` to corrupt/ (never deleted)."""
