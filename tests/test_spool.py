@@ -350,3 +350,15 @@ def test_recover_keeps_envelopes_without_a_checksum(tmp_path) -> None:
     with open(spool.message_path(INCOMING, qid), "ab") as f:
         f.write(b"more\n")
     assert restarted(spool).recover()[INCOMING] == [qid]
+
+
+def test_commit_into_active_of_a_spilled_message(tmp_path) -> None:
+    """A message too big to keep in memory was spilled to tmp/; its commit into active/
+    renames it there and the recorded size and checksum match what recovery reads."""
+    spool = Spool(str(tmp_path))
+    data = b"Subject: big\n\n" + b"y" * 72 + b"\n"
+    data = data * ((3 << 19) // len(data))  # ~1.5 MiB, over SpoolWriter.SPILL
+    qid = committed_to_active(spool, data)
+    assert files(spool, TMP) == []
+    assert open(spool.message_path(ACTIVE, qid), "rb").read() == data
+    assert restarted(spool).recover()[ACTIVE] == [qid]

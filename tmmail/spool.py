@@ -296,28 +296,34 @@ class _CommitJob:
 
     def prepare(self) -> list[str]:
         w, sp = self.writer, self.writer.spool
+        # a verified commit writes straight to its final names (recovery checks the data,
+        # nothing looks at active/ meanwhile): no tmp files, no renames
+        where = self.state if self.verified else TMP
+        self.moved = self.verified
+        eml = sp.path(TMP, w.id, ".eml")
         if w._file is None:
             self.head = bytes(w._buf[: self.HEAD])
-        w._close_data()
-        env_tmp = sp.path(TMP, w.id, ".env")
+            eml = sp.path(where, w.id, ".eml")
+            _write_new(eml, w._buf)  # os.write straight from the buffer: no file object
+            w._buf = bytearray()
+        else:
+            w._close_data()  # spilled to tmp/: renamed by publish
         self.envelope.data_size = w.size
         self.envelope.data_crc = w.crc
         self.envelope_bytes = self.envelope.to_bytes()
-        fd = os.open(env_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(self.envelope_bytes)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        return [sp.path(TMP, w.id, ".eml"), env_tmp]
+        env = sp.path(where, w.id, ".env")
+        _write_new(env, self.envelope_bytes)
+        return [eml, env]
 
     def publish(self) -> list[str]:
         w, sp = self.writer, self.writer.spool
         self.moved = True
         # .eml first, .env last: the message exists in its state once its .env is there
-        os.rename(sp.path(TMP, w.id, ".eml"), sp.path(self.state, w.id, ".eml"))
-        os.rename(sp.path(TMP, w.id, ".env"), sp.path(self.state, w.id, ".env"))
+        spilled = sp.path(TMP, w.id, ".eml")
+        if not self.verified or w._file is not None:
+            os.rename(spilled, sp.path(self.state, w.id, ".eml"))
+        if not self.verified:
+            os.rename(sp.path(TMP, w.id, ".env"), sp.path(self.state, w.id, ".env"))
         return [os.path.join(sp.root, self.state)]
 
     def rollback(self) -> None:
@@ -329,6 +335,17 @@ class _CommitJob:
                 except OSError:
                     pass
         w._cleanup()
+
+
+def _write_new(path: str, data: bytes | bytearray) -> None:
+    """Create ``path`` (O_EXCL: a queue id is never reused) holding ``data``; no fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class Spool:
