@@ -116,6 +116,10 @@ class MailService(MultiService):
         self.runner.start()
         if self.handle_signals:
             self._install_sighup()
+            # twistd's own log file (not under tests that log elsewhere)
+            from tmmail import logformat
+
+            logformat.install()
         self.log.info("TMmail started as {hostname}", hostname=self.settings.server.hostname)
 
     # -- SIGHUP: reload the certificate and the provider tables now --------------------
