@@ -227,13 +227,19 @@ def test_postoffice_and_domain_commands(site: Path) -> None:
     refused(site, "domain", "add", "acme.test", "--postoffice", "ACME")
     refused(site, "domain", "add", "new.test", "--postoffice", "NOPE")
     refused(site, "domain", "add", "bad_domain!", "--postoffice", "ACME")
+    # no trailing empty fields (no route, no options); a route keeps its column
     assert ok(site, "domain", "list").splitlines() == [
-        "acme.test\tACME\tenabled\t\t",
-        "example.com\tEXAMPLE\tenabled\t\t",
+        "acme.test\tACME\tenabled",
+        "example.com\tEXAMPLE\tenabled",
     ]
-    assert ok(site, "postoffice", "list").splitlines()[0].split("\t")[:4] == [
-        "ACME", "enabled", "mailboxes=0", "domains=acme.test"
+    assert ok(site, "postoffice", "list").splitlines() == [
+        "ACME\tenabled\tmailboxes=0\tdomains=acme.test",
+        "EXAMPLE\tenabled\tmailboxes=1\tdomains=example.com",
     ]
+    conf = site.parent / "config" / "DOMAINS.tab"
+    conf.write_text(conf.read_text() + "routed.test\tACME\t1\t\tanti_spoofing=0\n")
+    assert "routed.test\tACME\tenabled\t\tanti_spoofing=0" in ok(site, "domain", "list").splitlines()
+    conf.write_text(conf.read_text().replace("routed.test\tACME\t1\t\tanti_spoofing=0\n", ""))
     refused(site, "postoffice", "remove", "ACME")  # still has a domain
     ok(site, "domain", "remove", "ACME.test")
     ok(site, "postoffice", "remove", "acme")
@@ -285,6 +291,40 @@ def test_first_domain_without_init_domain_gets_a_postmaster_mailbox(tmp_path: Pa
     # a domain of another post office gets an alias to it
     ok(conf, "postoffice", "add", "OTHER")
     assert "alias of postmaster@acme.test" in ok(conf, "domain", "add", "three.test", "--postoffice", "OTHER")
+
+
+def test_alias_to_a_group_or_list_that_exists(site: Path) -> None:
+    ok(site, "group", "add", "staff@example.com", "--postoffice", "EXAMPLE")
+    ok(site, "alias", "add", "all@example.com", "[sf:example/STAFF]")
+    ok(site, "list", "add", "news@example.com", "--postoffice", "EXAMPLE")
+    ok(site, "alias", "add", "announce@example.com", "[LS:EXAMPLE/news]")
+    ok(site, "alias", "add", "news-owner@example.com", "[LS:EXAMPLE/news+owner]")  # a list role
+    ok(site, "alias", "add", "*@example.com", "[SF:example/*]")  # the local part, as a mailbox name
+    rows = ok(site, "alias", "list").splitlines()
+    assert "all@example.com\t[SF:EXAMPLE/staff]\t0" in rows
+    assert "*@example.com\t[SF:EXAMPLE/*]\t0" in rows
+    assert "announce@example.com\t[LS:EXAMPLE/news]\t0" in rows
+
+
+def test_domain_remove_refuses_mailboxes_then_drops_its_aliases(site: Path) -> None:
+    ok(site, "postoffice", "add", "ACME")
+    ok(site, "domain", "add", "acme.test", "--postoffice", "ACME")
+    ok(site, "mailbox", "add", "joe@acme.test")
+    ok(site, "alias", "add", "sales@acme.test", "joe@acme.test")
+    ok(site, "alias", "add", "*@acme.test", "[SF:ACME/joe]")
+    ok(site, "alias", "add", "*", "[SF:EXAMPLE/postmaster]")  # every domain's: stays
+    ok(site, "alias", "add", "acme@example.com", "sales@acme.test")  # another domain's: stays
+    before = tables(site)
+    err = refused(site, "domain", "remove", "acme.test")
+    assert "1 mailbox(es) (joe@acme.test)" in err and "tmmail mailbox remove" in err
+    assert tables(site) == before
+    ok(site, "mailbox", "remove", "joe@acme.test")
+    out = ok(site, "domain", "remove", "ACME.test")
+    # postmaster@ (from domain add) and sales@; *@acme.test went with the mailbox it pointed at
+    assert "2 alias(es)" in out
+    assert [l.split("\t")[0] for l in ok(site, "alias", "list").splitlines()] == [
+        "postmaster@example.com", "*", "acme@example.com"]
+    assert [l.split("\t")[0] for l in ok(site, "domain", "list").splitlines()] == ["example.com"]
 
 
 def test_unicode_domain_is_stored_as_a_label(site: Path) -> None:
@@ -342,6 +382,11 @@ def test_mailbox_without_password_cannot_log_in(site: Path) -> None:
         (("mailbox", "frobnicate"), "", "invalid choice"),
         (("alias", "add", "x@unknown.example", "joe@example.com"), "", "not hosted"),
         (("alias", "add", "x@example.com", "[SF:NOPE/joe]"), "", "no post office"),
+        # an alias to nothing would accept mail at RCPT and bounce it later
+        (("alias", "add", "a@example.com", "[SF:EXAMPLE/nobody]"), "", "no mailbox or group EXAMPLE/nobody"),
+        (("alias", "add", "a@example.com", "[LS:EXAMPLE/nolist]"), "", "no list EXAMPLE/nolist"),
+        (("alias", "add", "a@example.com", "[LS:NOPE/news]"), "", "no post office NOPE"),
+        (("domain", "remove", "example.com"), "", "still has 2 mailbox(es)"),  # joe, postmaster
         (("alias", "add", "x@example.com", "*@example.com"), "", "mask"),
         (("alias", "add", "joe@example.com", "other@remote.example"), "", "already maps"),
         (("alias", "remove", "nothing@example.com"), "", "no alias"),
@@ -400,23 +445,24 @@ def test_quota_sizes() -> None:
 
 def test_alias_commands(site: Path) -> None:
     ok(site, "mailbox", "add", "joe@example.com")
+    ok(site, "list", "add", "team@example.com", "--postoffice", "EXAMPLE")
     ok(site, "alias", "add", "Sales@Example.com", "joe@example.com")
     ok(site, "alias", "add", "*@example.com", "[sf:example/JOE]")  # canonical spelling stored
-    ok(site, "alias", "add", "team@example.com", "[LS:EXAMPLE/team]")
+    ok(site, "alias", "add", "crew@example.com", "[LS:EXAMPLE/team]")
     ok(site, "alias", "add", "ext@example.com", "someone@remote.example")
     assert ok(site, "alias", "list").splitlines() == [
         "postmaster@example.com\t[SF:EXAMPLE/postmaster]\t0",
         "joe@example.com\t[SF:EXAMPLE/joe]\t0",
         "Sales@example.com\t[SMTP:joe@example.com]\t0",
         "*@example.com\t[SF:EXAMPLE/joe]\t0",
-        "team@example.com\t[LS:EXAMPLE/team]\t0",
+        "crew@example.com\t[LS:EXAMPLE/team]\t0",
         "ext@example.com\t[SMTP:someone@remote.example]\t0",
     ]
     refused(site, "alias", "add", "*@EXAMPLE.com", "joe@example.com")  # duplicate mask
     ok(site, "alias", "remove", "sales@example.com")
     ok(site, "alias", "remove", "[SMTP:*@example.com]")
     assert [l.split("\t")[0] for l in ok(site, "alias", "list").splitlines()] == [
-        "postmaster@example.com", "joe@example.com", "team@example.com", "ext@example.com"
+        "postmaster@example.com", "joe@example.com", "crew@example.com", "ext@example.com"
     ]
 
 

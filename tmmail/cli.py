@@ -91,6 +91,14 @@ class Context:
     def out(self, *fields: Any) -> None:
         self.stdout.write("\t".join(str(f) for f in fields) + "\n")
 
+    def out_trimmed(self, *fields: Any) -> None:
+        """``out`` without trailing empty fields: columns keep their positions, but a line
+        does not end in tabs nobody can see (``domain list`` without route or options)."""
+        texts = [str(f) for f in fields]
+        while texts and texts[-1] == "":
+            texts.pop()
+        self.out(*texts)
+
     def fail(self, message: str) -> NoReturn:
         raise CLIError(message)
 
@@ -307,7 +315,7 @@ def cmd_postoffice_list(args: argparse.Namespace, ctx: Context) -> int:
     snap = ctx.store.reload()
     for po in sorted(snap.postoffices.values(), key=lambda p: p.name.upper()):
         domains = sorted(d.name for d in snap.domains.values() if d.postoffice.upper() == po.name.upper())
-        ctx.out(
+        ctx.out_trimmed(
             po.name,
             "enabled" if po.enabled else "disabled",
             f"mailboxes={len(snap.mailboxes_of(po.name))}",
@@ -373,22 +381,46 @@ def _give_postmaster(ctx: Context, snap: Providers, domain: str, primary: str | 
     return f"; created mailbox {address} ({po}/{POSTMASTER}, no password yet)"
 
 
+def _in_domain(source: str, domain: str) -> bool:
+    """Is the ADDRESS-MAP source ``[SMTP:x@domain]`` / ``[SMTP:*@domain]`` of ``domain``?
+    Masks over several domains (``*``, ``*@*.example``) are not any one domain's."""
+    try:
+        src = InternalAddress.parse(source)
+    except AddressError:
+        return False
+    if src.scheme != "SMTP":
+        return False
+    part = src.value.rpartition("@")[2]
+    return bool(part) and not is_mask(part) and normalize_domain(part) == domain
+
+
 def cmd_domain_remove(args: argparse.Namespace, ctx: Context) -> int:
+    """Refuse while mailboxes have their login in the domain (their mail and passwords would
+    be stranded: say how many, and how to remove them); otherwise remove the domain and the
+    aliases whose source is in it, which would otherwise linger in `alias list`, pointing
+    nowhere, and come back to life if the domain were added again."""
     domain = _domain_arg(args.domain)
     with ctx.store.locked():
         snap = ctx.store.reload()
         if snap.domain(domain) is None:
             raise CLIError(f"no domain {domain}")
+        logins = sorted(a.login for a in snap.auth.values()
+                        if a.login.rpartition("@")[2].lower() == domain and snap.mailbox(a.postoffice, a.mailbox))
+        if logins:
+            raise CLIError(f"domain {domain} still has {len(logins)} mailbox(es) ({', '.join(logins[:3])}"
+                           f"{', ...' if len(logins) > 3 else ''}); remove them first: tmmail mailbox remove ADDRESS")
+        aliases = [r for r in _rows(snap, "ADDRESS-MAP") if _in_domain(r[0], domain)]
         rows = [r for r in _rows(snap, "DOMAINS") if normalize_domain(r[0]) != domain]
+        ctx.store.write("ADDRESS-MAP", [r for r in _rows(snap, "ADDRESS-MAP") if not _in_domain(r[0], domain)])
         ctx.store.write("DOMAINS", rows)
-    ctx.stdout.write(f"removed domain {domain} (mail for it is no longer accepted; mailboxes were kept)\n")
+    ctx.stdout.write(f"removed domain {domain} and its {len(aliases)} alias(es); mail for it is no longer accepted\n")
     return 0
 
 
 def cmd_domain_list(args: argparse.Namespace, ctx: Context) -> int:
     snap = ctx.store.reload()
     for d in sorted(snap.domains.values(), key=lambda d: d.name):
-        ctx.out(d.name, d.postoffice, "enabled" if d.enabled else "disabled", d.route, format_options(d.options))
+        ctx.out_trimmed(d.name, d.postoffice, "enabled" if d.enabled else "disabled", d.route, format_options(d.options))
     return 0
 
 
@@ -552,13 +584,28 @@ def _alias_destination(snap: Providers, text: str) -> str:
         if dest.is_mask:
             raise CLIError("a destination cannot be a mask")
         if dest.scheme in ("SF", "LS"):
+            # an alias to nothing would accept mail at RCPT and then bounce it: refuse it here
             po = snap.postoffice(dest.postoffice)
             if po is None:
-                raise CLIError(f"no post office {dest.postoffice}")
+                raise CLIError(f"no post office {dest.postoffice} (tmmail postoffice list)")
             if dest.scheme == "SF":
+                from tmmail.groups import groups
+
+                if dest.name == "*":  # the recipient's local part in that post office (router)
+                    return str(InternalAddress("SF", f"{po.name}/*"))
                 mbx = snap.mailbox(po.name, dest.name)
-                return str(InternalAddress("SF", f"{po.name}/{mbx.name if mbx else dest.name}"))
-            return str(InternalAddress(dest.scheme, f"{po.name}/{dest.name}"))
+                if mbx is not None:
+                    return str(InternalAddress("SF", f"{po.name}/{mbx.name}"))
+                group = groups(snap).get(InternalAddress("SF", f"{po.name}/{dest.name}"))
+                if group is None:
+                    raise CLIError(f"no mailbox or group {po.name}/{dest.name} (tmmail mailbox list, tmmail group list)")
+                return str(group.target)
+            from tmmail.connectors.listserver_tables import lists
+
+            canonical = InternalAddress(dest.scheme, f"{po.name}/{dest.name}")
+            if lists(snap).get(canonical) is None:
+                raise CLIError(f"no list {po.name}/{dest.name} (tmmail list list)")
+            return str(canonical)
         return str(dest)
     if is_mask(text):
         raise CLIError("a destination cannot be a mask")
