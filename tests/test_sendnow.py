@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 from twisted.internet import protocol, reactor
 
@@ -57,6 +58,9 @@ def test_plain_tcp_sends_at_once_and_keeps_order(reactor_thread) -> None:
         while not got.endswith(b"\r\n"):
             got += c.recv(100)
         assert got == b"third\r\n"
+        deadline = time.monotonic() + 5  # set just after the send that the client already saw
+        while not hasattr(factory, "third_queued") and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert factory.third_queued is False
         c.close()
     finally:
