@@ -175,3 +175,31 @@ def test_large_expunge_does_not_hold_the_index_lock_while_it_fsyncs(md, monkeypa
     result = view.expunge()
     assert len(result) == 300 and os.listdir(os.path.join(md, "cur")) == []
     assert free_during_fsync and all(free_during_fsync)
+
+
+def test_own_uidlist_write_is_not_read_back_but_a_foreign_rewrite_is(md, monkeypatch):
+    """APPEND hands the uidlist it wrote to the index (stamped by fstat of the written file), so
+    the next refresh does not read and parse dovecot-uidlist again; a rewrite by anyone else
+    changes the stamp and is read."""
+    from tmmail import uidlist
+
+    st = Store(md)
+    view = st.open("INBOX")
+    _, uid1 = st.append("INBOX", MSG)
+    _, uid2 = st.append("INBOX", MSG)  # (the writer re-reads the list under its lock)
+    reads = []
+    real_read = uidlist.read
+    monkeypatch.setattr(uidlist, "read", lambda folder: reads.append(folder) or real_read(folder))
+    view.refresh()
+    assert [m.uid for m in view.messages] == [uid1, uid2]
+    assert reads == []
+    ul = real_read(md)
+    assert ul.written_stamp is None and uidlist.stamp(md) is not None
+    # another writer (a forked process, Dovecot) rewrites the list: the stamp changes, it is read
+    with uidlist.DotLock(os.path.join(md, uidlist.UIDLIST)) as lock:
+        ul.extra.append("Xforeign")
+        lock.commit(uidlist.format(ul))
+    maildir.notify(md)
+    view.refresh()
+    assert reads == [md]
+    assert [m.uid for m in view.messages] == [uid1, uid2]

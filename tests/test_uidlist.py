@@ -128,3 +128,14 @@ def test_records_out_of_uid_order_are_written_in_uid_order():
     lines = uidlist.format(ul).decode().splitlines()
     assert lines[1:] == ["2 :a.host", "5 :b.host", "9 W12 :c.host"]
     assert uidlist.parse(uidlist.format(ul)).records == ul.records
+
+
+def test_update_stamps_what_it_wrote(tmp_path):
+    """update() returns the stamp of the file it wrote (fstat before the rename), equal to
+    stamp() of the file in place; a no-op update wrote nothing and has no stamp."""
+    folder = str(tmp_path)
+    ul = uidlist.update(folder, ["a", "b"], uidvalidity=7)
+    assert ul.written_stamp is not None and ul.written_stamp == uidlist.stamp(folder)
+    again = uidlist.update(folder, ["a"])
+    assert again.written_stamp is None
+    assert uidlist.read(folder).written_stamp is None

@@ -304,6 +304,7 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        idx.adopt_uidlist(ul)
         maildir.notify(idx.path)
         return ul.uidvalidity, ul.records[base].uid
 

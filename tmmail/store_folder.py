@@ -391,6 +391,7 @@ class Folder:
             return [base for _, base in done]
 
         ul = uidlist.update(dest_idx.path, place, uidvalidity=lambda: maildir.allocate_uidvalidity(self.store.root))
+        dest_idx.adopt_uidlist(ul)
         pairs = [(src.uid, ul.records[base].uid) for src, base in done]
         expunged: list[tuple[int, int]] = []
         if move and done:

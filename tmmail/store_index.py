@@ -344,7 +344,7 @@ class FolderIndex:
                     return False
             else:
                 self._ul = ul
-                self._ul_stamp = uidlist.stamp(self.path)
+                self._ul_stamp = ul.written_stamp or uidlist.stamp(self.path)
                 stamp = (stamp[0], stamp[1], self._ul_stamp, stamp[3])
         self._prev_listing = set(listing)
         self._prev_nextuid = ul.nextuid
@@ -395,6 +395,15 @@ class FolderIndex:
         self._counts = None
 
     # -- patching after our own changes -----------------------------------------------------------
+
+    def adopt_uidlist(self, ul: uidlist.UidList) -> None:
+        """``ul`` was just written by this process (APPEND, COPY/MOVE target): the next scan uses
+        it instead of reading and parsing the file again, as long as the file on disk still has
+        the stamp of what was written (any later rewrite, by anyone, changes the stamp)."""
+        if ul.written_stamp is None:
+            return
+        with self.lock:
+            self._ul, self._ul_stamp = ul, ul.written_stamp
 
     def make_info(self, uid: int, base: str, name: str, subdir: str, letters: str) -> MessageInfo:
         return MessageInfo(uid, base, name, subdir, letters, flags_of(letters, self.keywords), self.path)

@@ -57,6 +57,9 @@ class UidList:
     extra: list[str] = field(default_factory=list)
     #: base name -> record, in file order (ascending UIDs)
     records: dict[str, Record] = field(default_factory=dict)
+    #: (mtime_ns, size, inode) of the file this list was written as by ``update`` (fstat of the
+    #: written file before its rename, so exactly this content), None if it was only read
+    written_stamp: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def uid_of(self, base: str) -> int | None:
         rec = self.records.get(base)
@@ -193,6 +196,8 @@ class DotLock:
         self.timeout = timeout
         self.stale = stale
         self.fd: int | None = None
+        #: after commit: (mtime_ns, size, inode) of the file written (see ``stamp()``)
+        self.stamp: tuple[int, int, int] | None = None
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -229,6 +234,8 @@ class DotLock:
                 view = view[n:]
             if durable:
                 os.fsync(fd)
+            st = os.fstat(fd)  # rename keeps mtime, size and inode: the stamp of what we wrote
+            self.stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         except BaseException:
             os.close(fd)
             os.unlink(self.lock_path)
@@ -301,4 +308,5 @@ def update(folder: str, bases: list[str] | Callable[[], list[str]],
                     changed = True
         if changed:
             lock.commit(format(ul), durable)
+            ul.written_stamp = lock.stamp
         return ul
