@@ -365,3 +365,23 @@ def test_postmaster_of_a_fresh_init(tmp_path):
         assert "postmaster@mail.example.com" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_malformed_table_stops_twistd_with_one_line(tmp_path):
+    """A bad provider table at start: `FILE:LINE: reason` on stderr, status 1, no traceback."""
+    srv = Server(tmp_path / "tm").init()
+    auth = os.path.join(srv.root, "config", "AUTH.tab")
+    with open(auth) as f:
+        lines = f.read().count("\n")
+    with open(auth, "a") as f:
+        f.write("joe@example.com\tEXAMPLE/joe\tplain-password\tUSER\n")  # a password in clear
+    from tests.server import BIN
+
+    r = subprocess.run([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", srv.logfile, "tmmail",
+                        "--config", srv.config, "--smtp", "tcp:0:interface=127.0.0.1"],
+                       cwd=srv.root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"{auth}:{lines + 1}: PASSWORD_HASH is not a password hash"), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "plain-password" not in r.stderr

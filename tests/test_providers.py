@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tmmail.cred import hash_password
 from tmmail.errors import ConfigError
 from tmmail.providers import (
     HEADERS,
@@ -22,6 +23,10 @@ def write(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text, encoding="utf-8")
 
 
+#: a real (cheap) hash: AUTH.tab refuses anything else in PASSWORD_HASH
+HASH = hash_password("pw", n=2, r=1, p=1)
+
+
 @pytest.fixture
 def conf(tmp_path: Path) -> Path:
     d = tmp_path / "config"
@@ -29,7 +34,7 @@ def conf(tmp_path: Path) -> Path:
     write(d, "DOMAINS.tab", HEADERS["DOMAINS"] + "Example.COM\tACME\t1\n\nother.example\tACME\t0\tsmart.example:2525\tx=1,y=two\n")
     write(d, "POSTOFFICE.tab", "ACME\t1\tsender_policy=refuse\n")
     write(d, "MAILBOX.tab", "# comment\nACME\tjoe\t1\t1048576\t0\nACME\tann\t1\t0\t2\tjoe@example.com;[SF:ACME/joe]\n")
-    write(d, "AUTH.tab", "Joe@Example.com\tACME/joe\t$scrypt$x\tUSER\nann@example.com\tACME/ann\n")
+    write(d, "AUTH.tab", f"Joe@Example.com\tACME/joe\t{HASH}\tUSER\nann@example.com\tACME/ann\n")
     write(
         d,
         "ADDRESS-MAP.tab",
@@ -97,7 +102,10 @@ def test_tables_load_into_immutable_snapshot(conf: Path) -> None:
         ("MAILBOX.tab", "ACME\tjoe\t1\tlots\n", 1, "QUOTA_BYTES"),
         ("MAILBOX.tab", "ACME\tjoe\t1\t0\t0\tnot an address\n", 1, "REDIRECT"),
         ("AUTH.tab", "joe@example.com\tACMEjoe\thash\n", 1, "POSTOFFICE/MAILBOX"),
-        ("AUTH.tab", "a@x.com\tA/a\th\nA@X.COM\tA/b\th\n", 2, "duplicate login"),
+        ("AUTH.tab", f"a@x.com\tA/a\t{HASH}\nA@X.COM\tA/b\t!\n", 2, "duplicate login"),
+        # a password in clear (or any foreign hash) could never log in: an error at load
+        ("AUTH.tab", f"a@x.com\tA/a\t{HASH}\nb@x.com\tA/b\tsecret123\tUSER\n", 2, "not a password hash"),
+        ("AUTH.tab", "a@x.com\tA/a\t$scrypt$n=3,r=1,p=1$c2FsdA$AAAAAAAAAAAAAAAAAAAAAA\n", 1, "not a password hash"),
         ("ADDRESS-MAP.tab", "joe@example.com\t[SF:ACME/joe]\n", 1, "internal address"),
         ("ADDRESS-MAP.tab", "[SMTP:joe@example.com]\t[SF:ACME]\n", 1, "POSTOFFICE/NAME"),
         ("SMTP-ACCESS.tab", "192.168.1.300\t1\n", 1, "MASK"),
@@ -231,3 +239,11 @@ def test_check_reloads_now_and_never_raises(conf: Path) -> None:
     write(conf, "POSTOFFICE.tab", "bad\tstatus\n")
     assert store.check().postoffice("new") is not None  # the last good tables stay
     assert store.last_error is not None
+
+
+def test_plain_text_password_in_auth_is_reported_without_echoing_it(tmp_path: Path) -> None:
+    (tmp_path / "AUTH.tab").write_text("joe@example.com\tACME/joe\thunter2\tUSER\n")
+    with pytest.raises(ConfigError) as e:
+        ProviderStore(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'AUTH.tab'}:1: PASSWORD_HASH")
+    assert "hunter2" not in str(e.value)

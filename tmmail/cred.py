@@ -108,6 +108,16 @@ def _parse(hashed: str) -> tuple[int, int, int, bytes, bytes] | None:
     return n, r, p, salt, digest
 
 
+def is_password_hash(text: str) -> bool:
+    """Is ``text`` a hash :func:`verify_password` can check (``$scrypt$`` with sane parameters)?
+
+    The provider loader uses it to refuse an AUTH.tab line whose hash field is anything else
+    (a plain-text password, a hash from another system): such a login could never succeed,
+    and a password in clear in a table is worth an error at load, not a silent failure.
+    """
+    return _parse(text) is not None
+
+
 #: a hash checked for unknown logins and locked accounts, so they take as long as real ones
 _DUMMY_SALT = b"tmmail-dummy-slt"
 

@@ -519,7 +519,15 @@ def _parse_table(table: str, path: str, rows: list[tuple[int, tuple[str, ...]]])
                 r.error(f"LOGIN {login!r} contains white space")
             _dup(r, seen, login.lower(), f"login {login}")
             po, mbx = _po_mailbox(r, 1)
-            out[login.lower()] = AuthEntry(login, po, mbx, r.get(2, LOCKED_PASSWORD), r.get(3, "USER"))
+            hashed = r.get(2, LOCKED_PASSWORD)
+            if hashed != LOCKED_PASSWORD:
+                from tmmail.cred import is_password_hash  # cred imports this module
+
+                if not is_password_hash(hashed):
+                    # never echo the field: it may be a password in clear
+                    r.error("PASSWORD_HASH is not a password hash (set passwords with "
+                            "`tmmail mailbox passwd ADDRESS --password-stdin`; '!' or empty = no login)")
+            out[login.lower()] = AuthEntry(login, po, mbx, hashed, r.get(3, "USER"))
         return _frozen(out)
     if table == "ADDRESS-MAP":
         names = ("SOURCE", "DESTINATION", "SCOPE")

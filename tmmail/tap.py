@@ -59,10 +59,17 @@ for _role in config.LISTENER_ROLES:
 
 
 def makeService(options: Any) -> service.IService:
+    """The MailService; a bad setting or table ends twistd with the one line
+    ``FILE:LINE: reason`` on stderr and status 1, which is what the admin must fix (the
+    traceback twistd would print buries it and says nothing more)."""
+    from tmmail.errors import ConfigError
     from tmmail.service import MailService
 
-    settings = config.with_listeners(config.load(options["config"]), options["listen"])
-    return MailService(settings, handle_signals=True)  # we are twistd: SIGHUP reloads
+    try:
+        settings = config.with_listeners(config.load(options["config"]), options["listen"])
+        return MailService(settings, handle_signals=True)  # we are twistd: SIGHUP reloads
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def listener_service(description: str, factory: Any, implicit_tls: bool, tls: Any) -> service.IService:
