@@ -7,6 +7,7 @@ no response parsing: close to pure server time).  Same method as ../shared/peers
 so the figures sit beside Dovecot's from the same run.
 
   bench/imap_large.py --spawn [-n 20000]           # throw-away TMmail, Maildir filled directly
+  bench/imap_large.py --spawn --peer-dovecot --reps 7   # and the peer Dovecot (user large), alternating
   bench/imap_large.py --host H --port P --user U --password PW [--pid PID]
 """
 
@@ -98,6 +99,34 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def peer_populate(count: int, maildir: str = "/tmp/peer/mail/large/Maildir", owner: int = 5000) -> None:
+    """The same messages into the peer Dovecot's Maildir, its index files removed (cold start)."""
+    import shutil
+
+    for sub in ("new", "cur", "tmp"):
+        shutil.rmtree(os.path.join(maildir, sub), ignore_errors=True)
+        os.makedirs(os.path.join(maildir, sub))
+    for name in os.listdir(maildir):
+        if name.startswith("dovecot"):
+            path = os.path.join(maildir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    populate(maildir, count)
+    for top, dirs, files in os.walk(os.path.dirname(maildir)):
+        for name in dirs + files:
+            os.chown(os.path.join(top, name), owner, owner)
+    os.chown(os.path.dirname(maildir), owner, owner)
+
+
+KEYS = ("login_select", "uid_fetch_flags", "search_unseen", "body")
+
+
+def line(label: str, first: dict[str, float], second: dict[str, float]) -> str:
+    return (f"{label:8s} exists={first['exists']} first: login+select={first['login_select'] * 1000:.1f}ms "
+            f"second: login+select={second['login_select'] * 1000:.1f}ms "
+            f"uid_fetch_flags={second['uid_fetch_flags'] * 1000:.1f}ms "
+            f"search_unseen={second['search_unseen'] * 1000:.1f}ms body={second['body'] * 1000:.2f}ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
@@ -108,6 +137,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--spawn", action="store_true")
+    ap.add_argument("--peer-dovecot", action="store_true",
+                    help="also measure the peer Dovecot (127.0.0.1:10143, user large, pass), alternating")
     args = ap.parse_args()
     imaplib._MAXLINE = 10_000_000
     srv = None
@@ -120,22 +151,33 @@ def main() -> int:
         srv.start(roles=("imap",))
         args.port = srv.ports["imap"]
         args.pid = srv.proc.pid
+    targets = [("tmmail" if srv else "server", args.host, args.port, args.user, args.password)]
+    if args.peer_dovecot:
+        peer_populate(args.n)
+        targets.append(("dovecot", "127.0.0.1", 10143, "large", "pass"))
     try:
-        rows = []
+        rows: dict[str, list[tuple[dict, dict]]] = {t[0]: [] for t in targets}
         for rep in range(args.reps):
-            first = session(args.host, args.port, args.user, args.password)
-            second = session(args.host, args.port, args.user, args.password)
-            rows.append((first, second))
-            print(f"rep={rep + 1} exists={first['exists']} first: login+select={first['login_select'] * 1000:.1f}ms "
-                  f"second: login+select={second['login_select'] * 1000:.1f}ms "
-                  f"uid_fetch_flags={second['uid_fetch_flags'] * 1000:.1f}ms "
-                  f"search_unseen={second['search_unseen'] * 1000:.1f}ms body={second['body'] * 1000:.2f}ms",
-                  flush=True)
-        med = lambda k, i: statistics.median(r[i][k] for r in rows) * 1000  # noqa: E731
-        print(f"MEDIAN first_login_select={med('login_select', 0):.1f}ms "
-              f"second_login_select={med('login_select', 1):.1f}ms uid_fetch_flags={med('uid_fetch_flags', 1):.1f}ms "
-              f"search_unseen={med('search_unseen', 1):.1f}ms body={med('body', 1):.2f}ms"
-              + (f" rss={rss_kib(args.pid) / 1024:.1f}MiB" if args.pid else ""))
+            for label, host, port, user, password in targets:
+                first = session(host, port, user, password)
+                second = session(host, port, user, password)
+                rows[label].append((first, second))
+                print(f"rep={rep + 1} " + line(label, first, second), flush=True)
+        for label, got in rows.items():
+            med = lambda k, i: statistics.median(r[i][k] for r in got) * 1000  # noqa: E731
+            print(f"MEDIAN {label:8s} cold_first_login_select={got[0][0]['login_select'] * 1000:.1f}ms "
+                  f"first_login_select={med('login_select', 0):.1f}ms "
+                  f"second_login_select={med('login_select', 1):.1f}ms uid_fetch_flags={med('uid_fetch_flags', 1):.1f}ms "
+                  f"search_unseen={med('search_unseen', 1):.1f}ms body={med('body', 1):.2f}ms"
+                  + (f" rss={rss_kib(args.pid) / 1024:.1f}MiB" if args.pid and label != "dovecot" else ""))
+        if len(rows) == 2:
+            a, b = (rows[t[0]] for t in targets)
+            ratios = []
+            for k in KEYS:
+                ma = statistics.median(r[1][k] for r in a)
+                mb = statistics.median(r[1][k] for r in b)
+                ratios.append(f"{k}={ma / mb:.2f}x")
+            print("RATIO tmmail/dovecot (second session): " + " ".join(ratios))
     finally:
         if srv:
             srv.stop()

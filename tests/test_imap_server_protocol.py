@@ -503,3 +503,42 @@ def test_authenticated_timeout_uses_the_configured_value(reactor_thread, tmp_pat
         s.close()
     finally:
         stop_imap(reactor_thread, e)
+
+
+def _fill_maildir(path: str, count: int) -> list[bool]:
+    """``count`` messages written straight into the Maildir, every third one \\Seen."""
+    import os
+
+    seen = []
+    for i in range(1, count + 1):
+        is_seen = i % 3 == 0
+        base = f"{1_700_000_000 + i}.M{i}P1.test,S=40"
+        sub, name = ("cur", base + ":2,S") if is_seen else ("new", base)
+        with open(os.path.join(path, sub, name), "wb") as f:
+            f.write(b"Subject: m%d\n\nbody %d\n" % (i, i))
+        seen.append(is_seen)
+    return seen
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_large_uid_fetch_flags_is_complete_and_in_order(env, tls):
+    """A UID FETCH FLAGS answer bigger than one output slice (it is sent in slices as it is
+    formatted) arrives whole, in order, before the tagged OK and before the next pipelined
+    command's answer, on plain TCP and inside TLS."""
+    seen = _fill_maildir(env.maildir(), 4500)
+    m = env.connect(starttls=tls)
+    m.login("alice@example.com", PASSWORD)
+    m.select("INBOX")
+    m.send(b"a UID FETCH 1:* (UID FLAGS)\r\nb FETCH 1:* (FLAGS UID)\r\nc NOOP\r\n")
+    lines = [m.readline() for _ in range(2 * 4500 + 3)]
+    recent = "\\Recent"
+    want_a = [b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (
+        i, i, ("\\Seen" if seen[i - 1] else recent).encode()) for i in range(1, 4501)]
+    want_b = [b"* %d FETCH (FLAGS (%s) UID %d)\r\n" % (
+        i, ("\\Seen" if seen[i - 1] else recent).encode(), i) for i in range(1, 4501)]
+    assert lines[:4500] == want_a
+    assert lines[4500].startswith(b"a OK")
+    assert lines[4501:9001] == want_b
+    assert lines[9001].startswith(b"b OK")
+    assert lines[9002].startswith(b"c OK")
+    m.logout()

@@ -24,6 +24,8 @@ from tmmail.imap.fetch import fetch_data, format_internal_date, parse_fetch_item
 from tmmail.imap.mailboxes import parse_flags
 
 _FAST_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})
+#: FETCH lines formatted and sent per slice in a large UID/FLAGS answer
+_FAST_SLICE = 2000
 #: search keys that look at nothing but flags (and \\Recent): evaluated once per distinct flag set
 _FLAG_KEYS = frozenset({b"ALL", b"ANSWERED", b"DELETED", b"DRAFT", b"FLAGGED", b"NEW", b"OLD",
                         b"RECENT", b"SEEN", b"UNANSWERED", b"UNDELETED", b"UNDRAFT", b"UNFLAGGED",
@@ -343,18 +345,24 @@ class MessageCommands:
             self._out.extend(out)
             return
         if names == ["FLAGS", "UID"] or names == ["UID", "FLAGS"]:
-            first_uid = names[0] == "UID"
-            for s in seqs:
-                info = msgs[s - 1]
-                if first_uid:
-                    out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
+            line = b"* %d FETCH (UID %d FLAGS %s)\r\n" if names[0] == "UID" else None
+            # sent in slices as they are formatted: the client parses the first lines while
+            # the rest are being made (20,000 lines take several ms to format)
+            for start in range(0, len(seqs), _FAST_SLICE):
+                part = seqs[start:start + _FAST_SLICE]
+                if line is not None:
+                    out = [line % (s, info.uid, fb(info)) for s, info in zip(part, map(msgs.__getitem__, [s - 1 for s in part]))]
                 else:
-                    out.append(b"* %d FETCH (FLAGS %s UID %d)\r\n" % (s, fb(info), info.uid))
-        else:
-            for s in seqs:
-                info = msgs[s - 1]
-                parts = [b"UID %d" % info.uid if n == "UID" else b"FLAGS " + fb(info) for n in names]
-                out.append(b"* %d FETCH (%s)\r\n" % (s, b" ".join(parts)))
+                    out = [b"* %d FETCH (FLAGS %s UID %d)\r\n" % (s, fb(info), info.uid)
+                           for s, info in zip(part, map(msgs.__getitem__, [s - 1 for s in part]))]
+                self._out.extend(out)
+                if len(seqs) > _FAST_SLICE:
+                    self.flush()
+            return
+        for s in seqs:
+            info = msgs[s - 1]
+            parts = [b"UID %d" % info.uid if n == "UID" else b"FLAGS " + fb(info) for n in names]
+            out.append(b"* %d FETCH (%s)\r\n" % (s, b" ".join(parts)))
         self._out.extend(out)
 
     def _fetch_chunks(self, seqs: list[int], items: list[Any], missing: list[int],

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from tmmail import sendnow
 from tmmail.imap import responses as R
 from tmmail.imap.encoding import Atom, ParseError, tokenize
 from tmmail.imap.mailboxes import MailboxCommands, MailboxNameError
@@ -138,7 +139,8 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         if self._out and self.transport is not None:
             data = b"".join(self._out)
             self._out = []
-            self.transport.write(data)
+            # one send(2) now instead of on the reactor's next turn (plain TCP, empty buffer)
+            sendnow.write(self.transport, data)
 
     # -- command loop ----------------------------------------------------------------------
     def pump(self) -> None:

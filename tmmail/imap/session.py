@@ -188,12 +188,24 @@ class SelectedMailbox:
         """A function info -> ``(flags)`` bytes, memoised per flag set for one response."""
         recent = self.folder.recent
         cache: dict[Any, bytes] = {}
+        flags_bytes = self.flags_bytes
+        msgs = self.folder.messages
+
+        if not recent and msgs and hasattr(msgs[0], "letters"):
+            def get_letters(info: Any) -> bytes:
+                try:
+                    return cache[info.letters]
+                except KeyError:
+                    out = cache[info.letters] = flags_bytes(info)
+                    return out
+
+            return get_letters
 
         def get(info: Any) -> bytes:
             key = _letters(info) if not recent else (_letters(info), info.uid in recent)
             out = cache.get(key)
             if out is None:
-                out = cache[key] = self.flags_bytes(info)
+                out = cache[key] = flags_bytes(info)
             return out
 
         return get
