@@ -311,7 +311,7 @@ class MessageCommands:
             return None
         missing: list[int] = []
         failed: list[int] = []
-        d = self.stream(self._fetch_chunks(seqs, items, missing, failed))
+        chunks = self._fetch_chunks(seqs, items, missing, failed)
 
         def done(_: Any) -> None:
             if failed:
@@ -321,6 +321,19 @@ class MessageCommands:
             else:
                 self.tagged(tag, R.OK_COMPLETED % name)
 
+        # the usual answer (one message, a few headers) is made at once and leaves with the
+        # tagged reply in one write; only a big or slow one is streamed with flow control
+        size = 0
+        deadline = time.monotonic() + _SLICE_SECONDS
+        for chunk in chunks:
+            self._out.append(chunk)
+            size += len(chunk)
+            if size >= _BATCH_BYTES or time.monotonic() > deadline:
+                break
+        else:
+            done(None)
+            return None
+        d = self.stream(chunks)
         d.addCallback(done)
         return d
 
