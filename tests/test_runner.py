@@ -930,3 +930,122 @@ def test_lost_move_and_removal_do_not_redeliver(make) -> None:
     time.sleep(0.2)
     assert len(w.mails("ADMIN")) == 1
     assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, CORRUPT))
+
+
+# -- a hand-over that fails (a bug in take): the message is taken from active/ all the same ----
+
+
+class LogCapture:
+    """twisted.logger events of one namespace prefix while the test runs."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        if str(event.get("log_namespace", "")).startswith(self.prefix):
+            self.events.append(event)
+
+    def failures(self) -> list[dict]:
+        return [e for e in self.events if "log_failure" in e]
+
+
+@pytest.fixture
+def logged():
+    from twisted.logger import globalLogPublisher
+
+    captures: list[LogCapture] = []
+
+    def capture(prefix: str) -> LogCapture:
+        c = LogCapture(prefix)
+        globalLogPublisher.addObserver(c)
+        captures.append(c)
+        return c
+
+    yield capture
+    for c in captures:
+        globalLogPublisher.removeObserver(c)
+
+
+def test_failing_take_logs_and_reclaims_the_message_from_active(make, monkeypatch, logged) -> None:
+    """A bug inside take (here: the in-memory queue raising once) must not leave the message
+    in active/ until the next start: take logs the error and the runner takes the message
+    from its files shortly after."""
+    w = make()
+    runner = w.start()
+    runner.reclaim_delay = 0.1
+    real_enqueue = runner._enqueue
+    broken: list[str] = []
+
+    def enqueue(qid: str, state: str) -> None:
+        if state == ACTIVE and not broken:
+            broken.append(qid)
+            raise RuntimeError("simulated bug in the hand-over")
+        real_enqueue(qid, state)
+
+    monkeypatch.setattr(runner, "_enqueue", enqueue)
+    errors = logged("tmmail.runner")
+    qid = handed(w, ["admin@example.com", "bob@example.com"])  # take() did not raise
+    assert broken == [qid]
+    wait_for(lambda: w.mails("ADMIN") and w.mails("BOB"))
+    w.idle()
+    assert len(w.mails("ADMIN")) == 1 and len(w.mails("BOB")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT))
+    (event,) = errors.failures()
+    assert event["queue_id"] == qid and "simulated bug" in str(event["log_failure"].value)
+    assert runner._handed == {}
+
+
+def test_reclaim_of_a_message_processed_after_all_does_nothing(make) -> None:
+    w = make()
+    runner = w.start()
+    runner.reclaim_delay = 0.05
+    qid = handed(w, ["admin@example.com"])
+    w.rt.call(runner.reclaim, qid)
+    wait_for(lambda: w.mails("ADMIN"))
+    time.sleep(0.3)
+    w.idle()
+    assert len(w.mails("ADMIN")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT))
+    assert qid not in runner._due and qid not in runner._resumed
+
+
+def test_smtp_answers_250_and_message_is_delivered_when_take_raises(make, monkeypatch, logged) -> None:
+    """The in-process SMTP server hands a committed message to Runner.take; if take raises
+    (as service.py wires it: factory.hand_off = runner.take), the client still gets 250 (the
+    message is durable in active/) and the runner takes it from disk soon after."""
+    import smtplib
+
+    from tmmail.smtpserver import SMTPFactory
+
+    w = make()
+    runner = w.start()
+    runner.reclaim_delay = 0.1
+    calls: list[str] = []
+
+    def broken_take(self: Runner, queue_id: str, envelope: bytes, head: bytes | None) -> None:
+        calls.append(queue_id)
+        raise ValueError("simulated bug in take")
+
+    monkeypatch.setattr(Runner, "take", broken_take)
+    factory = SMTPFactory(w.settings, "smtp", w.store, w.spool, None, None, runner.wake, reactor=reactor)
+    factory.hand_off = runner.take  # as tmmail.service does
+    errors = logged("tmmail.smtp")
+    port = w.rt.listen(factory)
+    try:
+        with smtplib.SMTP("127.0.0.1", port.getHost().port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.mail("carol@remote.test")[0] == 250  # (a hosted sender needs AUTH)
+            assert c.rcpt("bob@example.com")[0] == 250
+            code, text = c.data(MSG.replace(b"\n", b"\r\n"))
+        assert code == 250, (code, text)
+        assert len(calls) == 1 and calls[0].encode() in text
+        wait_for(lambda: w.mails("BOB"))
+        w.idle()
+    finally:
+        w.rt.call(port.stopListening)
+    assert len(w.mails("BOB")) == 1
+    assert all(w.ids(s) == [] for s in (INCOMING, ACTIVE, DEFERRED, BADMAIL, CORRUPT))
+    failures = errors.failures()
+    assert failures and all(e.get("queue_id") == calls[0] for e in failures)
+    assert any("simulated bug in take" in str(e["log_failure"].value) for e in failures)

@@ -73,6 +73,8 @@ E_HOOK_RETRY = (451, "4.7.1", "Message held for a content check, will retry")
 LOCAL_SCHEMES = ("SF",)
 #: seconds before a message whose processing hit an I/O error is tried again
 ERROR_RETRY = 60.0
+#: seconds before a message whose hand-over from SMTP failed is taken from its files (reclaim)
+RECLAIM_DELAY = 1.0
 
 
 class _Progress:
@@ -127,6 +129,8 @@ class Runner:
         #: every slot; blocking I/O is bounded by the thread pools, not by this
         self.max_active = max(64, self.queue.io_threads * 32)
         self.error_retry = ERROR_RETRY
+        #: seconds before a message whose in-memory hand-over failed is taken from active/
+        self.reclaim_delay = RECLAIM_DELAY
         #: batches out to one destination (SMTP: per domain) at once; the SMTP connector opens at
         #: most relay.max_connections_per_domain connections and reuses them for the rest
         relay = getattr(settings, "relay", None)
@@ -228,10 +232,28 @@ class Runner:
     def take(self, queue_id: str, envelope: bytes, head: bytes | None) -> None:
         """A message the SMTP server has just committed into active/ (reactor thread):
         processed without a directory scan, a move or reading its files back.  ``envelope``
-        is the envelope file's bytes, ``head`` the start of the message (None: read it)."""
-        self._handed[queue_id] = (envelope, head)
-        self._enqueue(queue_id, ACTIVE)
-        self._pump()
+        is the envelope file's bytes, ``head`` the start of the message (None: read it).
+
+        Never raises: if taking the message in memory fails (a bug), the error is logged and
+        the message is taken from its files in active/ shortly after (``reclaim``)."""
+        try:
+            self._handed[queue_id] = (envelope, head)
+            self._enqueue(queue_id, ACTIVE)
+            self._pump()
+        except Exception:
+            log.failure("{queue_id}: hand-over from SMTP failed; taking it from active/ in {delay} s",
+                        queue_id=queue_id, delay=self.reclaim_delay)
+            self.reclaim(queue_id)
+
+    def reclaim(self, queue_id: str) -> None:
+        """A message committed into active/ whose hand-over (``take``) failed (reactor thread):
+        forget anything kept of it in memory and take it from its files on disk in
+        ``reclaim_delay`` seconds, as recovery does at start-up (its connectors check for a
+        delivery that may have happened unrecorded).  Harmless if the message was processed
+        after all: the activation then finds no files and does nothing."""
+        self._handed.pop(queue_id, None)
+        self._resumed.add(queue_id)
+        self._push(queue_id, self.reactor.seconds() + self.reclaim_delay)
 
     def _wake(self) -> None:
         if self._wake_pending or not self._running:

@@ -132,6 +132,10 @@ class SMTPFactory(protocol.Factory):
         #: ``hand_off(queue_id, envelope_bytes, head)``: an in-process runner's Runner.take; when
         #: set, commits go straight to active/ and the message is handed over in memory
         self.hand_off: Callable[[str, bytes, bytes | None], Any] | None = None
+        #: ``reclaim(queue_id)``: called if ``hand_off`` raises, so the runner takes the message
+        #: from its files in active/ (Runner.reclaim); None: the reclaim of the runner whose
+        #: bound ``take`` is ``hand_off``, if any
+        self.reclaim: Callable[[str], Any] | None = None
         self.reactor = reactor
         self._resolve = resolve
         self.recipient_check = recipient_check or self.check_recipient

@@ -358,6 +358,20 @@ class TransactionCommands:
                         detail=sink.error_detail)
         return R.S451_INTERNAL
 
+    def _reclaim(self, hand_off: Any, queue_id: str) -> None:
+        """The hand-over of a message committed into active/ raised: have the runner take it
+        from its files soon (Runner.reclaim: the factory's ``reclaim``, else the one of the
+        runner whose ``take`` is the hand-off), not only at its next start."""
+        reclaim = getattr(self.factory, "reclaim", None) or getattr(getattr(hand_off, "__self__", None), "reclaim", None)
+        if reclaim is None:
+            log.error("{queue_id} stays in active/ until the queue runner's next start", queue_id=queue_id)
+            return
+        try:
+            reclaim(queue_id)
+        except Exception:
+            log.failure("{queue_id}: reclaim failed; it stays in active/ until the queue runner's next start",
+                        queue_id=queue_id)
+
     def _end_message(self) -> Any:
         """End of data: commit to the spool in a thread, then reply (RFC 5321 §4.1.1.4)."""
         tx = self.tx
@@ -413,8 +427,10 @@ class TransactionCommands:
                 elif self.factory.on_queued is not None:
                     self.factory.on_queued(writer.id)
             except Exception:
-                # the message is safe in the spool; the runner's next start recovers it
+                # the message is safe in the spool, so the client is told 250 all the same
                 log.failure("handing over {queue_id} failed", queue_id=writer.id)
+                if hand_off is not None:
+                    self._reclaim(hand_off, writer.id)
             return R.S250_QUEUED.format(queue_id=writer.id)
 
         def failed(f: Failure) -> str:
