@@ -461,3 +461,34 @@ def test_bounce_count_starts_again_after_a_quiet_month(world) -> None:
     now[0] += 60  # a second bounce soon after reaches the limit
     world.send("[LS:EXAMPLE/news+bounces]", DSN, sender="")
     assert "gone@remote.example\tdisabled\tbounces=2" in world.cli("list", "member", "list", "news@example.com")
+
+
+def test_owner_mail_without_moderators_goes_to_the_postmaster_address(world) -> None:
+    """LIST-owner@ of a list without moderators reaches the postmaster where tmmail init made it:
+    a bare ``[queue] postmaster`` is taken in the primary domain (policy.postmaster_address), not
+    in the host name (``localhost`` here, where no postmaster mailbox exists)."""
+    import dataclasses
+
+    world.cli("list", "add", "news@example.com", "--postoffice", "EXAMPLE")
+    assert world.conn.hostname == "localhost"
+    owner_mail = POST.replace(b"To: news@example.com", b"To: news-owner@example.com")
+    assert world.send("[LS:EXAMPLE/news+owner]", owner_mail) is None
+    [(env, raw)] = world.queued()
+    assert [r.address for r in env.recipients] == ["postmaster@example.com"]
+    assert env.sender == "poster@remote.example" and raw == owner_mail
+    world.clear()
+    for configured, expected in [("listmaster", "listmaster@example.com"),
+                                 ("admin@elsewhere.example", "admin@elsewhere.example")]:
+        settings = dataclasses.replace(world.settings,
+                                       queue=dataclasses.replace(world.settings.queue, postmaster=configured))
+        world.conn = ListServerConnector(settings, world.store, world.spool, dmarc=world.dmarc)
+        assert world.send("[LS:EXAMPLE/news+owner]", owner_mail) is None
+        [(env, _)] = world.queued()
+        assert [r.address for r in env.recipients] == [expected], configured
+        world.clear()
+    # moderators, when the list has them, get the owner mail instead
+    world.cli("list", "add", "ann@example.com", "--postoffice", "EXAMPLE", "--moderated", "--moderator",
+              "boss@example.com")
+    assert world.send("[LS:EXAMPLE/ann+owner]", owner_mail) is None
+    [(env, _)] = world.queued()
+    assert [r.address for r in env.recipients] == ["boss@example.com"]

@@ -43,6 +43,7 @@ from tmmail.connectors.listserver_tables import HEADERS, LIST_MEMBERS, lists
 from tmmail.envelope import Envelope
 from tmmail.errors import DeliveryError, PermanentError, TransientError
 from tmmail.interfaces import IConnector
+from tmmail.policy import postmaster_address
 
 log = Logger(namespace="tmmail.connectors.listserver")
 
@@ -435,8 +436,8 @@ class ListServerConnector:
         return None
 
     def _owner(self, env: Any, ml: Any, raw: bytes) -> DeliveryError | None:
-        to = list(ml.moderators) or [self.settings.queue.postmaster if "@" in self.settings.queue.postmaster
-                                     else f"{self.settings.queue.postmaster}@{self.hostname}"]
+        to = list(ml.moderators) or [postmaster_address(self.store.current(), self.hostname,
+                                                        self.settings.queue.postmaster)]
         self._queue(env.sender, to, raw)
         return None
 
