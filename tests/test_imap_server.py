@@ -142,6 +142,32 @@ def test_uid_fetch_huge_range_and_star(env):
     s.close()
 
 
+def test_sequence_numbers_beyond_exists_are_bad_uids_are_not(env):
+    """RFC 3501 §9 seq-number: a sequence number above EXISTS (or "*" in an empty mailbox) in
+    FETCH, STORE, COPY or MOVE gets a tagged BAD and changes nothing; UID forms and SEARCH
+    just match nothing (as Dovecot)."""
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"CREATE Empty")
+    cmd(s, f, b"b", b"SELECT Empty")
+    for i, line in enumerate([b"FETCH 1:* FLAGS", b"FETCH * FLAGS", b"STORE 1 +FLAGS \\Seen",
+                              b"COPY 1 INBOX", b"MOVE * INBOX"]):
+        tag = b"e%d" % i
+        assert cmd(s, f, tag, line)[-1].startswith(tag + b" BAD"), line
+    assert cmd(s, f, b"u", b"UID FETCH 1:* FLAGS") == [b"u OK UID FETCH completed\r\n"]
+    assert cmd(s, f, b"v", b"SEARCH 1:5")[-1].startswith(b"v OK")
+    for n in range(1, 4):
+        deliver(env, message(n))
+    cmd(s, f, b"c", b"SELECT INBOX")
+    assert cmd(s, f, b"d", b"FETCH 3:4 FLAGS")[-1].startswith(b"d BAD")
+    assert cmd(s, f, b"g", b"STORE 2,9 +FLAGS \\Deleted")[-1].startswith(b"g BAD")
+    assert cmd(s, f, b"h", b"COPY 4 Empty")[-1].startswith(b"h BAD")
+    assert cmd(s, f, b"i", b"UID STORE 9 +FLAGS \\Deleted") == [b"i OK UID STORE completed\r\n"]
+    lines = cmd(s, f, b"j", b"FETCH 1:* (UID FLAGS)")
+    assert len(lines) == 4 and not any(b"Deleted" in ln for ln in lines)  # nothing was stored
+    assert cmd(s, f, b"k", b"STATUS Empty (MESSAGES)")[0] == b"* STATUS Empty (MESSAGES 0)\r\n"
+    s.close()
+
+
 # -- STORE ------------------------------------------------------------------------------------
 
 

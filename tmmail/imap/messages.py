@@ -250,7 +250,13 @@ class MessageCommands:
         sel = self.selected
         if uid:
             return sel.seqs_for_uids(ss.resolve(sel.max_uid()))
-        return sel.seqs(ss.resolve(sel.exists))
+        exists = sel.exists
+        ranges = ss.resolve(exists)
+        if not exists or ranges[-1][1] > exists:
+            # RFC 3501 §9 (seq-number): a sequence number above EXISTS, or "*" in an empty
+            # mailbox, gets a tagged BAD (as Dovecot: "Invalid messageset")
+            raise ParseError("Invalid messageset: no such message sequence number")
+        return sel.seqs(ranges)
 
     def _fetch(self, tag: bytes, args: list, uid: bool) -> Any:
         if len(args) != 2:
