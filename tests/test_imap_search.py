@@ -140,6 +140,25 @@ def test_search_keys(query, want):
     assert run(query) == want
 
 
+def test_address_keys_match_the_parsed_addresses_as_well_as_the_header_text():
+    """RFC 3501 §6.4.4: FROM/TO/CC/BCC match the envelope's address fields, so comments,
+    quoting and folding in the header do not hide an address (imaptest search-addresses)."""
+    msgs = [
+        Stored(1, 1, set(), 100, datetime(2024, 1, 1, tzinfo=UTC),
+               b"From: <user-from (comment)@ (comment) domain.org>\nTo: \"Smith, J.\" <js@x.org>\n\nb\n"),
+        Stored(2, 2, set(), 100, datetime(2024, 1, 1, tzinfo=UTC),
+               b"From: user-from@domain.org (Real Name)\nCc: a@b.c,\n  =?UTF-8?Q?J=C3=B6rg?= <j@k.de>\n\nb\n"),
+        Stored(3, 3, set(), 100, datetime(2024, 1, 1, tzinfo=UTC),
+               b"From: other@domain.org\nSubject: user-from@domain.org\n\nb\n"),
+    ]
+    assert run(b"FROM user-from@domain.org", msgs) == [1, 2]
+    assert run(b"FROM comment", msgs) == [1]          # the header text still counts
+    assert run(b'TO "smith, j. <js@x.org>"', msgs) == [1]
+    assert run(b'CC "j\xc3\xb6rg <j@k.de>"', msgs) == [2]
+    assert run(b"SUBJECT user-from@domain.org", msgs) == [3]
+    assert run(b"TO user-from", msgs) == []
+
+
 def test_flag_size_date_uid_keys_never_load_messages():
     msgs = mailbox()
     q = (b"OR (UNSEEN LARGER 10 SINCE 1-Jan-2000 UID 1:*) (NOT KEYWORD $x BEFORE 1-Jan-2030 1:* NEW OLD"

@@ -18,7 +18,7 @@ from email.utils import parsedate_tz
 from typing import Callable, Iterable, Sequence
 
 from tmmail.imap.encoding import Atom, ParseError, String, decode_bytes, decode_header
-from tmmail.imap.mime import Message, Part, parse_cte, unfold
+from tmmail.imap.mime import Message, Part, parse_addresses, parse_cte, unfold
 
 __all__ = [
     "SequenceSet",
@@ -212,6 +212,22 @@ class _Ctx:
             self._decoded[name] = got
         return got
 
+    def addresses(self, name: str) -> list[str]:
+        """The values of address header ``name`` as written, and also as the parsed addresses
+        (``name <mailbox@host>``, comments and quoting gone, as in ENVELOPE): FROM
+        ``user@domain.org`` must find ``<user (comment)@ (comment) domain.org>`` (RFC 3501
+        §6.4.4 matches the envelope structure's field; Dovecot does the same)."""
+        key = "\0addr:" + name
+        got = self._decoded.get(key)
+        if got is None:
+            got = list(self.values(name))
+            for n, v in self.message.head.headers:
+                if n.lower() == name:
+                    got.append(_norm(", ".join(_address_text(a) for a in parse_addresses(v)
+                                                if a.host is not None)))
+            self._decoded[key] = got
+        return got
+
     @property
     def body(self) -> str:
         """Casefolded decoded text of the text parts (BODY; no headers at any level, as Dovecot)."""
@@ -231,6 +247,13 @@ class _Ctx:
             _collect_text(m.data, m.root, chunks, True, 0)
             self._headers = "\n".join(chunks).casefold()
         return self._headers
+
+
+def _address_text(a: object) -> str:
+    mailbox = (a.mailbox or b"").decode("utf-8", "replace")  # type: ignore[attr-defined]
+    spec = f"{mailbox}@{a.host.decode('utf-8', 'replace')}"  # type: ignore[attr-defined]
+    name = a.name  # type: ignore[attr-defined]
+    return f"{decode_header(name)} <{spec}>" if name else spec
 
 
 _WS = re.compile(r"\s+")
@@ -393,6 +416,13 @@ class _Header(_Node):
         return any(self.needle in v for name in self.names for v in c.values(name))
 
 
+class _AddressHeader(_Header):
+    """FROM / TO / CC / BCC: the header text or its parsed addresses."""
+
+    def match(self, c: _Ctx) -> bool:
+        return any(self.needle in v for name in self.names for v in c.addresses(name))
+
+
 class _Body(_Node):
     needs_content = True
 
@@ -412,7 +442,7 @@ _FLAG_KEYS = {
     "UNANSWERED": ("\\Answered", False), "UNDELETED": ("\\Deleted", False), "UNDRAFT": ("\\Draft", False),
     "UNFLAGGED": ("\\Flagged", False), "UNSEEN": ("\\Seen", False), "OLD": ("\\Recent", False),
 }
-_ADDR_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to", "SUBJECT": "subject"}
+_ADDR_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to"}
 _DATE_KEYS = {"BEFORE": ("BEFORE", False), "ON": ("ON", False), "SINCE": ("SINCE", False),
               "SENTBEFORE": ("BEFORE", True), "SENTON": ("ON", True), "SENTSINCE": ("SINCE", True)}
 
@@ -473,7 +503,9 @@ class _Parser:
             kw = self._atom(name).decode("utf-8", "replace")
             return _Flag(kw, name == "KEYWORD")
         if name in _ADDR_KEYS:
-            return _Header((_ADDR_KEYS[name],), self._string(name))
+            return _AddressHeader((_ADDR_KEYS[name],), self._string(name))
+        if name == "SUBJECT":
+            return _Header(("subject",), self._string(name))
         if name == "HEADER":
             field = self._string(name).lower()
             return _Header((field,), self._string(name))
