@@ -405,6 +405,21 @@ def test_subscribe_lsub_status(env):
     c.logout()
 
 
+def test_lsub_percent_returns_an_unsubscribed_parent_as_noselect(env):
+    """RFC 3501 §6.3.9: with "r2/a/b" subscribed and "r2/a" not, LSUB "" "r2/%" returns r2/a
+    flagged \\Noselect (a MUST); "*" returns only the subscribed name."""
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"CREATE r2/a/b")
+    cmd(s, f, b"b", b"SUBSCRIBE r2/a/b")
+    assert cmd(s, f, b"c", b'LSUB "" r2/%') == [b'* LSUB (\\Noselect) "/" r2/a\r\n', b"c OK LSUB completed\r\n"]
+    assert cmd(s, f, b"d", b'LSUB "" r2/*') == [b'* LSUB () "/" r2/a/b\r\n', b"d OK LSUB completed\r\n"]
+    assert cmd(s, f, b"e", b'LSUB "" %/%/%') == [b'* LSUB () "/" r2/a/b\r\n', b"e OK LSUB completed\r\n"]
+    cmd(s, f, b"g", b"SUBSCRIBE r2")  # a subscribed parent is listed once, as itself
+    r2 = [ln for ln in cmd(s, f, b"h", b'LSUB "" %') if ln.endswith(b" r2\r\n")]
+    assert r2 == [b'* LSUB () "/" r2\r\n']
+    s.close()
+
+
 def test_pipelined_commands_are_answered_in_order(env):
     for n in range(1, 3):
         deliver(env, message(n), tmp_name=f"m{n}")

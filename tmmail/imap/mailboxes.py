@@ -381,13 +381,25 @@ class MailboxCommands:
         pattern = names.decode_name(raw) if raw else ""
         regex = names.list_pattern(ref, pattern)
         existing = {f.name: f for f in self.account.list_folders()}
-        for name in self.account.subscriptions():
-            name = names.normalize(name)
-            if not regex.match(name):
+        subscribed = [names.normalize(n) for n in self.account.subscriptions()]
+        listed: set[str] = set()
+        for name in subscribed:
+            if not regex.match(name) or name in listed:
                 continue
+            listed.add(name)
             info = existing.get(name)
             attrs = [] if info is not None and "\\Noselect" not in info.attributes else ["\\Noselect"]
             self.untagged(b"LSUB (" + " ".join(attrs).encode() + b') "/" ' + encode_name(name))
+        if "%" in pattern:
+            # RFC 3501 §6.3.9: "foo/bar" subscribed, "foo" not: LSUB "" "%" returns "foo"
+            # flagged \Noselect
+            for name in subscribed:
+                levels = name.split(names.SEP)
+                for i in range(len(levels) - 1, 0, -1):
+                    parent = names.SEP.join(levels[:i])
+                    if parent not in listed and regex.match(parent):
+                        listed.add(parent)
+                        self.untagged(b'LSUB (\\Noselect) "/" ' + encode_name(parent))
         self.with_updates(tag, b"LSUB")
         return None
 
