@@ -112,3 +112,52 @@ def test_imap_append_to_the_selected_folder_reports_it_recent(reactor_thread, tm
         s.close()
     finally:
         stop_imap(reactor_thread, env)
+
+
+def test_imap_copy_and_move_make_the_copies_recent_for_the_destination_session(reactor_thread, tmp_path):
+    """RFC 3501 §6.4.7: "the \\Recent flag SHOULD be set, in the copy" -- a session with the
+    destination selected sees * RECENT grow and \\Recent on the copies (imaptest copy); one
+    MOVE into the folder it is in (RFC 6851 allows it: a new UID, \\Recent, the old one gone)."""
+    from tests.imap_fixtures import raw_session, read_until_tag
+
+    env = start_imap(reactor_thread, tmp_path)
+    try:
+        def session():
+            s, f = raw_session(env)
+            s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+            assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
+            return s, f
+
+        def cmd(conn, tag, line):
+            conn[0].sendall(tag + b" " + line + b"\r\n")
+            return read_until_tag(conn[1], tag)
+
+        a, b = session(), session()
+        cmd(a, b"c", b"CREATE src")
+        cmd(a, b"d", b"CREATE dst")
+        for i in range(3):
+            a[0].sendall(b"A%d APPEND src (\\Seen) {%d+}\r\n%s\r\n" % (i, len(MSG), MSG))
+            assert read_until_tag(a[1], b"A%d" % i)[-1].startswith(b"A%d OK" % i)
+        cmd(a, b"s", b"SELECT src")
+        assert b"* 0 RECENT\r\n" in cmd(b, b"s", b"SELECT dst")
+        assert cmd(a, b"k", b"COPY 1 dst")[-1].startswith(b"k OK [COPYUID")
+        lines = cmd(b, b"n", b"NOOP")
+        assert b"* 1 EXISTS\r\n" in lines and b"* 1 RECENT\r\n" in lines, lines
+        assert cmd(b, b"f", b"FETCH 1 FLAGS")[0] == b"* 1 FETCH (FLAGS (\\Recent \\Seen))\r\n"
+        assert cmd(a, b"m", b"MOVE 2 dst")[-1] == b"m OK MOVE completed\r\n"
+        lines = cmd(b, b"n2", b"NOOP")
+        assert b"* 2 EXISTS\r\n" in lines and b"* 2 RECENT\r\n" in lines, lines
+        # MOVE into the selected folder itself: COPYUID, the old UID expunged, a new \Recent one
+        lines = cmd(a, b"x", b"UID MOVE 3 src")
+        assert lines[0] == b"* OK [COPYUID %s 3 4] Moved\r\n" % lines[0].split()[3]
+        assert b"* 2 EXPUNGE\r\n" in lines and lines[-1] == b"x OK UID MOVE completed\r\n"
+        assert cmd(a, b"g", b"UID FETCH 1:* FLAGS") == [
+            b"* 1 FETCH (UID 1 FLAGS (\\Recent \\Seen))\r\n",
+            b"* 2 FETCH (UID 4 FLAGS (\\Recent \\Seen))\r\n", b"g OK UID FETCH completed\r\n"]
+        # the next session to select src does not get \Recent again
+        c = session()
+        assert b"* 0 RECENT\r\n" in cmd(c, b"s", b"SELECT src")
+        for conn in (a, b, c):
+            conn[0].close()
+    finally:
+        stop_imap(reactor_thread, env)

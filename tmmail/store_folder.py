@@ -336,8 +336,6 @@ class Folder:
     def _transfer(self, uids: Iterable[int], dest: str, move: bool):
         idx = self._index
         dest_idx = self.store._index(dest)
-        if os.path.realpath(dest_idx.path) == os.path.realpath(idx.path) and move:
-            raise StoreError("cannot move a message into the mailbox it is in")
         wanted = set(uids)
         with idx.lock:
             idx.sync()
@@ -365,6 +363,10 @@ class Folder:
             letters += "".join(kw_map[f.lower()] for f in info.flags if not f.startswith("\\"))
             plan.append((info, base, maildir.make_name(base, letters)))
         done: list[tuple[MessageInfo, str]] = []
+        # RFC 3501 §6.4.7: the copy is \Recent (for the session that has the destination
+        # selected, or the next one to select it), as for APPEND
+        for _info, base, _name in plan:
+            dest_idx.expect_recent(base)
 
         def place() -> list[str]:
             cur = os.path.join(dest_idx.path, "cur")
@@ -390,7 +392,14 @@ class Folder:
                     _fsync_dir(d)
             return [base for _, base in done]
 
-        ul = uidlist.update(dest_idx.path, place, uidvalidity=lambda: maildir.allocate_uidvalidity(self.store.root))
+        try:
+            ul = uidlist.update(dest_idx.path, place,
+                                uidvalidity=lambda: maildir.allocate_uidvalidity(self.store.root))
+        finally:
+            placed = {base for _, base in done}
+            for _info, base, _name in plan:
+                if base not in placed:
+                    dest_idx.forget_recent(base)
         dest_idx.adopt_uidlist(ul)
         pairs = [(src.uid, ul.records[base].uid) for src, base in done]
         expunged: list[tuple[int, int]] = []
