@@ -482,3 +482,65 @@ def test_lock_held_by_another_process_gives_in_use(h):
         release.set()
         p.join(10)
     login(port).quit()  # the kernel dropped the lock with the process
+
+
+# -- hostile input ----------------------------------------------------------------------------------
+
+
+def raw_login(port: int) -> Raw:
+    """A raw pop3s session logged in as ALICE (the greeting and the login replies consumed)."""
+    r = Raw(port, tls=True)
+    assert r.line().startswith(b"+OK")
+    r.send(b"USER " + ALICE.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    assert r.line().startswith(b"+OK")
+    assert r.line().startswith(b"+OK Maildrop has")
+    return r
+
+
+def test_non_ascii_digits_are_a_syntax_error_and_the_session_goes_on(h):
+    h.deliver(b"Subject: one\n\nfirst\n")
+    h.deliver(b"Subject: two\n\nsecond\n")
+    r = raw_login(h.start("pop3s"))
+    # the audit's byte-level repro: superscript two used to drop the connection
+    r.send(b"LIST \xc2\xb2\r\n")
+    assert r.line() == b"-ERR Syntax error: invalid message number"
+    for cmd in (b"RETR \xc2\xb2", b"DELE \xc2\xb2", b"UIDL \xc2\xb2", b"TOP \xc2\xb2 1",
+                b"RETR \xd9\xa1",  # Arabic-Indic one used to return message 1
+                b"DELE \xd9\xa1", b"LIST \xef\xbc\x91",  # fullwidth one
+                b"DELE 1\xc2\xb2"):
+        r.send(cmd + b"\r\n")
+        assert r.line() == b"-ERR Syntax error: invalid message number", cmd
+    r.send(b"TOP 1 \xc2\xb2\r\n")
+    assert r.line() == b"-ERR Syntax error: invalid line count"
+    r.send(b"TOP 1 \xd9\xa1\r\n")
+    assert r.line() == b"-ERR Syntax error: invalid line count"
+    # "\u017f".upper() == "S": a command name must be ASCII letters
+    r.send("\u017fTAT\r\n".encode())
+    assert r.line() == b"-ERR Unknown command"
+    # the session goes on, nothing was deleted, ASCII numbers still work
+    r.send(b"NOOP\r\nSTAT\r\nLIST 01\r\nTOP 2 0\r\n")
+    assert r.line() == b"+OK"
+    assert r.line().startswith(b"+OK 2 ")
+    assert r.line().startswith(b"+OK 1 ")
+    assert r.multi() == [b"Subject: two", b""]
+    r.send(b"LIST 99999999999999999999\r\nTOP 1 99999999999999999999\r\n")
+    assert r.line() == b"-ERR No such message"
+    assert r.multi() == [b"Subject: one", b"", b"first"]
+    r.send(b"QUIT\r\n")
+    assert r.line() == b"+OK Bye, 0 messages deleted"
+    assert h.count() == 2
+
+
+def test_a_failing_command_costs_that_command_not_the_session(h, monkeypatch):
+    from tmmail.pop3 import POP3Server
+
+    def broken(self, args):
+        raise RuntimeError("bug")
+
+    broken.states = ("TRANSACTION",)
+    monkeypatch.setattr(POP3Server, "do_STAT", broken)
+    h.deliver(b"Subject: one\n\nfirst\n")
+    r = raw_login(h.start("pop3s"))
+    r.send(b"STAT\r\nLIST\r\n")
+    assert r.line() == b"-ERR [SYS/TEMP] Internal error"
+    assert r.multi() == [b"1 %d" % len(b"Subject: one\r\n\r\nfirst\r\n")]

@@ -54,6 +54,8 @@ OK_DELE = b"+OK Message deleted"
 OK_CAPA = b"+OK Capability list follows"
 ERR_UNKNOWN = b"-ERR Unknown command"
 ERR_SYNTAX = b"-ERR Syntax error"
+ERR_MSG_NUMBER = b"-ERR Syntax error: invalid message number"
+ERR_LINE_COUNT = b"-ERR Syntax error: invalid line count"
 ERR_STATE = b"-ERR Command not valid in this state"
 ERR_LINE = b"-ERR Line too long"
 ERR_TOO_MANY = b"-ERR Too many errors, closing connection"
@@ -76,8 +78,23 @@ ERR_UPDATE = b"-ERR [SYS/TEMP] Some deleted messages could not be removed"
 ERR_TLS_ACTIVE = b"-ERR TLS already active"
 ERR_TLS_UNAVAILABLE = b"-ERR TLS not available"
 ERR_TIMEOUT = b"-ERR Idle timeout, closing connection"
+ERR_INTERNAL = b"-ERR [SYS/TEMP] Internal error"
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+
+
+def _ascii_number(arg: str) -> int | None:
+    """A decimal number of ASCII digits 0-9 (RFC 1939 §3), or None.
+
+    ``str.isdigit()`` alone also accepts other Unicode digits ("²", Arabic-Indic "١", ...),
+    which ``int()`` then rejects or silently converts.  Numbers longer than 9 significant digits
+    come back as 10**9, which is beyond any message number or line count.
+    """
+    if not arg or not arg.isascii() or not arg.isdigit():
+        return None
+    digits = arg.lstrip("0")
+    return int(digits or "0") if len(digits) <= 9 else 10 ** 9
+
 
 #: maildrops locked by sessions of this process (realpath of the Maildir)
 _locked: set[str] = set()
@@ -244,7 +261,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def _internal_error(self, failure: Any) -> None:
         log.failure("POP3 command failed for {peer}", failure, peer=self.peer)
-        self.reply(b"-ERR [SYS/TEMP] Internal error")
+        self.reply(ERR_INTERNAL)
 
     def _dispatch(self, line: bytes) -> Any:
         self._last_line = line.decode("utf-8", "replace")
@@ -255,15 +272,22 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         except UnicodeDecodeError:
             return self._error(ERR_SYNTAX)
         parts = text.split(" ")
-        cmd = parts[0].upper()
+        # ASCII letters only: str.upper() maps some non-ASCII letters onto ASCII ones
+        # ("\u017ftat".upper() == "STAT")
+        cmd = parts[0] if parts[0].isascii() and parts[0].isalpha() else ""
         args = [p for p in parts[1:] if p != ""]
-        handler = getattr(self, "do_" + cmd, None) if cmd.isalpha() else None
+        handler = getattr(self, "do_" + cmd.upper(), None) if cmd else None
         if handler is None:
             return self._error(ERR_UNKNOWN)
         allowed = getattr(handler, "states", (AUTHORIZATION, TRANSACTION))
         if self.state not in allowed:
             return self._error(ERR_STATE)
-        return handler(args)
+        try:
+            return handler(args)
+        except Exception:  # a bug must cost one command, never the connection
+            log.failure("POP3 command {command} failed for {peer}", command=cmd.upper(), peer=self.peer)
+            self.reply(ERR_INTERNAL)
+            return None
 
     def _error(self, line: bytes) -> None:
         self.errors += 1
@@ -337,7 +361,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return None
         if not self._auth_allowed():
             return self._error(ERR_NEED_TLS)
-        if args[0].upper() != "PLAIN" or len(args) > 2:
+        if not args[0].isascii() or args[0].upper() != "PLAIN" or len(args) > 2:
             return self._error(ERR_AUTH_MECH)
         if len(args) == 2:
             return self._sasl_plain(args[1])
@@ -450,10 +474,10 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         """0-based index for a message-number argument, or None after replying -ERR."""
         drop = self.maildrop
         assert drop is not None
-        if not arg.isdigit() or len(arg) > 9:
-            self._error(ERR_SYNTAX)
+        n = _ascii_number(arg)
+        if n is None:
+            self._error(ERR_MSG_NUMBER)
             return None
-        n = int(arg)
         if not 1 <= n <= len(drop.messages):
             self._error(ERR_NO_MSG)
             return None
@@ -525,12 +549,15 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     do_RETR.states = (TRANSACTION,)  # type: ignore[attr-defined]
 
     def do_TOP(self, args: list[str]) -> Any:
-        if len(args) != 2 or not args[1].isdigit():
+        if len(args) != 2:
             return self._error(ERR_SYNTAX)
+        lines = _ascii_number(args[1])
+        if lines is None:
+            return self._error(ERR_LINE_COUNT)
         i = self._msg(args[0])
         if i is None:
             return None
-        return self._send(i, int(args[1]), b"+OK Top of message follows")
+        return self._send(i, lines, b"+OK Top of message follows")
 
     do_TOP.states = (TRANSACTION,)  # type: ignore[attr-defined]
 
