@@ -9,6 +9,7 @@ from __future__ import annotations
 import smtplib
 
 import pytest
+from twisted.logger import LogLevel, globalLogPublisher
 
 from tests.smtpharness import Harness, Raw, client_tls
 
@@ -18,6 +19,22 @@ def h(tmp_path, reactor_thread):
     harness = Harness(tmp_path, reactor_thread)
     yield harness
     harness.stop()
+
+
+@pytest.fixture
+def server_errors():
+    """Events the SMTP server logs with a traceback or at error level or above ("no traceback")."""
+    events = []
+
+    def observe(event):
+        if str(event.get("log_namespace", "")).startswith("tmmail.smtp") and (
+            "log_failure" in event or event.get("log_level", LogLevel.info) >= LogLevel.error
+        ):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
 
 
 def session(port, rcpt=b"alice@example.com"):
@@ -293,3 +310,95 @@ def test_blacklisted_sender_over_smtp(h):
         assert s.mail("x@banned-for-acme.example")[0] == 250
         assert s.rcpt("alice@example.com")[0] == 554
         assert s.rcpt("carol@other.test")[0] == 250
+
+
+# -- ESMTP arguments: only ASCII digits are digits ------------------------------------------------
+
+#: str.isdigit() is true for all of these; int() raises for some and accepts the others
+UNICODE_DIGITS = [b"\xc2\xb2", b"\xd9\xa1\xd9\xa2", b"\xef\xbc\x91", b"\xe2\x91\xa0", b"1\xc2\xb2", b"\xdb\xb5"]
+UNICODE_DIGIT_IDS = ["superscript-2", "arabic-indic-12", "fullwidth-1", "circled-1", "1-superscript-2",
+                     "extended-arabic-5"]
+
+
+@pytest.mark.parametrize("size", UNICODE_DIGITS, ids=UNICODE_DIGIT_IDS)
+def test_bdat_size_in_unicode_digits_closes_like_any_bad_size(h, server_errors, size):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    assert [x[:3] for x in r.replies(3)] == [b"250", b"250", b"250"]
+    # RFC 3030: the server cannot know where such a chunk ends, so none of what follows may
+    # run as a command -- one 501, then the connection closes, as for "BDAT 1x"
+    r.send(b"BDAT " + size + b" LAST\r\nRSET\r\nNOOP\r\nMAIL FROM:<y@remote.test>\r\n")
+    assert r.reply() == b"501 5.5.4 Syntax: BDAT size [LAST]"
+    assert r.closed()
+    assert r.buf == b""
+    h.stop()
+    assert h.incoming() == [] and h.tmp_files() == []
+    assert server_errors == []
+
+
+def test_bdat_with_unicode_digits_closes_even_without_a_transaction(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nBDAT \xd9\xa1\r\nXNOOP\r\n")  # with "BDAT 1" the X would be the chunk
+    assert r.replies(2)[1] == b"501 5.5.4 Syntax: BDAT size [LAST]"
+    assert r.closed() and r.buf == b""
+    assert server_errors == []
+
+
+def test_bdat_last_marker_must_be_ascii(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    r.replies(3)
+    # "LA\u017fT".upper() == "LAST" (long s); the old check upper-cased before comparing
+    r.send(b"BDAT 3 LA\xc5\xbfT\r\nX\r\nNOOP\r\n")
+    assert r.reply() == b"501 5.5.4 Syntax: BDAT size [LAST]"
+    assert r.closed()
+    h.stop()
+    assert h.incoming() == [] and h.tmp_files() == [] and server_errors == []
+
+
+def test_bdat_ascii_sizes_and_lower_case_last_still_work(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    r.replies(3)
+    r.send(b"BDAT 004\r\nSubjBDAT 10 last\r\nect: x\r\n\r\n")
+    assert r.reply() == b"250 2.0.0 4 octets received"
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.send(b"NOOP\r\n")
+    assert r.reply() == b"250 2.0.0 Ok"
+    r.close()
+    h.stop()
+    [(env, eml)] = h.incoming()
+    assert eml.endswith(b"\nSubject: x\n\n") and server_errors == []
+
+
+def test_bdat_chunk_is_read_and_answered_once_when_starting_it_raises(h, server_errors):
+    port = h.start("smtp")
+    h.factories["smtp"].spool = BrokenSpool()
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\n")
+    r.replies(3)
+    r.send(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")  # the chunk is "QUIT\r\n": never run
+    assert r.reply() == b"451 4.3.0 Error: internal server error, try again later"
+    assert r.reply() == b"250 2.0.0 Ok"
+    r.send(b"RCPT TO:<alice@example.com>\r\n")
+    assert r.reply() == b"503 5.5.1 Error: need MAIL command"  # the transaction is gone
+    r.close()
+    h.stop()
+    assert h.incoming() == []
+    assert [e["log_format"] for e in server_errors] == ["error starting a BDAT chunk from {client_ip}"]
+
+
+class BrokenSpool:
+    """A spool whose open_message has a bug (not an OSError)."""
+
+    def open_message(self):
+        raise RuntimeError("spool bug")

@@ -9,6 +9,7 @@ tmmail.policy; content rules from tmmail.smtpdata.  ``250 ... queued as`` only a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -45,6 +46,11 @@ from tmmail.smtppath import (
 log = Logger(namespace="tmmail.smtpserver")
 
 S554_NO_VALID_RECIPIENTS = "554 5.5.1 Error: no valid recipients"
+
+#: RFC 3030 §4 ``bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]``, chunk-size = 1*DIGIT:
+#: ASCII digits only (str.isdigit() and int() also take "²", "١٢" or "１"); re.ASCII so that
+#: IGNORECASE does not let "LAſT" (long s) or "LAST" with a Kelvin sign stand for LAST
+_BDAT_ARGUMENT = re.compile(r"([0-9]{1,15})(?: (LAST))?", re.ASCII | re.IGNORECASE)
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -279,30 +285,39 @@ class TransactionCommands:
         return True
 
     def do_BDAT(self, arg: str) -> Any:
-        words = arg.split(" ")
-        if not (1 <= len(words) <= 2) or not words[0].isdigit() or len(words[0]) > 15 or (
-            len(words) == 2 and words[1].upper() != "LAST"
-        ):
+        m = _BDAT_ARGUMENT.fullmatch(arg)
+        if m is None:
             # the chunk length is unknown, so its bytes cannot be skipped: stop here
             self._close(R.S501_SYNTAX.format(usage="BDAT size [LAST]"))
             return None
-        self._bdat_remaining = int(words[0])
+        self._bdat_remaining = int(m.group(1))
         self._bdat_size = self._bdat_remaining
-        self._bdat_last = len(words) == 2
+        self._bdat_last = m.group(2) is not None
         self._bdat_error = None
+        # from here on the chunk's length is known: it is always read, then answered (RFC 3030
+        # §3), even if something below raises -- a 451 from _dispatch would leave its bytes to
+        # be run as commands
         self._mode = "bdat"
-        tx = self.tx
-        # RFC 3030 §3: the chunk is always read, then answered
-        if self.helo is None:
-            self._bdat_error = R.S503_HELO_FIRST
-        elif tx is None:
-            self._bdat_error = R.S503_NO_VALID_TRANSACTION
-        elif not tx.recipients:
-            self._bdat_error = S554_NO_VALID_RECIPIENTS
-        elif tx.writer is None:
-            self._bdat_error = self._open_message(tx, dot_mode=False)
+        try:
+            self._bdat_error = self._chunk_refusal()
+        except Exception:
+            log.failure("error starting a BDAT chunk from {client_ip}", client_ip=self.client_ip)
+            self._bdat_error = R.S451_INTERNAL
         if self._bdat_error is not None:
             self._reset_transaction()
+        return None
+
+    def _chunk_refusal(self) -> str | None:
+        """Why the BDAT chunk that follows cannot be taken (its reply), or None."""
+        tx = self.tx
+        if self.helo is None:
+            return R.S503_HELO_FIRST
+        if tx is None:
+            return R.S503_NO_VALID_TRANSACTION
+        if not tx.recipients:
+            return S554_NO_VALID_RECIPIENTS
+        if tx.writer is None:
+            return self._open_message(tx, dot_mode=False)
         return None
 
     def _step_bdat(self) -> bool:
