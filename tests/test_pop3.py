@@ -70,6 +70,12 @@ class Harness:
     def count(self) -> int:
         return sum(len(os.listdir(os.path.join(self.maildir, d))) for d in ("new", "cur"))
 
+    def per_ip(self) -> dict:
+        """The live per-client connection counts of this server's POP3 listeners."""
+        from tmmail.pop3 import _connection_counts
+
+        return self.runner.call(lambda: dict(_connection_counts(self.settings).per_ip))
+
 
 @pytest.fixture
 def h(tmp_path, reactor_thread):
@@ -544,3 +550,89 @@ def test_a_failing_command_costs_that_command_not_the_session(h, monkeypatch):
     r.send(b"STAT\r\nLIST\r\n")
     assert r.line() == b"-ERR [SYS/TEMP] Internal error"
     assert r.multi() == [b"1 %d" % len(b"Subject: one\r\n\r\nfirst\r\n")]
+
+
+def greeting_of(port: int, tls: bool = False) -> tuple[Raw, bytes]:
+    r = Raw(port, tls=tls)
+    return r, r.line()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_default_per_ip_limit_refuses_the_21st_connection(h):
+    assert h.settings.pop3.max_connections_per_ip == 20
+    port = h.start()
+    # the audit's repro: 30 simultaneous connections from 127.0.0.1 all got +OK
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
+    try:
+        greetings = []
+        for s in socks:
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = s.recv(1000)
+                if not chunk:
+                    break
+                data += chunk
+            greetings.append(data)
+        assert greetings[:20] == [b"+OK TMmail POP3 server ready\r\n"] * 20
+        assert greetings[20:] == [b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"] * 10
+        for s in socks[20:]:
+            assert s.recv(1000) == b""  # and closed
+    finally:
+        for s in socks:
+            s.close()
+    # once they are gone the client may connect again
+    wait_until(lambda: not h.per_ip())
+    r, greeting = greeting_of(port)
+    assert greeting.startswith(b"+OK")
+
+
+def test_per_ip_limit_spans_pop3_and_pop3s_and_frees_on_close(tmp_path, reactor_thread):
+    h = Harness(tmp_path, reactor_thread, pop3={"max_connections_per_ip": 3})
+    try:
+        h.deliver(b"Subject: one\n\nfirst\n")
+        plain, tls = h.start("pop3"), h.start("pop3s")
+        first = raw_login(tls)
+        second, g2 = greeting_of(plain)
+        third, g3 = greeting_of(plain)
+        assert g2.startswith(b"+OK") and g3.startswith(b"+OK")
+        over, refused = greeting_of(tls, tls=True)
+        assert refused == b"-ERR [SYS/TEMP] Too many connections from your address, try again later"
+        assert over.closed()
+        over, refused = greeting_of(plain)
+        assert refused.startswith(b"-ERR [SYS/TEMP]") and over.closed()
+        # the admitted sessions are unaffected
+        first.send(b"STAT\r\n")
+        assert first.line().startswith(b"+OK 1 ")
+        second.send(b"CAPA\r\n")
+        assert b"PIPELINING" in second.multi()
+        # a closed session frees its slot
+        third.send(b"QUIT\r\n")
+        assert third.line() == b"+OK Bye" and third.closed()
+        wait_until(lambda: h.per_ip() == {"127.0.0.1": 2})
+        again, greeting = greeting_of(plain)
+        assert greeting.startswith(b"+OK")
+        first.send(b"QUIT\r\n")
+        assert first.line().startswith(b"+OK Bye")
+    finally:
+        h.stop()
+
+
+def test_per_ip_counts_ipv6_per_64(h):
+    factory = POP3Factory(h.settings, "pop3", h.providers, h.authenticator, h.tls, reactor=reactor)
+    limit = h.settings.pop3.max_connections_per_ip
+    for i in range(limit):
+        assert factory.connection_opened("2001:db8:0:1::%x" % (i + 1))
+    assert not factory.connection_opened("2001:db8:0:1:ffff::9")  # same /64, another address
+    assert factory.connection_opened("2001:db8:0:2::1")  # the next /64 is another client
+    assert factory.per_ip["2001:db8:0:1::/64"] == limit
+    factory.connection_closed("2001:db8:0:1::5")
+    assert factory.connection_opened("2001:db8:0:1::abcd")
+    # the pop3s listener of the same server shares the counts
+    other = POP3Factory(h.settings, "pop3s", h.providers, h.authenticator, h.tls, reactor=reactor)
+    assert not other.connection_opened("2001:db8:0:1::77")

@@ -12,6 +12,9 @@ the survey, §3/§4: no STLS, joke CAPA entries, deletions before QUIT, chunk-bo
 * DELE only marks; files are removed in the UPDATE state after QUIT (RFC 1939 §6); a dropped
   connection deletes nothing.  One session per maildrop (``-ERR [IN-USE]``, RFC 2449 §8.1.2),
   also across processes through an flock on ``tmmail-pop3.lock``.
+* At most ``[pop3] max_connections_per_ip`` simultaneous connections per client (IPv4 address or
+  IPv6 /64, ``tmmail.cred.ip_key`` as for SMTP and the login throttle), counted over every POP3
+  listener built from the same Settings; more are refused at the greeting.
 * RETR/TOP stream the file through a producer with a stateful LF->CRLF + dot-stuffing
   transformer (RFC 1939 §3), so chunk boundaries never matter.
 """
@@ -30,6 +33,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from tmmail import maildir, uidlist
+from tmmail.cred import ip_key
 from tmmail.pop3_stream import DotStuffer, MessageProducer, TopLimiter
 from tmmail.store import Store, StoreError
 
@@ -41,10 +45,14 @@ MAX_LINE = 4096
 MAX_QUEUED = 64
 MAX_ERRORS = 20
 LOCK_FILE = "tmmail-pop3.lock"
+#: seconds a closing connection may take to flush its last replies before it is aborted
+#: (a client that does not read, or never finishes the TLS handshake, would hold it forever)
+CLOSE_GRACE = 10.0
 IMPLEMENTATION = b"TMmail"
 
 # -- replies (RFC 1939, RFC 2449 §8 response codes, RFC 3206) ----------------------------------------
 GREETING = b"+OK TMmail POP3 server ready"
+ERR_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections from your address, try again later"
 OK_BYE = b"+OK Bye"
 OK_BEGIN_TLS = b"+OK Begin TLS negotiation"
 OK_USER = b"+OK Send your password"
@@ -98,6 +106,26 @@ def _ascii_number(arg: str) -> int | None:
 
 #: maildrops locked by sessions of this process (realpath of the Maildir)
 _locked: set[str] = set()
+
+
+class _ConnectionCounts:
+    """Open POP3 connections by client key (IPv4 address / IPv6 /64), shared by the listeners
+    of one server (pop3 and pop3s: one limit per client, as for SMTP)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.per_ip: dict[str, int] = {}
+
+
+#: id(settings) -> _ConnectionCounts (the counts keep their Settings alive, so the id stays unique)
+_COUNTS: dict[int, _ConnectionCounts] = {}
+
+
+def _connection_counts(settings: Any) -> _ConnectionCounts:
+    counts = _COUNTS.get(id(settings))
+    if counts is None or counts.settings is not settings:
+        counts = _COUNTS[id(settings)] = _ConnectionCounts(settings)
+    return counts
 
 
 class Maildrop:
@@ -181,6 +209,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.closing = False
         self.login: str | None = None
         self._last_line = ""
+        self._counted = False
+        self._abort_call: Any = None
         self.callLater = factory.reactor.callLater  # TimeoutMixin uses it
 
     # -- connection -----------------------------------------------------------------------------
@@ -188,12 +218,24 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        if not self.factory.connection_opened(self.peer):
+            log.warn("POP3 connection refused from {peer}: too many connections", peer=self.peer)
+            self.reply(ERR_TOO_MANY_CONNECTIONS)
+            self.close()
+            return
+        self._counted = True
         self.setTimeout(self.settings.pop3.idle_timeout)
         self.reply(GREETING)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
         self.closing = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed(self.peer)
         if self.maildrop is not None:
             self.maildrop.release()  # nothing is deleted: UPDATE only follows QUIT
             self.maildrop = None
@@ -212,8 +254,11 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.transport.write(first + b"\r\n" + body + b".\r\n")
 
     def close(self) -> None:
+        if self._abort_call is not None:
+            return
         self.closing = True
         self.transport.loseConnection()
+        self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -595,8 +640,28 @@ class POP3Factory(protocol.ServerFactory):
         self.authenticator = authenticator
         self.tls = tls_context_factory
         self.reactor = reactor
+        #: open connections by client key, shared by every POP3Factory of the same Settings
+        self.per_ip = _connection_counts(settings).per_ip
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         p = POP3Server(self)
         p.factory = self
         return p
+
+    def connection_opened(self, ip: str) -> bool:
+        """Count a new connection from ``ip``; False (not counted) if it is over the limit."""
+        key = ip_key(ip)
+        n = self.per_ip.get(key, 0)
+        limit = self.settings.pop3.max_connections_per_ip
+        if limit and n >= limit:
+            return False
+        self.per_ip[key] = n + 1
+        return True
+
+    def connection_closed(self, ip: str) -> None:
+        key = ip_key(ip)
+        n = self.per_ip.get(key, 0) - 1
+        if n > 0:
+            self.per_ip[key] = n
+        else:
+            self.per_ip.pop(key, None)
