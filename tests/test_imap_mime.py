@@ -139,6 +139,35 @@ def test_boundary_bomb_without_blank_lines_is_linear():
     assert body_structure(m).count(b'("text" "plain"') == 5000
 
 
+def test_header_folded_over_200000_lines_is_linear_and_exact():
+    # legal SMTP (every line short), ~2.6 MB of one Subject: joining each fold onto the value
+    # so far was quadratic and froze the server for minutes on a 24 MB header
+    folds = [b"w%d" % i for i in range(200000)]
+    raw = b"Subject: " + b"\r\n ".join(folds) + b"\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+    m = Message(raw)
+    (name, value), = [h for h in m.head.headers if h[0].lower() == "subject"]
+    assert value == b" " + b"\r\n ".join(folds)
+    out = fetch_data(parse_fetch_items(tokenize(b"(BODY.PEEK[HEADER.FIELDS (SUBJECT)] ENVELOPE)")[0]),
+                     _Msg(raw))
+    header = raw[: raw.index(b"\r\nFrom:") + 2]
+    assert out.startswith(b"BODY[HEADER.FIELDS (SUBJECT)] {%d}\r\n" % (len(header) + 2) + header + b"\r\n")
+    assert b"w0 w1 w2" in out and b"w199999" in out
+
+
+class _Msg:
+    seq = uid = 1
+    flags: set = set()
+    internal_date = 0.0
+    recent = False
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.size = len(raw)
+
+    def load(self) -> bytes:
+        return self.raw
+
+
 def test_crlf_normalisation():
     assert to_crlf(b"a\nb\n") == b"a\r\nb\r\n"
     assert to_crlf(b"a\r\nb\n") == b"a\r\nb\r\n"

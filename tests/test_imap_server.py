@@ -469,6 +469,47 @@ def test_internal_error_costs_one_command_not_the_connection(env, monkeypatch):
     s.close()
 
 
+def test_content_fetch_of_large_messages_is_made_off_the_reactor(env, monkeypatch):
+    """A FETCH that reads and parses megabytes (a header folded over tens of thousands of
+    lines, sent by anyone over port 25) must not stall the other sessions: while it is being
+    made, another client's NOOP is answered; the FETCH then completes byte-exact."""
+    import threading
+
+    from tmmail.imap import messages
+
+    folded = b"Subject: " + b"\n ".join([b"=?utf-8?b?w6k=?= word"] * 60000) + b"\n"
+    big = folded + b"From: a@example.org\n\nbody\n"
+    deliver(env, big)
+    release = threading.Event()
+    started = threading.Event()
+    real = messages.fetch_data
+
+    def slow(items, msg):
+        started.set()
+        assert release.wait(20), "never released"
+        return real(items, msg)
+
+    monkeypatch.setattr(messages, "fetch_data", slow)
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    s.sendall(b"b FETCH 1 (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])\r\n")
+    assert started.wait(10)
+    other, of = login_raw(env)  # the reactor is free: a new session logs in and is served
+    assert cmd(other, of, b"n", b"NOOP") == [b"n OK NOOP completed\r\n"]
+    release.set()
+    head = f.readline()
+    assert head.startswith(b"* 1 FETCH (BODY[HEADER.FIELDS (FROM SUBJECT)] {")
+    n = int(head.rsplit(b"{", 1)[1].rstrip(b"}\r\n"))
+    body = f.read(n)
+    want = big.replace(b"\n", b"\r\n")
+    want = want[: want.index(b"\r\n\r\n") + 4]
+    assert body == want  # Subject (all its folds) and From, in message order, then CRLF
+    assert f.readline() == b")\r\n"
+    assert f.readline() == b"b OK FETCH completed\r\n"
+    s.close()
+    other.close()
+
+
 def test_big_fetch_over_tls_with_a_slow_reader(env):
     """Content FETCH is streamed with flow control: every byte arrives, in order, over TLS."""
     from tests.imap_fixtures import client_tls

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -34,6 +34,8 @@ _BATCH_BYTES = 256 * 1024
 #: flag changes on more messages than this run in a thread (each one is a rename)
 _INLINE_FLAG_CHANGES = 200
 _SLICE_SECONDS = 0.02
+#: content FETCHes of more octets than this (sum of RFC822.SIZEs) are made in the thread pool
+_INLINE_CONTENT_BYTES = 1024 * 1024
 
 
 def uid_set(uids: list[int]) -> bytes:
@@ -327,6 +329,15 @@ class MessageCommands:
             else:
                 self.tagged(tag, R.OK_COMPLETED % name)
 
+        if any(i.needs_content for i in items):
+            msgs = self.selected.messages
+            if sum(msgs[s - 1].size for s in seqs) > _INLINE_CONTENT_BYTES:
+                # reading and parsing large messages (a header folded over 35,000 lines, a
+                # 25 MiB BODYSTRUCTURE) must not stall every other session: made in a thread
+                d = self.stream(chunks, threaded=True)
+                d.addCallback(done)
+                return d
+
         # the usual answer (one message, a few headers) is made at once and leaves with the
         # tagged reply in one write; only a big or slow one is streamed with flow control
         size = 0
@@ -413,8 +424,9 @@ class MessageCommands:
         if batch:
             yield b"".join(batch)
 
-    def stream(self, chunks: Iterator[bytes]) -> defer.Deferred:
-        """Write ``chunks`` in reactor-friendly slices, pausing while the transport is full."""
+    def stream(self, chunks: Iterator[bytes], threaded: bool = False) -> defer.Deferred:
+        """Write ``chunks`` in reactor-friendly slices, pausing while the transport is full;
+        ``threaded``: each chunk is made in the thread pool (large messages)."""
         self.flush()
         d: defer.Deferred = defer.Deferred()
         gate = _Gate()
@@ -432,12 +444,24 @@ class MessageCommands:
             else:
                 d.errback(error)
 
+        def got(chunk: bytes | None) -> None:
+            if chunk is None:
+                finish()
+                return
+            if not (self._closing or self.transport is None):
+                transport.write(chunk)
+            step()
+
         def step() -> None:
             if self._closing or self.transport is None:
                 finish()
                 return
             if gate.paused:
                 gate.waiting = step
+                return
+            if threaded:
+                t = threads.deferToThreadPool(reactor, reactor.getThreadPool(), next, chunks, None)
+                t.addCallbacks(got, finish)
                 return
             deadline = time.monotonic() + _SLICE_SECONDS
             try:

@@ -175,7 +175,7 @@ def parse_header_block(block: bytes) -> list[tuple[str, bytes]]:
     Lines without a colon (or with an invalid field name) are skipped; continuation lines
     before the first field are ignored.
     """
-    fields: list[tuple[str, bytes]] = []
+    fields: list[tuple[str, list[bytes]]] = []
     match = _FIELD.match
     open_field = False          # continuation lines belong to the line before, valid or not
     for line in block.split(b"\r\n"):
@@ -184,16 +184,15 @@ def parse_header_block(block: bytes) -> list[tuple[str, bytes]]:
         first = line[0]
         if first == 0x20 or first == 0x09:
             if open_field:
-                name, value = fields[-1]
-                fields[-1] = (name, value + b"\r\n" + line)
-            continue
+                fields[-1][1].append(line)  # joined once below: a header folded over
+            continue                        # 35,000 lines must not cost 35,000 copies
         m = match(line)
         if m is None:
             open_field = False
             continue
-        fields.append((m.group(1).decode("ascii"), line[m.end() :]))
+        fields.append((m.group(1).decode("ascii"), [line[m.end() :]]))
         open_field = True
-    return fields
+    return [(name, parts[0] if len(parts) == 1 else b"\r\n".join(parts)) for name, parts in fields]
 
 
 # --- Content-Type and parameters -----------------------------------------------------------
