@@ -182,8 +182,8 @@ def test_dsn_parameters_are_stored(h):
         assert s.docmd("MAIL FROM:<x@remote.test> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME")[0] == 250
         assert s.docmd("RCPT TO:<alice@example.com> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;alice@example.com")[0] == 250
         assert s.docmd("RCPT TO:<bob@example.com> NOTIFY=NEVER")[0] == 250
-        assert s.docmd("RCPT TO:<info@example.com> NOTIFY=MAYBE")[0] == 555
-        assert s.docmd("RCPT TO:<info@example.com> FOO=1")[0] == 555
+        assert s.docmd("RCPT TO:<info@example.com> NOTIFY=MAYBE") == (501, b"5.5.4 Syntax error in parameter NOTIFY")
+        assert s.docmd("RCPT TO:<info@example.com> FOO=1") == (555, b"5.5.4 Unsupported parameter FOO")
         assert s.data(b"Subject: dsn\r\n\r\nx\r\n")[0] == 250
     [(env, _)] = h.incoming()
     assert env.mail_params == {"RET": "HDRS", "ENVID": "QQ+2B1", "BODY": "8BITMIME"}

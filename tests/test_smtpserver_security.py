@@ -402,3 +402,104 @@ class BrokenSpool:
 
     def open_message(self):
         raise RuntimeError("spool bug")
+
+
+# -- MAIL/RCPT parameters: 501 5.5.4 for a syntax error, 555 5.5.4 for an unknown one -------------
+
+MAIL_PARAMETER_ERRORS = [
+    (b"SIZE=", b"501 5.5.4 Syntax error in parameter SIZE"),
+    (b"SIZE", b"501 5.5.4 Syntax error in parameter SIZE"),
+    (b"SIZE=-1", b"501 5.5.4 Syntax error in parameter SIZE"),
+    (b"SIZE=" + b"9" * 21, b"501 5.5.4 Syntax error in parameter SIZE"),
+    (b"RET=FULL RET=HDRS", b"501 5.5.4 Duplicate parameter RET"),
+    (b"size=1 SIZE=1", b"501 5.5.4 Duplicate parameter SIZE"),
+    (b"RET=ALL", b"501 5.5.4 Syntax error in parameter RET"),
+    (b"ENVID=a+zz", b"501 5.5.4 Syntax error in parameter ENVID"),
+    (b"ENVID=" + b"x" * 101, b"501 5.5.4 Syntax error in parameter ENVID"),
+    (b"BODY=", b"501 5.5.4 Syntax error in parameter BODY"),
+    (b"BODY=9BIT", b"501 5.5.4 Syntax error in parameter BODY"),
+    (b"SMTPUTF8=yes", b"501 5.5.4 Syntax error in parameter SMTPUTF8"),
+    (b"=x", b"501 5.5.4 Syntax error in parameter =x"),
+    (b"A=b=c", b"501 5.5.4 Syntax error in parameter A"),
+    (b"FOO=BAR", b"555 5.5.4 Unsupported parameter FOO"),
+    (b"MT-PRIORITY=1", b"555 5.5.4 Unsupported parameter MT-PRIORITY"),
+    (b"HOLDFOR=10", b"555 5.5.4 Unsupported parameter HOLDFOR"),
+    (b"BODY=BINARYMIME", b"555 5.5.4 Unsupported parameter BODY=BINARYMIME"),
+    (b"AUTH=<>", b"555 5.5.4 Unsupported parameter AUTH"),  # AUTH is not offered before TLS
+]
+
+
+@pytest.mark.parametrize("params,reply", MAIL_PARAMETER_ERRORS, ids=[p.decode()[:20] for p, _ in MAIL_PARAMETER_ERRORS])
+def test_mail_parameter_errors_are_5_5_4_and_the_session_goes_on(h, server_errors, params, reply):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test> " + params + b"\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    # no transaction was started: RCPT and DATA are refused, nothing reaches the spool
+    assert r.replies(4)[1:] == [reply, b"503 5.5.1 Error: need MAIL command", b"503 5.5.1 Error: need MAIL command"]
+    r.send(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+    assert [x[:3] for x in r.replies(3)] == [b"250", b"250", b"354"]
+    r.send(b"Subject: after\r\n\r\nx\r\n.\r\n")
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.close()
+    h.stop()
+    [(env, _)] = h.incoming()
+    assert env.mail_params == {}
+    assert server_errors == []
+
+
+RCPT_PARAMETER_ERRORS = [
+    (b"NOTIFY=", b"501 5.5.4 Syntax error in parameter NOTIFY"),
+    (b"NOTIFY", b"501 5.5.4 Syntax error in parameter NOTIFY"),
+    (b"NOTIFY=MAYBE", b"501 5.5.4 Syntax error in parameter NOTIFY"),
+    (b"NOTIFY=NEVER,SUCCESS", b"501 5.5.4 Syntax error in parameter NOTIFY"),
+    (b"NOTIFY=NEVER NOTIFY=NEVER", b"501 5.5.4 Duplicate parameter NOTIFY"),
+    (b"ORCPT=rfc822;a+ZZ", b"501 5.5.4 Syntax error in parameter ORCPT"),
+    (b"ORCPT=", b"501 5.5.4 Syntax error in parameter ORCPT"),
+    (b"ORCPT=noseparator", b"501 5.5.4 Syntax error in parameter ORCPT"),
+    (b"FOO=BAR", b"555 5.5.4 Unsupported parameter FOO"),
+    (b"SIZE=1", b"555 5.5.4 Unsupported parameter SIZE"),
+    (b"SMTPUTF8", b"555 5.5.4 Unsupported parameter SMTPUTF8"),
+]
+
+
+@pytest.mark.parametrize("params,reply", RCPT_PARAMETER_ERRORS, ids=[p.decode()[:20] for p, _ in RCPT_PARAMETER_ERRORS])
+def test_rcpt_parameter_errors_are_5_5_4_and_the_recipient_is_not_added(h, server_errors, params, reply):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<bob@example.com> " + params + b"\r\n"
+           b"RCPT TO:<alice@example.com>\r\nDATA\r\n")
+    replies = r.replies(5)
+    assert replies[2:] == [reply, b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>"]
+    r.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.close()
+    h.stop()
+    [(env, _)] = h.incoming()
+    assert [x.address for x in env.recipients] == ["alice@example.com"]  # never bob
+    assert server_errors == []
+
+
+def test_a_bad_address_is_still_an_address_error(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\nMAIL FROM:<x@@remote.test> SIZE=10\r\nMAIL FROM:<x@remote.test> SIZE=10\r\n"
+           b"RCPT TO:<alice@example.com.> NOTIFY=NEVER\r\nRCPT TO:<alice@example.com>SIZE=1\r\n")
+    assert r.replies(5)[1:] == [b"501 5.1.7 Bad sender address syntax", b"250 2.1.0 Ok",
+                                b"501 5.1.3 Bad recipient address syntax", b"501 5.1.3 Bad recipient address syntax"]
+    r.close()
+    assert server_errors == []
+
+
+def test_parameters_after_helo_are_unsupported(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"HELO c\r\nMAIL FROM:<x@remote.test> SIZE=10\r\nMAIL FROM:<x@remote.test>\r\n"
+           b"RCPT TO:<alice@example.com> NOTIFY=NEVER\r\n")
+    assert r.replies(4)[1:] == [b"555 5.5.4 Unsupported parameter SIZE", b"250 2.1.0 Ok",
+                                b"555 5.5.4 Unsupported parameter NOTIFY"]
+    r.close()
+    assert server_errors == []

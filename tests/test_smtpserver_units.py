@@ -73,9 +73,13 @@ def test_path_length_limits():
 
 def test_parse_params():
     assert parse_params("SIZE=10 body=8bitmime SMTPUTF8") == {"SIZE": "10", "BODY": "8bitmime", "SMTPUTF8": None}
-    for bad in ("SIZE=1 SIZE=2", "=x", "SIZE=", "A=b=c", "-X=1"):
-        with pytest.raises(PathError):
+    for bad, param in (("SIZE=1 SIZE=2", "SIZE"), ("=x", "=x"), ("SIZE=", "SIZE"), ("A=b=c", "A"), ("-X=1", "-X=1"),
+                       ("\u00e9=1", "?=1"), ("X" * 50 + "=", "X" * 40)):
+        with pytest.raises(ParamError) as e:
             parse_params(bad)
+        # a syntax error in the parameters (501 5.5.4), named in printable ASCII
+        assert not e.value.unknown and e.value.param == param
+        assert e.value.duplicate == (bad == "SIZE=1 SIZE=2")
 
 
 def test_mail_params():
@@ -84,20 +88,33 @@ def test_mail_params():
     )
     assert got == {"SIZE": "1000", "BODY": "8BITMIME", "SMTPUTF8": "", "RET": "HDRS", "ENVID": "abc+2Bdef"}
     assert check_mail_params({"AUTH": "<>"}, auth_offered=True) == {"AUTH": "<>"}
-    for bad in ({"SIZE": "x"}, {"SIZE": None}, {"BODY": "BINARYMIME"}, {"SMTPUTF8": "yes"},
-                {"RET": "ALL"}, {"ENVID": "a+zz"}, {"ENVID": "x" * 101}, {"FOO": "1"}, {"AUTH": "<>"}):
-        with pytest.raises(ParamError):
+    for bad in ({"SIZE": "x"}, {"SIZE": None}, {"BODY": "9BIT"}, {"BODY": None}, {"SMTPUTF8": "yes"},
+                {"RET": "ALL"}, {"RET": None}, {"ENVID": "a+zz"}, {"ENVID": "x" * 101}):
+        with pytest.raises(ParamError) as e:
             check_mail_params(bad, auth_offered=False)
+        assert not e.value.unknown and e.value.param == next(iter(bad))  # 501 5.5.4
+    with pytest.raises(ParamError) as e:
+        check_mail_params({"AUTH": "a b"}, auth_offered=True)
+    assert not e.value.unknown
+    for bad in ({"FOO": "1"}, {"AUTH": "<>"}, {"MT-PRIORITY": "1"}, {"HOLDFOR": "10"}, {"BODY": "binarymime"}):
+        with pytest.raises(ParamError) as e:
+            check_mail_params(bad, auth_offered=False)
+        assert e.value.unknown  # 555 5.5.4
 
 
 def test_rcpt_params():
     assert check_rcpt_params({"NOTIFY": "success,failure"}) == {"NOTIFY": "SUCCESS,FAILURE"}
     assert check_rcpt_params({"NOTIFY": "never"}) == {"NOTIFY": "NEVER"}
     assert check_rcpt_params({"ORCPT": "rfc822;a+40b@c"}) == {"ORCPT": "rfc822;a+40b@c"}
-    for bad in ({"NOTIFY": "NEVER,SUCCESS"}, {"NOTIFY": "SOMETIMES"}, {"NOTIFY": "DELAY,DELAY"},
-                {"ORCPT": "noseparator"}, {"ORCPT": "rfc822;"}, {"ORCPT": "rfc822;a+zz"}, {"SIZE": "1"}):
-        with pytest.raises(ParamError):
+    for bad in ({"NOTIFY": "NEVER,SUCCESS"}, {"NOTIFY": "SOMETIMES"}, {"NOTIFY": "DELAY,DELAY"}, {"NOTIFY": None},
+                {"ORCPT": "noseparator"}, {"ORCPT": "rfc822;"}, {"ORCPT": "rfc822;a+zz"}, {"ORCPT": None}):
+        with pytest.raises(ParamError) as e:
             check_rcpt_params(bad)
+        assert not e.value.unknown and e.value.param == next(iter(bad))
+    for bad in ({"SIZE": "1"}, {"SMTPUTF8": None}, {"FOO": "BAR"}):
+        with pytest.raises(ParamError) as e:
+            check_rcpt_params(bad)
+        assert e.value.unknown
 
 
 # -- content readers ------------------------------------------------------------------------

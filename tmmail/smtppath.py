@@ -239,24 +239,32 @@ def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Path:
 
 
 def parse_params(text: str) -> dict[str, str | None]:
-    """ESMTP parameters ``KEY[=VALUE] ...`` (RFC 5321 §4.1.2); keys upper-cased, no duplicates."""
+    """ESMTP parameters ``KEY[=VALUE] ...`` (RFC 5321 §4.1.2); keys upper-cased, no duplicates.
+
+    A malformed or repeated parameter raises :class:`ParamError` (a syntax error, 501 5.5.4).
+    """
     params: dict[str, str | None] = {}
     for item in text.split(" "):
         if not item:
             continue
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key):
-            raise PathError(f"bad parameter {item[:40]!r}")
+            raise ParamError(item)
         key = key.upper()
         if key in params:
-            raise PathError(f"duplicate parameter {key}")
+            raise ParamError(key, duplicate=True)
         if eq:
             if not value or "=" in value or any(ord(c) < 33 or ord(c) == 127 for c in value):
-                raise PathError(f"bad value for {key}")
+                raise ParamError(key)
             params[key] = value
         else:
             params[key] = None
     return params
+
+
+def _shown(text: str) -> str:
+    """Client text as it may be named in a reply: printable ASCII, at most 40 characters."""
+    return "".join(c if 33 <= ord(c) <= 126 else "?" for c in text[:40])
 
 
 _XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
@@ -268,11 +276,20 @@ def is_xtext(value: str) -> bool:
 
 
 class ParamError(ValueError):
-    """An ESMTP parameter is unknown or malformed (555 5.5.4); ``param`` names it."""
+    """An ESMTP parameter is refused; ``param`` names it (printable ASCII).
 
-    def __init__(self, param: str) -> None:
+    ``unknown``: a parameter this server does not implement, or one it did not advertise
+    (RFC 5321 §4.1.1.11: 555 5.5.4).  Otherwise it is a syntax error in the parameters -- no
+    value where one is needed, a malformed value, a repeated parameter -- which is 501 5.5.4
+    (RFC 5321 §4.2.2 501, RFC 3463 X.5.4 "invalid command arguments"), not an address error
+    (X.1.7 / X.1.3 are for the path itself).
+    """
+
+    def __init__(self, param: str, *, unknown: bool = False, duplicate: bool = False) -> None:
         super().__init__(param)
-        self.param = param
+        self.param = _shown(param)
+        self.unknown = unknown
+        self.duplicate = duplicate
 
 
 def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> dict[str, str]:
@@ -288,6 +305,8 @@ def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> d
                 raise ParamError(key)
             out[key] = str(int(value))
         elif key == "BODY":
+            if value is not None and value.upper() == "BINARYMIME":
+                raise ParamError("BODY=BINARYMIME", unknown=True)  # RFC 3030 §3, not offered
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise ParamError(key)
             out[key] = value.upper()
@@ -308,7 +327,7 @@ def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> d
                 raise ParamError(key)
             out[key] = value
         else:
-            raise ParamError(key)
+            raise ParamError(key, unknown=True)
     return out
 
 
@@ -339,5 +358,5 @@ def check_rcpt_params(params: dict[str, str | None]) -> dict[str, str]:
                 raise ParamError(key)
             out[key] = value
         else:
-            raise ParamError(key)
+            raise ParamError(key, unknown=True)
     return out

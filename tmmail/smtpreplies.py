@@ -57,7 +57,11 @@ S503_ALREADY_AUTHENTICATED = "503 5.5.1 Error: already authenticated"
 S503_AUTH_IN_TRANSACTION = "503 5.5.1 Error: AUTH not allowed during a mail transaction"
 S503_ALREADY_TLS = "503 5.5.1 Error: TLS already active"
 S504_BAD_MECHANISM = "504 5.5.4 Unrecognized authentication mechanism"
-S555_BAD_PARAMETER = "555 5.5.4 Unsupported or malformed parameter {param}"
+#: RFC 5321 §4.1.1.11: a MAIL/RCPT parameter this server does not implement (or did not offer)
+S555_UNSUPPORTED_PARAMETER = "555 5.5.4 Unsupported parameter {param}"
+#: a syntax error in the parameters (RFC 3463 X.5.4), not in the address (X.1.7 / X.1.3)
+S501_BAD_PARAMETER = "501 5.5.4 Syntax error in parameter {param}"
+S501_DUPLICATE_PARAMETER = "501 5.5.4 Duplicate parameter {param}"
 S454_TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
 
 # Transaction limits

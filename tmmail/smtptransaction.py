@@ -59,6 +59,15 @@ def _printable(text: str, limit: int = 200) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
+def _param_reply(e: ParamError) -> str:
+    """555 5.5.4 for a parameter not implemented, 501 5.5.4 for a syntax error in one."""
+    if e.unknown:
+        return R.S555_UNSUPPORTED_PARAMETER.format(param=e.param)
+    if e.duplicate:
+        return R.S501_DUPLICATE_PARAMETER.format(param=e.param)
+    return R.S501_BAD_PARAMETER.format(param=e.param)
+
+
 def _address_literal(ip: str) -> str:
     """RFC 5321 §4.1.3 address literal: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
@@ -121,12 +130,12 @@ class TransactionCommands:
             path_text, param_text = split_argument(arg, "FROM")
             params = parse_params(param_text)
             if params and not self.esmtp:
-                raise ParamError(next(iter(params)))
+                raise ParamError(next(iter(params)), unknown=True)  # no extensions after HELO
             mail_params = check_mail_params(params, auth_offered=self._auth_available())
             smtputf8 = "SMTPUTF8" in mail_params
             path = parse_path(path_text, utf8=smtputf8, allow_null=True)
         except ParamError as e:
-            return R.S555_BAD_PARAMETER.format(param=e.param)
+            return _param_reply(e)
         except PathError as e:
             return R.S553_UTF8_NEEDS_SMTPUTF8 if e.utf8 else R.S501_BAD_SENDER
         if "SIZE" in mail_params and int(mail_params["SIZE"]) > self.smtp.max_message_size:
@@ -175,7 +184,7 @@ class TransactionCommands:
             path_text, param_text = split_argument(arg, "TO")
             params = parse_params(param_text)
             if params and not self.esmtp:
-                raise ParamError(next(iter(params)))
+                raise ParamError(next(iter(params)), unknown=True)  # no extensions after HELO
             rcpt_params = check_rcpt_params(params)
             if path_text.lower() == "postmaster":
                 # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted; policy
@@ -184,7 +193,7 @@ class TransactionCommands:
             else:
                 path = parse_path(path_text, utf8=tx.smtputf8, allow_null=False)
         except ParamError as e:
-            return R.S555_BAD_PARAMETER.format(param=e.param)
+            return _param_reply(e)
         except PathError as e:
             return R.S553_UTF8_NEEDS_SMTPUTF8 if e.utf8 else R.S501_BAD_RECIPIENT
         held = (0, 0)
