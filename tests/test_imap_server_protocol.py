@@ -236,6 +236,25 @@ def test_literal_too_big_sync_and_nonsync(reactor_thread, tmp_path):
         stop_imap(reactor_thread, e)
 
 
+def test_no_message_literal_before_login(env):
+    """Before login APPEND is not valid, so its literal shares the small line budget: a
+    synchronising one is refused at once (nothing is read), a LITERAL+ one is thrown away
+    as it arrives -- an unauthenticated client cannot make the server hold megabytes."""
+    s, f = raw_session(env)
+    s.sendall(b"a APPEND INBOX {20000000}\r\n")
+    assert read_until_tag(f, b"a") == [b"a NO [TOOBIG] Literal too large\r\n"]
+    chunk = b"y" * 65536
+    s.sendall(b"b APPEND INBOX {2097152+}\r\n")
+    for _ in range(32):
+        s.sendall(chunk)
+    s.sendall(b"\r\nc NOOP\r\n")
+    assert read_until_tag(f, b"b") == [b"b NO [TOOBIG] Literal too large\r\n"]
+    assert read_until_tag(f, b"c") == [b"c OK NOOP completed\r\n"]
+    s.sendall(b'd LOGIN alice@example.com {%d+}\r\n%s\r\n' % (len(PASSWORD), PASSWORD.encode()))
+    assert read_until_tag(f, b"d")[-1].startswith(b"d OK")
+    s.close()
+
+
 def test_literal_plus_login(env):
     s, f = raw_session(env)
     pw = PASSWORD.encode()

@@ -15,8 +15,8 @@ from tmmail.imap.reader import (
 
 
 def reader(max_line: int = 100, append_limit: int = 1000) -> CommandReader:
-    def limit(cmd: bytes) -> int:
-        return append_limit if b" APPEND " in cmd.upper() else max(0, max_line - len(cmd))
+    def limit(head: bytes, received: int) -> int:
+        return append_limit if b" APPEND " in head.upper() else max(0, max_line - received)
 
     return CommandReader(max_line, limit)
 
@@ -230,3 +230,28 @@ def test_incomplete_command_is_acked_at_once(tmp_path):
     proto.dataReceived(b"\r\n")
     assert transport.value().endswith(b"b OK NOOP completed\r\n")  # the command was complete
     assert len(Sock.calls) == n
+
+
+def test_literal_plus_after_an_over_long_line_is_thrown_away_not_run():
+    """RFC 7888 §4: `a NOOP "<long>" {14+}` -- the line is refused, and the announced literal
+    and the rest of the command must be discarded; they are not commands."""
+    r = reader(max_line=40)
+    r.feed(b'a NOOP "' + b"x" * 60 + b'" {14+}\r\nb CAPABILITY\r\n\r\nc NOOP\r\n')
+    assert events(r) == [TooLong(b"a"), Command(b"c NOOP")]
+    # the same when the long line arrives in pieces (the reader is already skipping it)
+    r = reader(max_line=40)
+    r.feed(b'a NOOP "' + b"x" * 60)
+    assert events(r) == []
+    r.feed(b'" {14+}\r\nb CAP')
+    assert events(r) == [TooLong(b"a")]
+    r.feed(b"ABILITY\r\n more {3+}\r\nxyz\r\nc NOOP\r\n")
+    assert events(r) == [Command(b"c NOOP")]
+
+
+def test_many_literals_cannot_grow_a_command_beyond_its_budget():
+    """Each literal is checked against what is left of the command's budget, so announcing
+    literal after literal cannot make the server buffer without bound."""
+    r = reader(max_line=100)
+    r.feed(b"a LOGIN {40+}\r\n" + b"u" * 40 + b" {40+}\r\n" + b"p" * 40 + b" {40+}\r\n" + b"q" * 40
+           + b"\r\nb NOOP\r\n")
+    assert events(r) == [LiteralTooBig(b"a", 40, False), Command(b"b NOOP")]

@@ -66,11 +66,14 @@ def _tag_of(data: bytes) -> bytes:
 class CommandReader:
     """Buffers input and hands out one :data:`Event` at a time.
 
-    ``literal_limit(command_so_far)`` returns the largest literal accepted for that command
-    (APPEND gets the message size limit, everything else the line limit).
+    ``literal_limit(first_line, received)`` returns the largest literal accepted next in a
+    command whose first line is ``first_line`` and of which ``received`` octets (lines and
+    literals) have arrived: APPEND after login gets the message size limit, everything else
+    what is left of the line limit, so no command grows beyond its budget however many
+    literals it announces.
     """
 
-    def __init__(self, max_line: int, literal_limit: Callable[[bytes], int]) -> None:
+    def __init__(self, max_line: int, literal_limit: Callable[[bytes, int], int]) -> None:
         self.max_line = max_line
         self.literal_limit = literal_limit
         self.raw_lines = False
@@ -158,10 +161,11 @@ class CommandReader:
                         continue
                     self._skip_command = False
                     continue
+                self._skip_literal(line.rstrip(b"\r"))
                 return TooLong(self._skip_tag)
             if nl < 0:
                 if len(self._buf) + self._text_len > self.max_line:
-                    self._skip_tag = _tag_of(b"".join(self._parts) + bytes(self._buf[:80]))
+                    self._skip_tag = _tag_of(self._parts[0] if self._parts else bytes(self._buf[:80]))
                     self._buf.clear()
                     self._reset_command()
                     self._skip_line = True
@@ -171,8 +175,9 @@ class CommandReader:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) + self._text_len > self.max_line:
-                tag = _tag_of(b"".join(self._parts) + line[:80])
+                tag = _tag_of(self._parts[0] if self._parts else line[:80])
                 self._reset_command()
+                self._skip_literal(line)
                 return TooLong(tag)
             if self.raw_lines and not self._parts:
                 return Line(line)
@@ -184,9 +189,9 @@ class CommandReader:
                 self._reset_command()
                 return Command(data)
             size, non_sync = ann
-            so_far = b"".join(self._parts) + line
-            if size > self.literal_limit(so_far):
-                tag = _tag_of(so_far)
+            head = self._parts[0] if self._parts else line
+            if size > self.literal_limit(head, self._parts_len + len(line)):
+                tag = _tag_of(head)
                 self._reset_command()
                 if non_sync:
                     self._discard_literal = size
@@ -199,3 +204,13 @@ class CommandReader:
             self._literal_left = size
             if not non_sync:
                 return NeedContinuation(size)
+
+    def _skip_literal(self, line: bytes) -> None:
+        """A refused line that ends with a LITERAL+ announcement: the literal and the rest of
+        the command follow without waiting for us and must be thrown away, not run as
+        commands (RFC 7888 §4).  A synchronising one is never sent (no ``+`` comes)."""
+        ann = literal_announcement(line)
+        if ann is not None and ann[1]:
+            self._discard_literal = ann[0]
+            self._skip_line = True
+            self._skip_command = True

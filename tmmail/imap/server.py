@@ -498,14 +498,17 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         return self._idle_tag is not None
 
     # -- limits ----------------------------------------------------------------------------
-    def _literal_limit(self, command: bytes) -> int:
-        parts = command.split(None, 3)
-        word = parts[1].upper() if len(parts) > 1 else b""
-        if word == b"UID" and len(parts) > 2:
-            word = parts[2].upper()
-        if word == b"APPEND":
-            return self.settings.max_literal_size
-        return max(0, self.settings.max_line_length - len(command))
+    def _literal_limit(self, head: bytes, received: int) -> int:
+        """Largest literal accepted next in a command (first line ``head``, ``received``
+        octets so far): only APPEND after login may carry a message (one: no MULTIAPPEND);
+        everything else, and anything before login, shares the line limit (RFC 7888 §4), so
+        an unauthenticated client cannot make the server buffer megabytes."""
+        line = self.settings.max_line_length
+        parts = head.split(None, 2)
+        if (len(parts) > 1 and parts[1].upper() == b"APPEND" and self.state in _AUTHED):
+            size = self.settings.max_literal_size
+            return max(0, min(size, size + line - received))
+        return max(0, line - received)
 
     # -- state table -----------------------------------------------------------------------
     COMMANDS: dict[bytes, tuple[str, tuple[str, ...]]] = {
