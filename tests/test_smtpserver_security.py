@@ -503,3 +503,22 @@ def test_parameters_after_helo_are_unsupported(h, server_errors):
                                 b"555 5.5.4 Unsupported parameter NOTIFY"]
     r.close()
     assert server_errors == []
+
+
+@pytest.mark.parametrize("size", UNICODE_DIGITS, ids=UNICODE_DIGIT_IDS)
+def test_mail_size_in_unicode_digits_is_a_syntax_error(h, server_errors, size):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    # port 25, no login: "SIZE=²" made int() raise (451 4.3.0 and a critical traceback) and
+    # "SIZE=١٢" was taken as 12
+    r.send(b"EHLO c\r\nMAIL FROM:<x@remote.test> SIZE=" + size + b"\r\nRCPT TO:<alice@example.com>\r\n")
+    assert r.replies(3)[1:] == [b"501 5.5.4 Syntax error in parameter SIZE", b"503 5.5.1 Error: need MAIL command"]
+    r.send(b"MAIL FROM:<x@remote.test> SIZE=12\r\nRCPT TO:<alice@example.com>\r\nBDAT 14 LAST\r\nSubject: x\r\n\r\n")
+    assert [x[:3] for x in r.replies(2)] == [b"250", b"250"]
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.close()
+    h.stop()
+    [(env, _)] = h.incoming()
+    assert env.mail_params == {"SIZE": "12"}
+    assert server_errors == []

@@ -88,7 +88,9 @@ def test_mail_params():
     )
     assert got == {"SIZE": "1000", "BODY": "8BITMIME", "SMTPUTF8": "", "RET": "HDRS", "ENVID": "abc+2Bdef"}
     assert check_mail_params({"AUTH": "<>"}, auth_offered=True) == {"AUTH": "<>"}
-    for bad in ({"SIZE": "x"}, {"SIZE": None}, {"BODY": "9BIT"}, {"BODY": None}, {"SMTPUTF8": "yes"},
+    assert check_mail_params({"SIZE": "0" * 19 + "7"}, auth_offered=False) == {"SIZE": "7"}
+    for bad in ({"SIZE": "x"}, {"SIZE": None}, {"SIZE": "\u00b2"}, {"SIZE": "\u0661\u0662"}, {"SIZE": "\uff11"},
+                {"SIZE": "1\u00b2"}, {"SIZE": "1" * 21}, {"SIZE": "+1"}, {"SIZE": " 1"}, {"BODY": "9BIT"}, {"BODY": None}, {"SMTPUTF8": "yes"},
                 {"RET": "ALL"}, {"RET": None}, {"ENVID": "a+zz"}, {"ENVID": "x" * 101}):
         with pytest.raises(ParamError) as e:
             check_mail_params(bad, auth_offered=False)

@@ -21,6 +21,9 @@ import idna
 _ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 _LDH_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+#: RFC 1870 size-value = 1*20DIGIT, ASCII digits only: str.isdigit() is also true for "²"
+#: (int() then raises) and for "١٢" or "１" (int() reads them as 12 and 1)
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 #: characters in a local part that ask an MTA to route further (RFC 1123 §5.2.16 "%",
 #: UUCP bang paths, RFC 821-style "@" inside a quoted local part)
 ROUTING_CHARACTERS = frozenset("%!@")
@@ -301,7 +304,7 @@ def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> d
     out: dict[str, str] = {}
     for key, value in params.items():
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not _SIZE_VALUE.fullmatch(value):
                 raise ParamError(key)
             out[key] = str(int(value))
         elif key == "BODY":
