@@ -522,3 +522,57 @@ def test_mail_size_in_unicode_digits_is_a_syntax_error(h, server_errors, size):
     [(env, _)] = h.incoming()
     assert env.mail_params == {"SIZE": "12"}
     assert server_errors == []
+
+
+# -- keywords are ASCII: str.upper() maps "ı" to I, "ſ" to S, "ﬆ" to ST ----------------------------
+
+
+def test_verbs_that_only_upper_case_to_a_command_are_unknown(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send("EHLO c\r\nMAıL FROM:<x@remote.test>\r\nﬆARTTLS\r\nRſET\r\nQUıT\r\nMAIL FROM:<x@remote.test>\r\n"
+           "RCPT TO:<alice@example.com>\r\n".encode())
+    replies = r.replies(7)
+    assert replies[1:5] == [b"500 5.5.2 Error: command not recognized"] * 4
+    assert replies[5:] == [b"250 2.1.0 Ok", b"250 2.1.5 Ok"]  # still open, no TLS, no transaction reset
+    r.close()
+    assert server_errors == []
+
+
+@pytest.mark.parametrize("param", ["BODY=7BıT", "BODY=8bıtmıme", "RET=HDRſ", "RET=hdrſ"],
+                         ids=["7bit", "8bitmime", "hdrs", "lower-hdrs"])
+def test_mail_parameter_values_that_only_upper_case_to_a_keyword_are_refused(h, server_errors, param):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(f"EHLO c\r\nMAIL FROM:<x@remote.test> {param}\r\nMAIL FROM:<x@remote.test>\r\n".encode())
+    name = param.split("=")[0].encode()
+    assert r.replies(3)[1:] == [b"501 5.5.4 Syntax error in parameter " + name, b"250 2.1.0 Ok"]
+    r.close()
+    assert server_errors == []
+
+
+def test_notify_words_that_only_upper_case_to_a_keyword_are_refused(h, server_errors):
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send("EHLO c\r\nMAIL FROM:<x@remote.test>\r\nRCPT TO:<bob@example.com> NOTIFY=ſucceſſ\r\n"
+           "RCPT TO:<bob@example.com> NOTIFY=faılure\r\nRCPT TO:<alice@example.com> NOTIFY=success\r\n".encode())
+    assert r.replies(5)[2:] == [b"501 5.5.4 Syntax error in parameter NOTIFY"] * 2 + [b"250 2.1.5 Ok"]
+    r.close()
+    assert server_errors == []
+
+
+def test_auth_mechanism_must_be_ascii(tmp_path, reactor_thread, server_errors):
+    h = Harness(tmp_path, reactor_thread, smtp={"allow_plaintext_auth": True})
+    port = h.start("submission", tls=False)
+    r = Raw(port)
+    r.reply()
+    r.send("EHLO c\r\nAUTH PLAıN\r\nAUTH LOGıN\r\nAUTH plain\r\n".encode())
+    assert r.replies(4)[1:] == [b"504 5.5.4 Unrecognized authentication mechanism"] * 2 + [b"334 "]
+    r.send(b"*\r\n")
+    assert r.reply() == b"501 5.0.0 Authentication cancelled"
+    r.close()
+    h.stop()
+    assert server_errors == []

@@ -40,7 +40,7 @@ class AuthCommands:
         if not self._auth_available():
             return R.S530_STARTTLS_FIRST
         mech, _, initial = arg.partition(" ")
-        mech = mech.upper()
+        mech = mech.upper() if mech.isascii() else ""  # "PLA\u0131N".upper() == "PLAIN"
         initial = initial.strip(" ")
         if mech not in ("PLAIN", "LOGIN"):
             return R.S504_BAD_MECHANISM

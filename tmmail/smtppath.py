@@ -295,6 +295,12 @@ class ParamError(ValueError):
         self.duplicate = duplicate
 
 
+def _ascii_upper(value: str | None) -> str | None:
+    """An ASCII value upper-cased; None for no value or a non-ASCII one, which str.upper()
+    could turn into a keyword ("7B\u0131T" -> "7BIT", "HDR\u017f" -> "HDRS")."""
+    return value.upper() if value is not None and value.isascii() else None
+
+
 def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> dict[str, str]:
     """Validate MAIL FROM parameters; returns them normalized for the envelope.
 
@@ -308,19 +314,21 @@ def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> d
                 raise ParamError(key)
             out[key] = str(int(value))
         elif key == "BODY":
-            if value is not None and value.upper() == "BINARYMIME":
+            word = _ascii_upper(value)
+            if word == "BINARYMIME":
                 raise ParamError("BODY=BINARYMIME", unknown=True)  # RFC 3030 §3, not offered
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if word not in ("7BIT", "8BITMIME"):
                 raise ParamError(key)
-            out[key] = value.upper()
+            out[key] = word
         elif key == "SMTPUTF8":
             if value is not None:
                 raise ParamError(key)
             out[key] = ""
         elif key == "RET":
-            if value is None or value.upper() not in ("FULL", "HDRS"):
+            word = _ascii_upper(value)
+            if word not in ("FULL", "HDRS"):
                 raise ParamError(key)
-            out[key] = value.upper()
+            out[key] = word
         elif key == "ENVID":
             if value is None or len(value) > 100 or not is_xtext(value):
                 raise ParamError(key)
@@ -342,9 +350,10 @@ def check_rcpt_params(params: dict[str, str | None]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in params.items():
         if key == "NOTIFY":
-            if value is None:
+            word = _ascii_upper(value)
+            if word is None:
                 raise ParamError(key)
-            words = value.upper().split(",")
+            words = word.split(",")
             if words == ["NEVER"]:
                 out[key] = "NEVER"
             elif words and all(w in _NOTIFY_WORDS for w in words) and len(set(words)) == len(words):

@@ -340,8 +340,10 @@ class SMTPSession(TransactionCommands, AuthCommands, Protocol):
         except UnicodeDecodeError:
             return R.S500_BAD_UTF8
         verb, _, arg = text.partition(" ")
+        # ASCII before upper(): "MA\u0131L" (dotless i), "\ufb06ARTTLS" (st ligature) or
+        # "R\u017fET" (long s) upper-case to MAIL, STARTTLS, RSET, and must not run as them
+        handler = getattr(self, "do_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         verb = verb.upper()
-        handler = getattr(self, "do_" + verb, None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
             return R.S500_UNKNOWN
         if self.tx is None and verb not in _TRANSACTION_VERBS:
