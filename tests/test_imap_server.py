@@ -510,6 +510,48 @@ def test_content_fetch_of_large_messages_is_made_off_the_reactor(env, monkeypatc
     other.close()
 
 
+def test_a_client_that_pipelines_without_reading_is_throttled_not_buffered(env):
+    """A client that sends FETCH after FETCH and reads nothing: once the answers fill the
+    connection the server stops answering and then stops reading (its send blocks), instead
+    of holding every answer in memory; when the client reads, every answer comes, in order."""
+    import socket
+
+    deliver(env, b"Subject: big\n\n" + (b"y" * 78 + b"\n") * 3000)  # 240 KB
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    pad = b" ".join(b"X-PAD-%d" % i for i in range(400))  # ~4 KB per command
+    s.settimeout(3)
+    sent = 0
+    blocked = False
+    try:
+        for sent in range(4000):  # 16 MB of commands, 1 GB of answers if all were made
+            s.sendall(b"f%d FETCH 1 (BODY.PEEK[] BODY.PEEK[HEADER.FIELDS (%s)])\r\n" % (sent, pad))
+    except socket.timeout:
+        blocked = True
+    assert blocked, "the server kept reading commands whose answers nobody read"
+    s.settimeout(30)
+    s.setblocking(True)
+    s.settimeout(30)
+    tags = []
+    for _ in range(sent * 10):
+        line = f.readline()
+        if line.startswith(b"* 1 FETCH"):
+            n = int(line.rsplit(b"{", 1)[1].rstrip(b"}\r\n"))
+            assert len(f.read(n)) == n
+            rest = f.readline()
+            m = re.search(rb"\{(\d+)\}\r\n$", rest)
+            if m:
+                f.read(int(m.group(1)))
+                f.readline()
+            continue
+        tags.append(line.split()[0])
+        if len(tags) == sent:
+            break
+    assert tags == [b"f%d" % i for i in range(sent)]
+    s.close()
+
+
 def test_big_fetch_over_tls_with_a_slow_reader(env):
     """Content FETCH is streamed with flow control: every byte arrives, in order, over TLS."""
     from tests.imap_fixtures import client_tls

@@ -127,9 +127,8 @@ class MailboxCommands:
                 self.log.warn("IMAP UIDVALIDITY of {mailbox} changed under {login}; closing session",
                               mailbox=self.selected.name, login=self.login)
                 self.send(b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed, please reconnect\r\n")
-            self._closing = True
             self.flush()
-            self.transport.loseConnection()
+            self.close_connection()
             self._out = _Discard()  # the running command must not answer after the BYE
             return
         self._out.extend(lines)

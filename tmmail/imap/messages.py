@@ -14,8 +14,6 @@ import time
 from typing import Any, Iterator
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
 
 from tmmail.imap import responses as R
 from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
@@ -105,31 +103,6 @@ def _seq_set(tok: Any) -> Any:
     if not isinstance(tok, Atom):
         raise ParseError("Expected a sequence set")
     return SequenceSet.parse(bytes(tok))
-
-
-@implementer(IPushProducer)
-class _Gate:
-    """Tells a streaming FETCH when the transport's buffer is full (producer flow control)."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.waiting: Any = None
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.waiting is not None:
-            call, self.waiting = self.waiting, None
-            call()
-
-    def stopProducing(self) -> None:
-        """The connection is gone: let the waiting stream notice and finish."""
-        self.paused = False
-        if self.waiting is not None:
-            call, self.waiting = self.waiting, None
-            call()
 
 
 class MessageCommands:
@@ -425,20 +398,16 @@ class MessageCommands:
             yield b"".join(batch)
 
     def stream(self, chunks: Iterator[bytes], threaded: bool = False) -> defer.Deferred:
-        """Write ``chunks`` in reactor-friendly slices, pausing while the transport is full;
-        ``threaded``: each chunk is made in the thread pool (large messages)."""
+        """Write ``chunks`` in reactor-friendly slices, waiting while the transport's buffer
+        is full (the session is its producer); ``threaded``: each chunk is made in the thread
+        pool (large messages)."""
         self.flush()
         d: defer.Deferred = defer.Deferred()
-        gate = _Gate()
         transport = self.transport
-        transport.registerProducer(gate, True)
         reactor = self.factory.reactor
 
         def finish(error: Any = None) -> None:
-            try:
-                transport.unregisterProducer()
-            except Exception:
-                pass
+            self._on_writable = None
             if error is None:
                 d.callback(None)
             else:
@@ -456,8 +425,8 @@ class MessageCommands:
             if self._closing or self.transport is None:
                 finish()
                 return
-            if gate.paused:
-                gate.waiting = step
+            if self._pause_writes:
+                self._on_writable = step  # resumeProducing / stopProducing call it
                 return
             if threaded:
                 t = threads.deferToThreadPool(reactor, reactor.getThreadPool(), next, chunks, None)
@@ -467,7 +436,7 @@ class MessageCommands:
             try:
                 for chunk in chunks:
                     transport.write(chunk)
-                    if gate.paused or time.monotonic() > deadline:
+                    if self._pause_writes or time.monotonic() > deadline:
                         reactor.callLater(0, step)
                         return
             except Exception:

@@ -17,9 +17,11 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tmmail import sendnow
 from tmmail.imap import responses as R
@@ -43,6 +45,8 @@ _AUTHED = (AUTH, SELECTED)
 _MAX_BUFFERED = 256 * 1024
 #: consecutive BAD commands before the connection is closed
 _MAX_ERRORS = 50
+#: seconds a closing connection may take to flush before it is aborted (a client not reading)
+_CLOSE_GRACE = 30.0
 #: RFC 3501 tag = 1*<any ASTRING-CHAR except "+">; ASTRING-CHAR includes resp-specials "]"
 _TAG_BAD = frozenset(b'(){ %*"\\+')
 
@@ -54,8 +58,14 @@ def _valid_tag(tag: bytes) -> bool:
     return bool(tag) and len(tag) <= 64 and all(0x20 < b < 0x7F and b not in _TAG_BAD for b in tag)
 
 
+@implementer(IPushProducer)
 class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMixin):
-    """One client connection."""
+    """One client connection.
+
+    Also the transport's streaming producer: while the client does not read what we write
+    (the transport's buffer is full), no further command is handled and, once its input
+    piles up, reading stops too -- a client that pipelines without reading cannot make the
+    server hold unbounded output."""
 
     log = Logger()
 
@@ -82,6 +92,10 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self._sasl: tuple[bytes, Callable[[bytes], Any]] | None = None
         self._closing = False
         self._counted = False
+        self._producing = False  # registered as the transport's producer
+        self._pause_writes = False  # the transport's write buffer is full
+        self._on_writable: Callable[[], None] | None = None  # a stream waiting for it to drain
+        self._abort_call: Any = None
 
     # -- connection ------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -90,17 +104,21 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         if not self.factory.connection_opened(self.peer):
             self.log.warn("IMAP connection refused from {peer}: too many connections", peer=self.peer)
             self.transport.write(R.BYE_TOO_MANY)
-            self.transport.loseConnection()
-            self._closing = True
+            self.close_connection()
             return
         self._counted = True
         self.factory.protocols.add(self)
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.setTimeout(self.settings.idle_timeout_unauthenticated)
         self.transport.write(b"* OK [CAPABILITY %s] %s\r\n" % (self.capabilities(), R.GREETING))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
         self._closing = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         if self._counted:
             self._counted = False
             self.factory.connection_closed(self.peer)
@@ -114,8 +132,47 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.log.info("IMAP idle timeout for {peer} ({login})", peer=self.peer, login=self.login)
         self.flush()
         self.transport.write(R.BYE_TIMEOUT)
+        self.close_connection()
+
+    def close_connection(self) -> None:
+        """Close after what was written is flushed; abort if the client does not read it."""
         self._closing = True
-        self.transport.loseConnection()
+        t = self.transport
+        if t is None:
+            return
+        if self._producing:
+            self._producing = False
+            t.unregisterProducer()  # or loseConnection waits for the producer forever
+        if self._paused:
+            self._paused = False
+            t.resumeProducing()
+        t.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.factory.reactor.callLater(_CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        self._abort_call = None
+        t = self.transport
+        if t is not None and getattr(t, "connected", False):
+            t.abortConnection()
+
+    # -- IPushProducer: the transport's write buffer ---------------------------------------
+    def pauseProducing(self) -> None:
+        self._pause_writes = True
+
+    def resumeProducing(self) -> None:
+        self._pause_writes = False
+        waiter, self._on_writable = self._on_writable, None
+        if waiter is not None:
+            waiter()
+        if not self._closing and self.transport is not None:
+            self.pump()
+
+    def stopProducing(self) -> None:
+        self._closing = True
+        waiter, self._on_writable = self._on_writable, None
+        if waiter is not None:
+            waiter()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -149,7 +206,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             return  # a command finished synchronously inside the loop below: it goes on
         self._pumping = True
         try:
-            while not self._busy and not self._closing:
+            while not self._busy and not self._closing and not self._pause_writes:
                 event = self.reader.next_event()
                 if event is None:
                     break
@@ -158,6 +215,11 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
                 except Exception:  # a bug must cost one command, never the connection
                     self.log.failure("IMAP event handling failed for {peer}", peer=self.peer)
                     self.send(b"* BAD [SERVERBUG] Internal server error\r\n")
+                out = self._out
+                if len(out) > 64 or (out and len(out[-1]) > 16384):
+                    # hand big answers to the transport now: a full buffer pauses this loop
+                    # (pauseProducing) before the next pipelined command is answered
+                    self.flush()
         finally:
             self._pumping = False
             self.flush()
@@ -166,10 +228,11 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         # Input that cannot be handled yet (a command is waiting for a thread or a Deferred)
         # stops reading from the socket; a literal being received is never the reason, or a
         # large APPEND would wait for itself.
-        if self._busy and self.reader.pending > _MAX_BUFFERED and not self._paused:
+        waiting = self._busy or self._pause_writes
+        if waiting and self.reader.pending > _MAX_BUFFERED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and (not self._busy or self.reader.pending <= _MAX_BUFFERED):
+        elif self._paused and (not waiting or self.reader.pending <= _MAX_BUFFERED):
             self._paused = False
             self.transport.resumeProducing()
         if not self._busy and self.reader.buffered:
@@ -232,9 +295,8 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self._errors += 1
         if self._errors >= _MAX_ERRORS:
             self.send(R.BYE_TOO_MANY_ERRORS)
-            self._closing = True
             self.flush()
-            self.transport.loseConnection()
+            self.close_connection()
 
     def _command(self, data: bytes) -> None:
         tag, _, rest = data.partition(b" ")
@@ -351,9 +413,8 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.send(R.BYE_LOGOUT)
         self.tagged(tag, R.OK_COMPLETED % b"LOGOUT")
         self.state = LOGOUT
-        self._closing = True
         self.flush()
-        self.transport.loseConnection()
+        self.close_connection()
 
     def do_ID(self, tag: bytes, args: list) -> None:
         """RFC 2971: log what the client says about itself; answer with our name."""
@@ -609,7 +670,7 @@ class IMAPFactory(protocol.Factory):
         for p in list(self.protocols):
             if p.transport is not None:
                 p.transport.write(R.BYE_SHUTDOWN)
-                p.transport.loseConnection()
+                p.close_connection()
         super().doStop()
 
 
