@@ -255,3 +255,35 @@ def test_many_literals_cannot_grow_a_command_beyond_its_budget():
     r.feed(b"a LOGIN {40+}\r\n" + b"u" * 40 + b" {40+}\r\n" + b"p" * 40 + b" {40+}\r\n" + b"q" * 40
            + b"\r\nb NOOP\r\n")
     assert events(r) == [LiteralTooBig(b"a", 40, False), Command(b"b NOOP")]
+
+
+def test_list_patterns_match_like_rfc3501_and_never_backtrack():
+    """'*' matches anything, '%' anything but '/'; many wildcards use the automaton, which must
+    agree with the plain regex on every small case (and is linear: the regex backtracked for
+    seconds on "*a*a*a*a*a*a*a*b" against a 60-character name)."""
+    import random
+    import re
+
+    from tmmail.imap.names import _compile, _Glob, list_pattern
+
+    def reference(p: str) -> bool:
+        return re.compile("".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c)
+                                  for c in p) + r"\Z", re.S)
+
+    rnd = random.Random(7)
+    for _ in range(5000):
+        p = "".join(rnd.choice("ab/*%") for _ in range(rnd.randint(0, 9)))
+        n = "".join(rnd.choice("ab/") for _ in range(rnd.randint(0, 9)))
+        collapsed: list[str] = []
+        for ch in p:
+            if ch in "*%" and collapsed and collapsed[-1] in "*%":
+                collapsed[-1] = "*" if ch == "*" else collapsed[-1]
+                continue
+            collapsed.append(ch)
+        assert _Glob(collapsed).match(n) == bool(reference(p).match(n)), (p, n)
+    slow = _compile("*a*a*a*a*a*a*a*b")
+    assert isinstance(slow, _Glob)
+    assert not slow.match("a" * 5000) and slow.match("a" * 5000 + "b")
+    assert list_pattern("", "inbox/%").match("INBOX/Sent")
+    assert not list_pattern("", "%").match("A/B") and list_pattern("", "*").match("A/B")
+    assert list_pattern("Work/", "%%%").match("Work/Projects")
