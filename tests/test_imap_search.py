@@ -249,6 +249,17 @@ def test_sequence_set_filter_huge_uid_range_without_iterating():
     assert SequenceSet.parse(b"500:*").filter([3, 8], 8) == [8]
 
 
+def test_search_with_a_32000_item_set_over_20000_messages_bisects():
+    # "SEARCH 1,1,1,..." (64 KB of command) checked every range for every message: 6.4e8 steps
+    # held the reactor for seconds; membership now bisects the merged ranges
+    text = b",".join([b"1"] * 16000 + [b"%d" % n for n in range(2, 32000, 2)])
+    msgs = [Stored(n, n, set(), 10, datetime(2024, 1, 1, tzinfo=UTC), b"") for n in range(1, 20001)]
+    prog = parse_search(tokenize(b"SEARCH " + text)[1:])
+    found = [m.seq for m in search(prog, msgs, max_seq=20000, max_uid=20000)]
+    assert found == [1] + list(range(2, 20001, 2))
+    assert SequenceSet.parse(b"5:3,9:*,1").contains(4, 20) and not SequenceSet.parse(b"5:3").contains(6, 20)
+
+
 @pytest.mark.parametrize("bad", [b"", b"0", b"1:0", b"a", b"1:", b":1", b"1,,2", b"1:2:3", b"4294967296", b"$",
                                  b"1:" + b"9" * 5000])
 def test_sequence_set_invalid(bad):
