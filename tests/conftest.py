@@ -48,3 +48,19 @@ def require_tool(name: str) -> str:
         pytest.fail(f"{name} is required in CI (scripts/install-test-deps.sh installs it)")
     pytest.skip(f"{name} not installed (not CI)")
     raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def logged_failures() -> Any:
+    """Failures (``log.failure``: tracebacks) logged by in-process servers during the test."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)

@@ -142,6 +142,23 @@ def test_uid_fetch_huge_range_and_star(env):
     s.close()
 
 
+def test_fetch_header_names_are_echoed_as_astrings_and_numbers_are_32_bit(env):
+    """A field name is echoed so that the response still parses (a quote inside it came back
+    raw); names that are not RFC 5322 field names and partial numbers over 2^32-1 are BAD."""
+    deliver(env, message(1))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    lines = cmd(s, f, b"b", b'FETCH 1 BODY.PEEK[HEADER.FIELDS (Subject "X-{odd}" "Sub\\"ject")]')
+    assert lines[0] == b'* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT "X-{ODD}" "SUB\\"JECT")] {22}\r\n'
+    for i, item in enumerate([b"BODY[]<4294967296.1>", b"BODY[]<1.4294967296>",
+                              b"BODY[HEADER.FIELDS (A:B)]", "BODY[HEADER.FIELDS (S\u00fcb)]".encode(),
+                              "BODY[]<\u0661.2>".encode()]):
+        tag = b"c%d" % i
+        assert cmd(s, f, tag, b"FETCH 1 " + item)[-1].startswith(tag + b" BAD"), item
+    assert cmd(s, f, b"d", b"FETCH 1 BODY.PEEK[]<4294967295.4294967295>")[0] == b"* 1 FETCH (BODY[]<4294967295> {0}\r\n"
+    s.close()
+
+
 def test_sequence_numbers_beyond_exists_are_bad_uids_are_not(env):
     """RFC 3501 §9 seq-number: a sequence number above EXISTS (or "*" in an empty mailbox) in
     FETCH, STORE, COPY or MOVE gets a tagged BAD and changes nothing; UID forms and SEARCH
@@ -277,6 +294,17 @@ def test_append_uidplus_flags_date_and_limits(reactor_thread, tmp_path):
         assert lines[-1].startswith(b"a OK [APPENDUID")
         assert cmd(s, f, b"b", b"APPEND INBOX {20000}")[-1].startswith(b"b NO [TOOBIG]")
         assert cmd(s, f, b"c", b'APPEND INBOX "bad date" {3+}\r\nabc')[-1].startswith(b"c BAD")
+        # impossible dates were rolled over (31-Feb -> 2-Mar) or clipped by the file system
+        for i, date in enumerate([b"31-Feb-2020 00:00:00 +0000", b" 1-Jan-2020 25:61:61 +0000",
+                                  b" 1-Jan-2020 00:00:00 +9999", b"01-Jan-9999 00:00:00 +0000",
+                                  b"01-Jan-1900 00:00:00 +0000"]):
+            tag = b"d%d" % i
+            assert cmd(s, f, tag, b'APPEND INBOX "%s" {3+}\r\nabc' % date)[-1].startswith(tag + b" BAD"), date
+        # RFC 3501 §9: the message is a literal, not an atom or a quoted string
+        assert cmd(s, f, b"e", b"APPEND INBOX x")[-1].startswith(b"e BAD")
+        assert cmd(s, f, b"g", b'APPEND INBOX "Subject: x"')[-1].startswith(b"g BAD")
+        lines = cmd(s, f, b"h", b"STATUS INBOX (MESSAGES)")
+        assert lines[0] == b"* STATUS INBOX (MESSAGES 1)\r\n"  # only the LITERAL+ one above
         s.close()
     finally:
         stop_imap(reactor_thread, env)

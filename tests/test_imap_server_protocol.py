@@ -404,6 +404,45 @@ def test_fifty_bad_commands_in_a_row_close_the_connection(env):
     s.close()
 
 
+def test_invalid_tags_and_idle_garbage_count_toward_the_error_limit(env):
+    """Lines that are not even commands (a bad tag) and anything but DONE while idling are
+    BADs like any other: 50 in a row close the connection (they used to be unlimited)."""
+    s, f = raw_session(env)
+    s.sendall(b"+ x\r\n" * 60)
+    lines = [f.readline() for _ in range(51)]
+    assert lines[:50] == [b"* BAD Invalid tag\r\n"] * 50
+    assert lines[50].startswith(b"* BYE") and f.readline() == b""
+    s.close()
+    s, f = raw_session(env)
+    s.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    read_until_tag(f, b"a")
+    s.sendall(b"i IDLE\r\n")
+    assert f.readline() == b"+ idling\r\n"
+    s.sendall(b"garbage\r\n" * 10 + b"DONE\r\n")
+    lines = read_until_tag(f, b"i")
+    assert lines == [b"* BAD Expected DONE\r\n"] * 10 + [b"i OK IDLE completed\r\n"]
+    s.sendall(b"j IDLE\r\n")
+    f.readline()
+    s.sendall(b"garbage\r\n" * 60)
+    lines = [f.readline() for _ in range(51)]
+    assert lines[:50] == [b"* BAD Expected DONE\r\n"] * 50 and lines[50].startswith(b"* BYE")
+    s.close()
+
+
+def test_id_arguments_must_be_string_pairs(env, logged_failures):
+    """RFC 2971 id-params-list: pairs of string and nstring; a list inside is BAD (it raised a
+    TypeError, answered NO [SERVERBUG] and logged a traceback per command)."""
+    s, f = raw_session(env)
+    for i, bad in enumerate([b"((a) b)", b'("name" ("x"))', b"(name x)", b'("a")']):
+        tag = b"t%d" % i
+        s.sendall(tag + b" ID " + bad + b"\r\n")
+        assert read_until_tag(f, tag)[-1].startswith(tag + b" BAD"), bad
+    s.sendall(b'u ID ("name" "mutt" "version" NIL)\r\n')
+    assert read_until_tag(f, b"u")[-1] == b"u OK ID completed\r\n"
+    s.close()
+    assert logged_failures == []
+
+
 def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
     e = start_imap(reactor_thread, tmp_path, imap={"max_line_length": 1000})
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Protocol, Sequence
 
-from tmmail.imap.encoding import Atom, ParseError, String, imap_string, string_for_humans, tokenize
+from tmmail.imap.encoding import Atom, ParseError, String, astring, imap_string, string_for_humans, tokenize
 from tmmail.imap.mime import (
     Address,
     Message,
@@ -85,7 +85,7 @@ class FetchItem:
             spec = f"{spec}.{self.text}" if spec else self.text
         out = spec.encode("ascii")
         if self.fields:
-            out += b" (" + b" ".join(self.fields) + b")"
+            out += b" (" + b" ".join(astring(f) for f in self.fields) + b")"
         return out
 
     def label(self) -> bytes:
@@ -98,8 +98,12 @@ class FetchItem:
         return lab
 
 
-_BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d{1,10})\.(\d{1,10})>)?$", re.S | re.I)
-_SECTION = re.compile(r"^((?:[1-9]\d{0,8})(?:\.[1-9]\d{0,8})*)?(?:(?(1)\.)(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME))?(.*)$", re.S | re.I)
+# ASCII digits only: in a str pattern \d also matches other scripts' digits (int() takes them)
+_BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<([0-9]{1,10})\.([0-9]{1,10})>)?$", re.S | re.I)
+_SECTION = re.compile(r"^((?:[1-9][0-9]{0,8})(?:\.[1-9][0-9]{0,8})*)?(?:(?(1)\.)(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME))?(.*)$", re.S | re.I)
+#: RFC 5322 field names: printable ASCII but ":" (and no space)
+_FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
+_MAX_NUMBER = 4294967295
 
 
 def _parse_section(spec: str) -> tuple[tuple[int, ...], str, tuple[bytes, ...]]:
@@ -121,7 +125,7 @@ def _parse_section(spec: str) -> tuple[tuple[int, ...], str, tuple[bytes, ...]]:
             raise ParseError("HEADER.FIELDS needs a parenthesised list of field names")
         names = []
         for t in toks[0]:
-            if isinstance(t, list) or not t:
+            if isinstance(t, list) or not _FIELD_NAME.match(t):
                 raise ParseError("Invalid header field name")
             names.append(bytes(t).upper())
         return nums, text, tuple(names)
@@ -157,10 +161,12 @@ def parse_fetch_items(tokens: object, uid_command: bool = False) -> list[FetchIt
         nums, text, fields = _parse_section(m.group(2))
         partial = None
         if m.group(3) is not None:
-            length = int(m.group(4))
+            start, length = int(m.group(3)), int(m.group(4))
             if length == 0:
                 raise ParseError("Partial length must be non-zero")
-            partial = (int(m.group(3)), length)
+            if start > _MAX_NUMBER or length > _MAX_NUMBER:
+                raise ParseError("Partial numbers must fit in 32 bits")  # RFC 3501 §9 number
+            partial = (start, length)
         items.append(FetchItem("BODY[...]", m.group(1).upper() == "BODY.PEEK", nums, text, fields, partial))
     return _add_uid(items, uid_command)
 

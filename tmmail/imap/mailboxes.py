@@ -9,8 +9,8 @@ One job: the mailbox-level commands of a session, as a mixin of
 from __future__ import annotations
 
 import re
-import time
 from calendar import timegm
+from datetime import datetime
 from typing import Any
 
 from twisted.internet import defer, task, threads
@@ -26,6 +26,8 @@ _KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
 _STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN")
 _DATE = re.compile(
     rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
+#: INTERNALDATE is the message file's mtime: years a Linux file system keeps exactly
+_MIN_YEAR, _MAX_YEAR = 1970, 2400
 _MONTHS = {m: i for i, m in enumerate(
     [b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"], 1)}
 
@@ -71,10 +73,16 @@ def parse_date_time(raw: bytes) -> float:
     if month is None:
         raise ParseError("Invalid month in date-time")
     try:
-        t = timegm((int(year), month, int(day), int(hh), int(mm), int(ss), 0, 0, 0))
-        time.gmtime(t)
-    except (ValueError, OverflowError):
+        # datetime refuses 31-Feb and 25:61:61, which timegm would roll over silently
+        when = datetime(int(year), month, int(day), int(hh), int(mm), min(int(ss), 59))
+    except ValueError:
         raise ParseError("Invalid date-time") from None
+    if int(ss) > 60 or int(zh) > 23 or int(zm) > 59:
+        raise ParseError("Invalid date-time")
+    if not _MIN_YEAR <= when.year <= _MAX_YEAR:
+        # kept as the file's mtime: outside this range it would come back altered
+        raise ParseError("Invalid date-time: year out of range")
+    t = timegm(when.timetuple()) + (int(ss) - when.second)
     offset = (int(zh) * 60 + int(zm)) * 60
     return float(t - offset if sign == b"+" else t + offset)
 
@@ -442,6 +450,8 @@ class MailboxCommands:
             rest = rest[1:]
         if len(rest) != 1 or isinstance(rest[0], list):
             raise ParseError("APPEND expects one message literal (MULTIAPPEND is not supported)")
+        if not getattr(rest[0], "literal", False):
+            raise ParseError("APPEND message must be a literal")  # RFC 3501 §9 append
         data = bytes(rest[0])
         if not data:
             self.tagged(tag, b"NO Cannot append an empty message")

@@ -253,7 +253,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             return
         if isinstance(event, TooLong):
             if self._idle_tag is not None:
-                self.untagged(b"BAD [TOOBIG] Line too long, expected DONE")
+                self._bad(None, b"* BAD [TOOBIG] Line too long, expected DONE\r\n")
             elif self._sasl is not None:  # the response to "+ " was too long: abort the exchange
                 tag = self._sasl[0]
                 self._sasl = None
@@ -290,8 +290,13 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
                 return
             t = getattr(t, "transport", None)
 
-    def _bad(self, tag: bytes, text: bytes) -> None:
-        self.tagged(tag, text)
+    def _bad(self, tag: bytes | None, text: bytes) -> None:
+        """A BAD (``tag`` None: ``text`` is a whole untagged line); after _MAX_ERRORS of them
+        in a row (invalid tags and IDLE garbage included) the connection is closed."""
+        if tag is None:
+            self.send(text)
+        else:
+            self.tagged(tag, text)
         self._errors += 1
         if self._errors >= _MAX_ERRORS:
             self.send(R.BYE_TOO_MANY_ERRORS)
@@ -303,8 +308,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         if not data.strip():
             return  # tolerate empty lines
         if not _valid_tag(tag):
-            self.send(R.BAD_INVALID_TAG)
-            self._errors += 1
+            self._bad(None, R.BAD_INVALID_TAG)
             return
         if not rest:
             self._bad(tag, R.BAD_SYNTAX % b"Missing command")
@@ -422,11 +426,16 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             raise ParseError("ID expects a parenthesised list or NIL")
         if isinstance(args[0], list):
             fields = args[0]
+            # id-params-list = "(" *(string SP nstring) ")": at most 30 pairs (§3.3)
             if len(fields) % 2 or len(fields) > 60:
                 raise ParseError("ID list must hold field/value pairs")
+            if any(isinstance(f, list) or isinstance(f, Atom) for f in fields[::2]) or \
+                    any(isinstance(v, list) or (isinstance(v, Atom) and v.upper() != b"NIL")
+                        for v in fields[1::2]):
+                raise ParseError("ID fields must be strings and values strings or NIL")
             info = {bytes(fields[i]).decode("utf-8", "replace")[:30]:
                     bytes(fields[i + 1]).decode("utf-8", "replace")[:100]
-                    for i in range(0, len(fields), 2) if not isinstance(fields[i + 1], list)}
+                    for i in range(0, len(fields), 2)}
             self.log.info("IMAP client {peer} ID {info}", peer=self.peer, info=info)
         self.untagged(b'ID ("name" "TMmail" "vendor" "TMmail")')
         self.tagged(tag, R.OK_COMPLETED % b"ID")
@@ -552,7 +561,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
             if d is not None:
                 d.callback(None)
         else:
-            self.untagged(b"BAD Expected DONE")
+            self._bad(None, b"* BAD Expected DONE\r\n")
 
     @property
     def idling(self) -> bool:
