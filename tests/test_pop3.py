@@ -636,3 +636,147 @@ def test_per_ip_counts_ipv6_per_64(h):
     # the pop3s listener of the same server shares the counts
     other = POP3Factory(h.settings, "pop3s", h.providers, h.authenticator, h.tls, reactor=reactor)
     assert not other.connection_opened("2001:db8:0:1::77")
+
+
+# -- pipelining and flow control (RFC 2449 §6.6) ------------------------------------------------------
+
+
+def plain_login(port: int, login: str = ALICE) -> Raw:
+    r = Raw(port)
+    assert r.line().startswith(b"+OK")
+    r.send(b"USER " + login.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    assert r.line().startswith(b"+OK")
+    assert r.line().startswith(b"+OK Maildrop has")
+    return r
+
+
+@pytest.fixture
+def hp(tmp_path, reactor_thread):
+    """A harness whose plain pop3 listener allows USER/PASS (the audit's setup)."""
+    harness = Harness(tmp_path, reactor_thread, pop3={"allow_plaintext_auth": True})
+    yield harness
+    harness.stop()
+
+
+@pytest.mark.parametrize("role", ["pop3", "pop3s"])
+def test_pipelined_burst_of_100_dele_and_quit(hp, role):
+    for i in range(100):
+        hp.deliver(b"Subject: m%d\n\nbody\n" % i)
+    port = hp.start(role)
+    r = plain_login(port) if role == "pop3" else raw_login(port)
+    # the audit's repro: one write of DELE 1 ... DELE 100, QUIT used to get
+    # "-ERR Too many pipelined commands", a closed connection and nothing deleted
+    r.send(b"".join(b"DELE %d\r\n" % i for i in range(1, 101)) + b"QUIT\r\n")
+    assert [r.line() for _ in range(100)] == [b"+OK Message deleted"] * 100
+    assert r.line() == b"+OK Bye, 100 messages deleted"
+    assert r.closed()
+    assert hp.count() == 0
+
+
+def test_pipelined_deletes_without_quit_delete_nothing(hp):
+    for i in range(100):
+        hp.deliver(b"Subject: m%d\n\nbody\n" % i)
+    port = hp.start()
+    r = plain_login(port)
+    r.send(b"".join(b"DELE %d\r\n" % i for i in range(1, 101)) + b"STAT\r\n")
+    assert [r.line() for _ in range(100)] == [b"+OK Message deleted"] * 100
+    assert r.line() == b"+OK 0 0"
+    assert hp.count() == 100  # marks only, until QUIT
+    r.sock.close()  # dropped: RFC 1939 §6, no UPDATE state
+    wait_until(lambda: not hp.per_ip())
+    r = plain_login(port)
+    r.send(b"STAT\r\nQUIT\r\n")
+    assert r.line().startswith(b"+OK 100 ")
+    assert r.line() == b"+OK Bye, 0 messages deleted"
+    assert hp.count() == 100
+
+
+def _server_output_pending(proto) -> int:
+    """Bytes the server has written for this session that are not yet in the kernel."""
+    total, t = 0, proto.transport
+    while t is not None:
+        total += sum(len(b) for b in getattr(t, "_appSendBuffer", ()))  # TLS, before the handshake
+        if hasattr(t, "dataBuffer"):
+            total += len(t.dataBuffer) - t.offset + t._tempDataLen
+        t = getattr(t, "transport", None)
+    return total
+
+
+def test_pipeline_from_a_client_that_does_not_read_is_bounded_and_completes(hp, monkeypatch):
+    import threading
+
+    from tmmail import pop3
+
+    sessions = []
+    build = pop3.POP3Factory.buildProtocol
+    monkeypatch.setattr(pop3.POP3Factory, "buildProtocol",
+                        lambda self, addr: sessions.append(build(self, addr)) or sessions[-1])
+    body = b"".join(b".%06d a line of text that makes the message a little larger\n" % i for i in range(3000))
+    msg = b"Subject: big\n\n" + body
+    hp.deliver(msg)
+    hp.deliver(b"Subject: small\n\nx\n")
+    port = hp.start()
+    r = plain_login(port)
+    server = sessions[-1]
+    # 60 RETR of a 200 KB message (12 MB of replies) then 30000 small commands (>64 KiB of input),
+    # sent in one go by a client that does not read meanwhile
+    retrs, noops = 60, 30000
+    burst = b"RETR 1\r\n" * retrs + b"NOOP\r\nDELE 2\r\nRSET\r\n" * (noops // 3)
+    sender = threading.Thread(target=r.sock.sendall, args=(burst,), daemon=True)
+    sender.start()
+
+    def state():
+        return hp.runner.call(lambda: (server._reading_paused, len(server._buf), _server_output_pending(server)))
+
+    wait_until(lambda: state()[0])
+    peak_out = peak_in = 0
+    for _ in range(20):  # the server holds still: reading paused, output bounded
+        paused, pending_in, pending_out = state()
+        assert paused
+        peak_in, peak_out = max(peak_in, pending_in), max(peak_out, pending_out)
+        time.sleep(0.02)
+    assert peak_in <= pop3.MAX_PENDING_INPUT + 2 * 65536
+    assert peak_out <= 512 * 1024
+    # meanwhile another client is served
+    other = plain_login(port, "bob@example.com")
+    other.send(b"STAT\r\nQUIT\r\n")
+    assert other.line() == b"+OK 0 0" and other.line().startswith(b"+OK Bye")
+    # now the client reads: every reply arrives, complete and in order
+    wire = msg.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    one_retr = b"+OK %d octets\r\n" % (len(msg) + msg.count(b"\n")) + wire + b".\r\n"
+    expected = one_retr * retrs + b"+OK\r\n+OK Message deleted\r\n+OK Maildrop reset\r\n" * (noops // 3)
+    r.sock.settimeout(30)
+    got = bytearray()
+    while len(got) < len(expected):
+        chunk = r.sock.recv(1 << 20)
+        assert chunk, "connection closed early"
+        got += chunk
+    assert got == expected
+    sender.join(10)
+    r.send(b"QUIT\r\n")
+    assert r.line() == b"+OK Bye, 0 messages deleted"
+    assert hp.count() == 2
+
+
+def test_stalled_client_is_timed_out_and_its_resources_freed(tmp_path, reactor_thread, monkeypatch):
+    from tmmail import pop3
+
+    monkeypatch.setattr(pop3, "CLOSE_GRACE", 0.3)
+    h = Harness(tmp_path, reactor_thread, pop3={"idle_timeout": 0.5, "allow_plaintext_auth": True})
+    try:
+        big = b"Subject: big\n\n" + b"".join(b"%070d\n" % i for i in range(150000))
+        h.deliver(big)
+        port = h.start()
+        stalled = plain_login(port)
+        stalled.send(b"RETR 1\r\n" + b"NOOP\r\n" * 20)  # then never reads the ~10 MB answer
+        # the server gives up on it (idle timeout, then the close grace) ...
+        wait_until(lambda: not h.per_ip())
+        # ... and the maildrop is free again, complete
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user(ALICE)
+        pop.pass_(PASSWORD)
+        assert pop.stat()[0] == 1
+        pop.quit()
+        stalled.sock.close()
+    finally:
+        h.stop()

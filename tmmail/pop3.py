@@ -3,8 +3,11 @@
 Written fresh on a bounded line splitter instead of subclassing ``twisted.mail.pop3.POP3`` (see
 the survey, §3/§4: no STLS, joke CAPA entries, deletions before QUIT, chunk-boundary stuffing).
 
-* One command at a time: pipelined commands (RFC 2449 PIPELINING) wait in a bounded queue while
-  a command runs (login, opening the maildrop, streaming a message, QUIT).
+* One command at a time, in order: pipelined commands (RFC 2449 PIPELINING, §6.6) wait in the
+  input buffer while a command runs (login, opening the maildrop, streaming a message, QUIT) or
+  while the client does not read our replies (the session is the transport's push producer);
+  if more than ``MAX_PENDING_INPUT`` waits, reading from the socket pauses until the backlog is
+  handled.  Neither input nor output grows without bound, and no pipeline is refused.
 * The maildrop is a snapshot of INBOX taken at login (RFC 1939 §5: message numbers are fixed for
   the session); UIDL is what Dovecot's default ``%08Xu%08Xv`` prints (lower-case hex of UID and
   UIDVALIDITY; a ``P`` field in the uidlist record, Dovecot's migrated UIDL, wins), stable across new/ -> cur/
@@ -29,8 +32,10 @@ import os
 from typing import Any
 
 from twisted.internet import defer, protocol, threads
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from tmmail import maildir, uidlist
 from tmmail.cred import ip_key
@@ -42,7 +47,10 @@ __all__ = ["POP3Factory", "POP3Server", "DotStuffer", "TopLimiter", "MessageProd
 log = Logger()
 
 MAX_LINE = 4096
-MAX_QUEUED = 64
+#: unhandled input (pipelined commands) above which reading from the socket pauses
+MAX_PENDING_INPUT = 64 * 1024
+#: a safety net only: with reading paused the buffer stays far below this
+MAX_INPUT_BUFFER = 1024 * 1024
 MAX_ERRORS = 20
 LOCK_FILE = "tmmail-pop3.lock"
 #: seconds a closing connection may take to flush its last replies before it is aborted
@@ -67,7 +75,7 @@ ERR_LINE_COUNT = b"-ERR Syntax error: invalid line count"
 ERR_STATE = b"-ERR Command not valid in this state"
 ERR_LINE = b"-ERR Line too long"
 ERR_TOO_MANY = b"-ERR Too many errors, closing connection"
-ERR_QUEUE = b"-ERR Too many pipelined commands"
+ERR_INPUT_OVERFLOW = b"-ERR Too much unread input, closing connection"
 ERR_NEED_TLS = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection, use STLS"
 ERR_AUTH_FAILED = b"-ERR [AUTH] Authentication failed"
 #: the issue's "temporary block (454 4.7.0 / -ERR [AUTH] / NO [UNAVAILABLE])": [AUTH] (RFC 3206)
@@ -191,6 +199,7 @@ def open_maildrop(path: str) -> Maildrop:
         raise
 
 
+@implementer(IPushProducer)
 class POP3Server(protocol.Protocol, TimeoutMixin):
     """One POP3 session."""
 
@@ -199,9 +208,14 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.settings = factory.settings
         self.state = AUTHORIZATION
         self.secure = factory.role == "pop3s"
-        self.buffer = b""
-        self.queue: list[bytes] = []
-        self.busy = False
+        self._buf = bytearray()  # received, not yet handled
+        self._pos = 0  # start of the first unhandled line in _buf
+        self.busy = False  # a command waits for a Deferred
+        self._in_process = False
+        self._pause_writes = False  # the transport's write buffer is full (IPushProducer)
+        self._reading_paused = False
+        self._registered = False  # this session is the transport's producer
+        self._streaming: MessageProducer | None = None  # RETR/TOP in progress
         self.errors = 0
         self.user: str | None = None
         self.sasl: str | None = None  # waiting for a SASL continuation line
@@ -224,6 +238,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             self.close()
             return
         self._counted = True
+        self._register()
         self.setTimeout(self.settings.pop3.idle_timeout)
         self.reply(GREETING)
 
@@ -242,7 +257,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         log.info("POP3 idle timeout for {peer}", peer=self.peer)
-        self.reply(ERR_TIMEOUT)
+        if self._streaming is None:  # not in the middle of a multi-line response
+            self.reply(ERR_TIMEOUT)
         self.close()
 
     def reply(self, line: bytes) -> None:
@@ -257,6 +273,15 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         if self._abort_call is not None:
             return
         self.closing = True
+        self._buf.clear()
+        self._pos = 0
+        # a registered producer would hold the connection open (ITransport.loseConnection)
+        if self._streaming is not None:
+            self._streaming.stopProducing()  # unregisters itself
+        self._unregister()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
         self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
@@ -265,44 +290,91 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self.buffer += data
-        while True:
-            nl = self.buffer.find(b"\n")
-            if nl < 0:
-                break
-            line = self.buffer[:nl]
-            self.buffer = self.buffer[nl + 1:]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > MAX_LINE:
-                return self._line_too_long()
-            if len(self.queue) >= MAX_QUEUED:
-                self.reply(ERR_QUEUE)
-                return self.close()
-            self.queue.append(line)
-        if len(self.buffer) > MAX_LINE:
-            return self._line_too_long()
-        self._drain()
+        self._buf += data
+        if len(self._buf) - self._pos > MAX_INPUT_BUFFER:  # reading did not stop: never expected
+            log.warn("POP3 input from {peer} overflowed while paused", peer=self.peer)
+            self.reply(ERR_INPUT_OVERFLOW)
+            return self.close()
+        self._process()
 
     def _line_too_long(self) -> None:
         self.reply(ERR_LINE)
         self.close()
 
-    def _drain(self) -> None:
-        while self.queue and not self.busy and not self.closing:
-            line = self.queue.pop(0)
-            self.resetTimeout()
-            result = self._dispatch(line)
-            if isinstance(result, defer.Deferred):
-                self.busy = True
-                result.addErrback(self._internal_error)
-                result.addBoth(self._done)
+    def _process(self) -> None:
+        """Handle complete lines, one command at a time, while nothing holds the session."""
+        if self._in_process:
+            return  # a command finished synchronously inside the loop below: it goes on
+        self._in_process = True
+        try:
+            while not self.busy and not self._pause_writes and not self.closing:
+                nl = self._buf.find(b"\n", self._pos)
+                if nl < 0:
+                    if len(self._buf) - self._pos > MAX_LINE + 1:
+                        self._line_too_long()
+                    break
+                line = bytes(self._buf[self._pos:nl])
+                self._pos = nl + 1
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > MAX_LINE:
+                    self._line_too_long()
+                    break
+                self.resetTimeout()
+                result = self._dispatch(line)
+                if isinstance(result, defer.Deferred):
+                    self.busy = True
+                    result.addErrback(self._internal_error)
+                    result.addBoth(self._done)
+        finally:
+            self._in_process = False
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+        if self.closing:
+            return
+        # flow control: input that cannot be handled now (a command is running, the client is
+        # not reading our replies) waits in _buf; once too much waits, stop reading the socket.
+        # Pausing only for a backlog keeps a TLS handshake (which pauses us) receiving.
+        held = self.busy or self._pause_writes
+        if held and len(self._buf) > MAX_PENDING_INPUT and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and not held:
+            self._reading_paused = False
+            self.transport.resumeProducing()
 
     def _done(self, _: Any) -> None:
         self.busy = False
         self.resetTimeout()
         if not self.closing:
-            self._drain()
+            self._process()
+
+    # -- output flow control: the transport's push producer ------------------------------------
+
+    def _register(self) -> None:
+        if not self._registered and not self.closing:
+            self._registered = True
+            self._pause_writes = False
+            self.transport.registerProducer(self, True)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._pause_writes = False
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: handle no further command until it drains."""
+        self._pause_writes = True
+
+    def resumeProducing(self) -> None:
+        self._pause_writes = False
+        if not self.closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     def _internal_error(self, failure: Any) -> None:
         log.failure("POP3 command failed for {peer}", failure, peer=self.peer)
@@ -366,8 +438,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return self._error(ERR_TLS_UNAVAILABLE)
         self.reply(OK_BEGIN_TLS)
         # RFC 2595 §3.1 / RFC 3207-style: anything the client sent after STLS is discarded
-        self.buffer = b""
-        self.queue.clear()
+        self._buf.clear()
+        self._pos = 0
         self.user = None
         self.transport.startTLS(self.factory.tls)
         self.secure = True
@@ -613,7 +685,17 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         except (StoreError, OSError):
             return self._error(ERR_GONE)
         producer = MessageProducer(self.transport, f, top, self.resetTimeout, first + b"\r\n")
-        return producer.start()
+        # the transport takes one producer: the message's (pull) producer replaces the session
+        # while it streams, and the session takes over again when it is done
+        self._unregister()
+        self._streaming = producer
+        return producer.start().addBoth(self._streamed)
+
+    def _streamed(self, result: Any) -> Any:
+        self._streaming = None
+        if not self.closing and getattr(self.transport, "connected", True):
+            self._register()
+        return result
 
     # APOP and the survey's "joke" commands are not implemented: unknown command -> -ERR
 
