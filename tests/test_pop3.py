@@ -503,7 +503,7 @@ def raw_login(port: int) -> Raw:
     return r
 
 
-def test_non_ascii_digits_are_a_syntax_error_and_the_session_goes_on(h):
+def test_non_ascii_digits_are_a_syntax_error_and_the_session_goes_on(h, logged_failures):
     h.deliver(b"Subject: one\n\nfirst\n")
     h.deliver(b"Subject: two\n\nsecond\n")
     r = raw_login(h.start("pop3s"))
@@ -535,6 +535,7 @@ def test_non_ascii_digits_are_a_syntax_error_and_the_session_goes_on(h):
     r.send(b"QUIT\r\n")
     assert r.line() == b"+OK Bye, 0 messages deleted"
     assert h.count() == 2
+    assert not logged_failures  # no traceback (the ValueError used to escape dataReceived)
 
 
 def test_a_failing_command_costs_that_command_not_the_session(h, monkeypatch):
@@ -659,7 +660,7 @@ def hp(tmp_path, reactor_thread):
 
 
 @pytest.mark.parametrize("role", ["pop3", "pop3s"])
-def test_pipelined_burst_of_100_dele_and_quit(hp, role):
+def test_pipelined_burst_of_100_dele_and_quit(hp, role, logged_failures):
     for i in range(100):
         hp.deliver(b"Subject: m%d\n\nbody\n" % i)
     port = hp.start(role)
@@ -671,6 +672,7 @@ def test_pipelined_burst_of_100_dele_and_quit(hp, role):
     assert r.line() == b"+OK Bye, 100 messages deleted"
     assert r.closed()
     assert hp.count() == 0
+    assert not logged_failures
 
 
 def test_pipelined_deletes_without_quit_delete_nothing(hp):
@@ -702,7 +704,7 @@ def _server_output_pending(proto) -> int:
     return total
 
 
-def test_pipeline_from_a_client_that_does_not_read_is_bounded_and_completes(hp, monkeypatch):
+def test_pipeline_from_a_client_that_does_not_read_is_bounded_and_completes(hp, monkeypatch, logged_failures):
     import threading
 
     from tmmail import pop3
@@ -756,6 +758,7 @@ def test_pipeline_from_a_client_that_does_not_read_is_bounded_and_completes(hp, 
     r.send(b"QUIT\r\n")
     assert r.line() == b"+OK Bye, 0 messages deleted"
     assert hp.count() == 2
+    assert not logged_failures
 
 
 def test_stalled_client_is_timed_out_and_its_resources_freed(tmp_path, reactor_thread, monkeypatch):
