@@ -335,6 +335,18 @@ def test_connections_per_ip_limit(reactor_thread, tmp_path):
         stop_imap(reactor_thread, e)
 
 
+def test_connections_per_ip_count_an_ipv6_client_per_64(env):
+    """Rotating through the addresses of one IPv6 /64 does not escape the per-IP limit."""
+    f = env.factory
+    limit = f.settings.imap.max_connections_per_ip
+    for i in range(limit):
+        assert f.connection_opened("2001:db8:1:2::%x" % (i + 1))
+    assert not f.connection_opened("2001:db8:1:2:ffff::1")
+    assert f.connection_opened("2001:db8:1:3::1")  # another /64
+    f.connection_closed("2001:db8:1:2::1")
+    assert f.connection_opened("2001:db8:1:2:abcd::9")
+
+
 def test_logout(env):
     s, f = raw_session(env)
     s.sendall(b"a LOGOUT\r\n")

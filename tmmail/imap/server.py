@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tmmail import sendnow
+from tmmail.cred import ip_key
 from tmmail.imap import responses as R
 from tmmail.imap.encoding import Atom, ParseError, tokenize
 from tmmail.imap.mailboxes import MailboxCommands, MailboxNameError
@@ -653,18 +654,21 @@ class IMAPFactory(protocol.Factory):
         return p
 
     def connection_opened(self, ip: str) -> bool:
-        n = self._per_ip.get(ip, 0)
+        """Count a connection from ``ip`` (an IPv6 client per /64, as SMTP and POP3 count)."""
+        key = ip_key(ip)
+        n = self._per_ip.get(key, 0)
         if n >= self.settings.imap.max_connections_per_ip:
             return False
-        self._per_ip[ip] = n + 1
+        self._per_ip[key] = n + 1
         return True
 
     def connection_closed(self, ip: str) -> None:
-        n = self._per_ip.get(ip, 0) - 1
+        key = ip_key(ip)
+        n = self._per_ip.get(key, 0) - 1
         if n <= 0:
-            self._per_ip.pop(ip, None)
+            self._per_ip.pop(key, None)
         else:
-            self._per_ip[ip] = n
+            self._per_ip[key] = n
 
     def open_account(self, entry: Any) -> Any:
         """Deferred Store of the mailbox of a successful login (created if missing)."""
