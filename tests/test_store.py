@@ -204,6 +204,32 @@ def test_unknown_letters_like_passed_are_kept(md):
     assert os.listdir(cur)[0].endswith(":2,P")
 
 
+@pytest.mark.parametrize("mode,flags,want", [
+    ("add", ["\\Seen"], {"\\Answered", "\\Flagged", "\\Seen"}),
+    ("remove", ["\\Answered"], {"\\Flagged"}),
+    ("set", ["\\Seen"], {"\\Seen"}),
+])
+def test_a_flag_change_racing_another_writers_rename_keeps_both(md, monkeypatch, mode, flags, want):
+    """Another process (Dovecot, a second TMmail) renamed the file after this one last looked:
+    the rename fails, the file is found under its new name, and the change is applied to the
+    letters found there -- the other writer's \\Flagged survives (it was overwritten)."""
+    st = Store(md)
+    _, uid = st.append("INBOX", MSG, ["\\Answered"])
+    mine = st.open("INBOX")
+    cur = os.path.join(md, "cur")
+    [name] = os.listdir(cur)
+    assert name.endswith(":2,R")
+    os.rename(os.path.join(cur, name), os.path.join(cur, name[:-1] + "FR"))  # the other writer
+    real = mine._index.sync
+    # this process has not looked yet: only the forced re-read after the failed rename sees it
+    monkeypatch.setattr(mine._index, "sync", lambda force=False: real(force=True) if force else False)
+    mine.store_flags([uid], flags, mode)
+    monkeypatch.undo()
+    [name] = os.listdir(cur)
+    assert mine.info(uid).flags == want and maildir.split_name(name)[1] == "".join(sorted(
+        {"\\Answered": "R", "\\Flagged": "F", "\\Seen": "S"}[f] for f in want))
+
+
 def test_keyword_limit(md):
     st = Store(md)
     uv, uid = st.append("INBOX", MSG)

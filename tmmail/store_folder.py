@@ -213,18 +213,20 @@ class Folder:
                     info = idx.by_uid.get(uid)
                     if info is None:
                         continue
-                    have = set(info.letters)
-                    if mode == "add":
-                        new = have | wanted
-                    elif mode == "remove":
-                        new = have - wanted
-                    else:
-                        new = (have - managed) | wanted
-                    letters = maildir.sort_letters("".join(new))
-                    if letters == info.letters and info.subdir == "cur":
+                    def apply(have_letters: str) -> str:
+                        have = set(have_letters)
+                        if mode == "add":
+                            new = have | wanted
+                        elif mode == "remove":
+                            new = have - wanted
+                        else:
+                            new = (have - managed) | wanted
+                        return maildir.sort_letters("".join(new))
+
+                    if apply(info.letters) == info.letters and info.subdir == "cur":
                         fresh: MessageInfo | None = info
                     else:
-                        fresh = self._rename_flags(info, letters)
+                        fresh = self._rename_flags(info, apply)
                         if fresh is None:
                             continue
                     # report the resulting flags whenever they differ from what this session
@@ -236,9 +238,15 @@ class Folder:
             maildir.notify(idx.path)
         return out
 
-    def _rename_flags(self, info: MessageInfo, letters: str) -> MessageInfo | None:
+    def _rename_flags(self, info: MessageInfo, apply: Callable[[str], str]) -> MessageInfo | None:
+        """Rename the file to the letters ``apply`` makes of its current ones.  When someone
+        else renamed it meanwhile (Dovecot, another process), the change is applied again to
+        the letters of the name found, so their change is kept, not overwritten."""
         idx = self._index
-        for _attempt in range(3):
+        for _attempt in range(5):
+            letters = apply(info.letters)
+            if letters == info.letters and info.subdir == "cur":
+                return info
             name = maildir.make_name(info.base, letters)
             try:
                 os.rename(info.filename, os.path.join(idx.path, "cur", name))
