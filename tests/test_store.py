@@ -251,6 +251,32 @@ def test_size_and_internal_date(md):
     assert info.flags == {"\\Seen"}
 
 
+def test_internal_date_survives_renames_and_removal_by_others(md, monkeypatch):
+    """INTERNALDATE never changes for a UID: not when another writer renamed the file before
+    the date was read (it was taken from the name and kept), nor for a view that still shows
+    a message someone else expunged or moved (the date is read when the index first sees it)."""
+    from tmmail import store_index
+
+    st = Store(md)
+    _, uid = st.append("INBOX", MSG, [], internal_date=1_577_836_800)  # new/, no flags
+    mine = st.open("INBOX", readonly=True)
+    info = mine.messages[0]
+    assert info._date == 1_577_836_800  # read with the scan that found it
+    info._date = None  # as for a message of a large folder, dated lazily
+    path = os.path.join(md, "new", info.name)
+    os.rename(path, os.path.join(md, "cur", info.name + ":2,S"))  # another writer
+    assert info.internal_date == 1_577_836_800
+    os.unlink(os.path.join(md, "cur", info.name + ":2,S"))  # and gone for good
+    assert mine.messages[0].internal_date == 1_577_836_800
+    # never read before it vanished: the time in its name, but not remembered
+    _, uid2 = st.append("INBOX", MSG, ["\\Seen"], internal_date=1_000_000_000)
+    late = st.open("INBOX", readonly=True).info(uid2)
+    late._date = None
+    os.unlink(late.filename)
+    monkeypatch.setattr(store_index.maildir, "name_time", lambda base: 42.0)
+    assert late.internal_date == 42.0 and late._date is None
+
+
 def test_size_computed_when_name_has_no_w(md):
     name = "1700000000.M1P1.otherhost"
     with open(os.path.join(md, "new", name), "wb") as out:

@@ -25,6 +25,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from typing import Iterable, Iterator
 
 from tmmail import maildir, uidlist
@@ -112,12 +113,20 @@ class MessageInfo:
 
     @property
     def internal_date(self) -> float:
-        """INTERNALDATE (epoch seconds): the file mtime, as Dovecot keeps it."""
+        """INTERNALDATE (epoch seconds): the file mtime, as Dovecot keeps it.
+
+        Read when the index first sees the message (small scans) or on first use; a file
+        renamed since (another writer's flag change) is looked up under its new name.  Only
+        for a message gone from disk before its date was ever read is the time in its name
+        given -- and not remembered, so a wrong date never sticks."""
         if self._date is None:
             try:
                 self._date = os.stat(self.filename).st_mtime
             except OSError:
-                self._date = maildir.name_time(self.base) or 0.0
+                date = _relocated_date(self)
+                if date is None:
+                    return maildir.name_time(self.base) or 0.0
+                self._date = date
         return self._date
 
     @property
@@ -126,6 +135,27 @@ class MessageInfo:
 
     def __repr__(self) -> str:
         return f"MessageInfo(uid={self.uid}, name={self.subdir}/{self.name!r})"
+
+
+#: the live indexes by folder path, for MessageInfo to find a file renamed under it
+_live: "weakref.WeakValueDictionary[str, FolderIndex]" = weakref.WeakValueDictionary()
+#: a scan that finds at most this many new messages reads their dates at once (cheap), so a
+#: message expunged or moved by someone else still shows its real INTERNALDATE
+EAGER_DATES = 2000
+
+
+def _relocated_date(info: MessageInfo) -> float | None:
+    idx = _live.get(info.folder)
+    if idx is None:
+        return None
+    fresh = idx.locate(info)
+    if fresh is None or fresh is info:
+        return None
+    try:
+        fresh._date = date = os.stat(fresh.filename).st_mtime
+    except OSError:
+        return None
+    return date
 
 
 _flags_cache: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
@@ -198,6 +228,7 @@ class FolderIndex:
         #: new files waited for a UID because the uidlist lock was busy: look again after this
         self._retry_ns: int | None = None
         self._cancel_watch = maildir.watch(path, self._mark_dirty)
+        _live[path] = self
 
     def _mark_dirty(self, _path: str) -> None:
         # runs in whichever thread changed the folder, maybe holding other locks: no locking here
@@ -356,6 +387,7 @@ class FolderIndex:
         old = self.by_base
         path = self.path
         flag_sets: dict[str, frozenset[str]] = {}  # letters -> flags, for this scan's keywords
+        created: list[MessageInfo] = []
         for base, (subdir, name) in listing.items():
             rec = records.get(base)
             if rec is None:
@@ -375,7 +407,11 @@ class FolderIndex:
             info = MessageInfo(rec.uid, base, name, subdir, letters, flags, path)
             if prev is not None and prev.uid == rec.uid:
                 info._size, info._date = prev._size, prev._date
+            if info._date is None:
+                created.append(info)
             new_by_base[base] = info
+        if len(created) <= EAGER_DATES:
+            _read_dates(path, created)
         changed = (rebuild or len(new_by_base) != len(old)
                    or any(old.get(b) is not m for b, m in new_by_base.items()))
         self.uidvalidity = ul.uidvalidity
@@ -525,6 +561,27 @@ class FolderIndex:
         with self.lock:
             self.sync(force=True)
             return self.by_base.get(info.base)
+
+
+def _read_dates(path: str, infos: list[MessageInfo]) -> None:
+    """Fill in the mtimes of ``infos`` (one stat each, relative to the directory)."""
+    fds: dict[str, int] = {}
+    try:
+        for info in infos:
+            fd = fds.get(info.subdir)
+            if fd is None:
+                try:
+                    fd = fds[info.subdir] = os.open(os.path.join(path, info.subdir),
+                                                    os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    return
+            try:
+                info._date = os.stat(info.name, dir_fd=fd).st_mtime
+            except OSError:
+                pass  # renamed or gone meanwhile: read on first use
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def keyword_letters(keywords: list[str]) -> dict[str, str]:
