@@ -159,6 +159,23 @@ def test_fetch_header_names_are_echoed_as_astrings_and_numbers_are_32_bit(env):
     s.close()
 
 
+def test_silent_store_still_reports_a_change_made_by_someone_else(env):
+    """RFC 3501 §6.4.6: even with .SILENT, a flag change from an external source is reported
+    (it was absorbed into the session's view and never sent)."""
+    deliver(env, message(1))
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"SELECT INBOX")
+    assert cmd(s, f, b"b", b"FETCH 1 FLAGS")[0] == b"* 1 FETCH (FLAGS (\\Recent))\r\n"
+    cur = os.path.join(env.maildir(), "cur")
+    [name] = os.listdir(cur)
+    os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":")[0] + ":2,F"))  # Dovecot
+    lines = cmd(s, f, b"c", b"STORE 1 +FLAGS.SILENT (\\Seen)")
+    assert lines == [b"* 1 FETCH (FLAGS (\\Flagged \\Recent \\Seen))\r\n", b"c OK STORE completed\r\n"]
+    # a silent STORE that only does what was asked stays silent
+    assert cmd(s, f, b"d", b"STORE 1 -FLAGS.SILENT (\\Seen)") == [b"d OK STORE completed\r\n"]
+    s.close()
+
+
 def test_sequence_numbers_beyond_exists_are_bad_uids_are_not(env):
     """RFC 3501 §9 seq-number: a sequence number above EXISTS (or "*" in an empty mailbox) in
     FETCH, STORE, COPY or MOVE gets a tagged BAD and changes nothing; UID forms and SEARCH

@@ -74,6 +74,19 @@ def internal_date_bytes(value: Any) -> bytes:
     return prefix + b'%02d:%02d:%02d +0000"' % (hours, rest // 60, rest % 60)
 
 
+def _expected_flags(old: Any, flags: list[str], mode: str) -> set[str]:
+    """The flags a STORE of ``flags`` in ``mode`` makes of ``old`` (\\Recent is not stored)."""
+    if mode == "add":
+        return set(old) | set(flags)
+    if mode == "remove":
+        return set(old) - set(flags)
+    return set(flags)
+
+
+def _folded(flags: Any) -> frozenset[str]:
+    return frozenset(f.lower() for f in flags)
+
+
 def flags_only(tokens: list) -> bool:
     """True when a SEARCH program depends only on flags (``UNSEEN``, ``NOT DELETED``, ...)."""
     if tokens and isinstance(tokens[0], Atom) and tokens[0].upper() == b"CHARSET":
@@ -475,7 +488,9 @@ class MessageCommands:
         msgs = sel.messages
         uids = [msgs[s - 1].uid for s in seqs]
         name = b"UID STORE" if uid else b"STORE"
-        result = self.set_flags(uids, flags, modes[item]) if uids else None
+        mode = modes[item]
+        before = [msgs[s - 1].flags for s in seqs] if silent else []
+        result = self.set_flags(uids, flags, mode) if uids else None
         if isinstance(result, Exception):
             self.tagged(tag, store_error_reply(result))
             return None
@@ -483,11 +498,16 @@ class MessageCommands:
         def answer(_: Any = None) -> None:
             if self.selected is sel:  # a new keyword: FLAGS/PERMANENTFLAGS first (RFC 3501 §7.2.6)
                 self._out.extend(sel.flag_list_updates())
-            if not silent and self.selected is sel:
+            if self.selected is sel:
                 msgs = sel.messages
                 fb = sel.flags_table()
                 out = []
-                for s in seqs:
+                # .SILENT still reports a message whose flags came out other than this STORE
+                # made them: someone else changed them meanwhile (RFC 3501 §6.4.6)
+                report = seqs if not silent else [
+                    s for s, old in zip(seqs, before) if _folded(msgs[s - 1].flags)
+                    != _folded(_expected_flags(old, flags, mode))]
+                for s in report:
                     info = msgs[s - 1]
                     if uid:
                         out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
