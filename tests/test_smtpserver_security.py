@@ -263,6 +263,37 @@ def test_malformed_relay_attempts_are_syntax_errors(h, bad):
     r.close()
 
 
+def test_address_literals_are_checked_over_smtp(h, server_errors):
+    """RFC 5321 §4.1.3: only [IPv4], [IPv6:addr] and [tag:content] are address literals;
+    anything else in brackets is a syntax error for the sender (501 5.1.7) and the recipient
+    (501 5.1.3).  A valid literal stays a valid sender and, as a recipient, a refused relay."""
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send(b"EHLO c\r\n")
+    r.reply()
+    bad = [b"anything", b"192.0.2.300", b"IPv6:zz::1", b"IPv6:fe80::1%eth0", b"1.2.3", b"", b"IPv6:1:2:3:4:5:6:7::"]
+    for literal in bad:
+        r.send(b"MAIL FROM:<a@[" + literal + b"]>\r\n")
+        assert r.reply() == b"501 5.1.7 Bad sender address syntax", literal
+    # str.isdigit() reads Arabic-Indic digits as digits: not with or without SMTPUTF8
+    r.send("MAIL FROM:<a@[\u0661\u0669\u0662.0.2.1]>\r\nMAIL FROM:<a@[\u0661\u0669\u0662.0.2.1]> SMTPUTF8\r\n"
+           .encode())
+    assert r.replies(2) == [b"501 5.1.7 Bad sender address syntax"] * 2
+    r.send(b"MAIL FROM:<a@[192.0.2.1]>\r\n")
+    assert r.reply() == b"250 2.1.0 Ok"
+    for literal in bad:
+        r.send(b"RCPT TO:<user@[" + literal + b"]>\r\n")
+        assert r.reply() == b"501 5.1.3 Bad recipient address syntax", literal
+    for literal in (b"192.0.2.1", b"IPv6:2001:db8::1", b"IPv6:::ffff:192.0.2.1"):
+        r.send(b"RCPT TO:<user@[" + literal + b"]>\r\n")
+        assert r.reply() == b"554 5.7.1 <user@[" + literal.lower() + b"]>: Relay access denied"
+    r.send(b"RCPT TO:<alice@example.com>\r\n")
+    assert r.reply() == b"250 2.1.5 Ok"  # the session goes on
+    r.close()
+    assert server_errors == []
+
+
 def test_lookalike_domains_over_smtp(h):
     port = h.start("smtp")
     r = Raw(port)

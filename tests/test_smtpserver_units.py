@@ -71,6 +71,65 @@ def test_path_length_limits():
         parse_path("x@" + "a" * 64 + ".com", utf8=False, allow_null=False)
 
 
+VALID_LITERALS = [
+    ("192.0.2.1", "[192.0.2.1]"),
+    ("0.0.0.0", "[0.0.0.0]"),
+    ("255.255.255.255", "[255.255.255.255]"),
+    ("192.000.002.001", "[192.000.002.001]"),  # Snum = 1*3DIGIT: leading zeros are grammar
+    ("IPv6:2001:DB8::1", "[ipv6:2001:db8::1]"),
+    ("ipv6:::1", "[ipv6:::1]"),
+    ("IPv6:::", "[ipv6:::]"),
+    ("IPv6:1:2:3:4:5:6:7:8", "[ipv6:1:2:3:4:5:6:7:8]"),
+    ("IPv6:1:2:3::4:5:6", "[ipv6:1:2:3::4:5:6]"),
+    ("IPv6:::ffff:192.0.2.1", "[ipv6:::ffff:192.0.2.1]"),
+    ("IPv6:1:2:3:4:5:6:192.0.2.1", "[ipv6:1:2:3:4:5:6:192.0.2.1]"),
+    ("IPv6:1:2::3:4:192.0.2.1", "[ipv6:1:2::3:4:192.0.2.1]"),
+    ("x-tag:some-content", "[x-tag:some-content]"),  # General-address-literal
+]
+
+BAD_LITERALS = [
+    "anything", "", " ", "192.0.2", "192.0.2.1.5", "256.0.0.1", "192.0.2.1 ", "192.0.2.01234",
+    "1.2.3.-1", "+1.2.3.4", "IPv6:", "IPv6:zz::1", "IPv6:192.0.2.1", "IPv6:1:2:3:4:5:6:7",
+    "IPv6:1:2:3:4:5:6:7:8:9", "IPv6:1:2:3:4:5:6:7::",  # "::" stands for at least 2 groups (§4.1.3)
+    "IPv6:1::2::3", "IPv6::1", "IPv6:1:", "IPv6:12345::1", "IPv6:fe80::1%eth0", "IPv6:[::1]",
+    "IPv6:1:2:3:4:5::192.0.2.1",  # IPv6v4-comp: at most 4 groups beside "::"
+    "IPv6:::ffff:256.0.0.1", "IPv6 :::1", "tag-:x", "tag:", ":x", "tag:a[b", "tag:a]b",
+    "tag:a\\b", "tag:a b", "[192.0.2.1]", "192.0.2.1]",
+]
+
+
+@pytest.mark.parametrize("literal,domain", VALID_LITERALS)
+def test_address_literals_of_rfc5321_are_accepted(literal, domain):
+    p = parse_path(f"user@[{literal}]", utf8=False, allow_null=False)
+    assert p.ip_literal and p.domain == domain and p.address == "user@" + domain
+    assert parse_path(f"user@[{literal}]", utf8=True, allow_null=False).domain == domain
+
+
+@pytest.mark.parametrize("literal", BAD_LITERALS)
+def test_malformed_address_literals_are_syntax_errors(literal):
+    for utf8 in (False, True):
+        with pytest.raises(PathError) as e:
+            parse_path(f"user@[{literal}]", utf8=utf8, allow_null=False)
+        assert not e.value.utf8
+
+
+@pytest.mark.parametrize("literal", [
+    "\u0661\u0669\u0662.0.2.1", "192.0.2.\uff11", "IPv6:\u0662001:db8::1", "IPv6:2001:db8::\u00b9",
+    "x:caf\u00e9",
+])
+def test_non_ascii_in_an_address_literal_is_a_syntax_error_with_or_without_smtputf8(literal):
+    # str.isdigit() and int() read "\u0661\u0669\u0662" as 192: only ASCII digits are digits
+    for utf8 in (False, True):
+        with pytest.raises(PathError) as e:
+            parse_path(f"user@[{literal}]", utf8=utf8, allow_null=False)
+        assert not e.value.utf8  # 501 5.1.x, not "553 5.6.7 use SMTPUTF8": SMTPUTF8 would not help
+    # a non-ASCII local part beside a valid literal still only needs SMTPUTF8
+    with pytest.raises(PathError) as e:
+        parse_path("j\u00f6e@[192.0.2.1]", utf8=False, allow_null=False)
+    assert e.value.utf8
+    assert parse_path("j\u00f6e@[192.0.2.1]", utf8=True, allow_null=False).ip_literal
+
+
 def test_parse_params():
     assert parse_params("SIZE=10 body=8bitmime SMTPUTF8") == {"SIZE": "10", "BODY": "8bitmime", "SMTPUTF8": None}
     for bad, param in (("SIZE=1 SIZE=2", "SIZE"), ("=x", "=x"), ("SIZE=", "SIZE"), ("A=b=c", "A"), ("-X=1", "-X=1"),

@@ -1,8 +1,9 @@
 """Parsing of the MAIL FROM / RCPT TO arguments: the path and its ESMTP parameters.
 
-Pure logic.  RFC 5321 §4.1.2 (Path, Mailbox, Local-part, Domain), §4.5.3.1 (size limits),
-RFC 6531 §3.3 (UTF-8 local parts and U-label domains when SMTPUTF8 is used), RFC 1870 (SIZE),
-RFC 6152 (8BITMIME), RFC 3461 (DSN: RET, ENVID, NOTIFY, ORCPT), RFC 4954 §5 (MAIL AUTH=).
+Pure logic.  RFC 5321 §4.1.2 (Path, Mailbox, Local-part, Domain), §4.1.3 (address literals),
+§4.5.3.1 (size limits), RFC 6531 §3.3 (UTF-8 local parts and U-label domains when SMTPUTF8 is
+used), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 3461 (DSN: RET, ENVID, NOTIFY, ORCPT),
+RFC 4954 §5 (MAIL AUTH=).
 
 The parser is strict on purpose: a path is what policy and router act on, so every
 ambiguity that other MTAs have read as "relay this" (source routes, ``%``/``!`` hacks,
@@ -191,6 +192,62 @@ def normalize_domain(text: str, utf8: bool) -> str:
     return domain
 
 
+_BAD_LITERAL = "bad address literal"
+_IPV4_LITERAL = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_IPV6_HEX = re.compile(r"[0-9A-Fa-f]{1,4}")
+#: General-address-literal: Standardized-tag ":" 1*dcontent, dcontent = %d33-90 / %d94-126
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[!-Z^-~]+")
+
+
+def _is_ipv4(text: str) -> bool:
+    """RFC 5321 §4.1.3 IPv4-address-literal: Snum 3("." Snum), Snum 1*3DIGIT in 0-255.
+
+    ASCII digits only; leading zeros are allowed by the grammar (``ipaddress`` refuses them).
+    """
+    return bool(_IPV4_LITERAL.fullmatch(text)) and all(int(n) <= 255 for n in text.split("."))
+
+
+def _hex_groups(text: str) -> int | None:
+    """Number of ``IPv6-hex`` groups in ``a:b:c`` (0 for ""), None if malformed."""
+    if text == "":
+        return 0
+    groups = text.split(":")
+    return len(groups) if all(_IPV6_HEX.fullmatch(g) for g in groups) else None
+
+
+def _is_ipv6(text: str) -> bool:
+    """RFC 5321 §4.1.3 IPv6-addr: IPv6-full / IPv6-comp / IPv6v4-full / IPv6v4-comp.
+
+    The IPv4 tail counts as two groups: 8 groups in the full forms, at most 6 beside "::"
+    (IPv6-comp) and at most 4 beside "::" before an IPv4 tail (IPv6v4-comp).  No zone index
+    (``%eth0``), no brackets, ASCII only -- which ``ipaddress.IPv6Address`` does not all refuse.
+    """
+    if "." in text:
+        head, colon, ipv4 = text.rpartition(":")
+        if not colon or not _is_ipv4(ipv4):
+            return False
+        text = head + ":0:0"
+    if "::" in text:
+        before, _, after = text.partition("::")
+        n, m = _hex_groups(before), _hex_groups(after)
+        return n is not None and m is not None and n + m <= 6
+    return _hex_groups(text) == 8
+
+
+def is_address_literal(text: str) -> bool:
+    """RFC 5321 §4.1.3 address-literal: ``[`` IPv4 / ``IPv6:`` IPv6 / General-address-literal ``]``.
+
+    The tag "IPv6" (case-insensitive, like every ABNF string) always means an IPv6 address;
+    any other Standardized-tag is taken by the grammar (which address.py also accepts).
+    """
+    if not (text.startswith("[") and text.endswith("]")) or not text.isascii():
+        return False
+    inner = text[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        return _is_ipv6(inner[5:])
+    return _is_ipv4(inner) or bool(_GENERAL_LITERAL.fullmatch(inner))
+
+
 def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Path:
     """Parse the text inside ``<...>`` (RFC 5321 §4.1.2).
 
@@ -198,6 +255,11 @@ def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Path:
     """
     has_non_ascii = not text.isascii()
     if has_non_ascii and not utf8:
+        try:
+            parse_path(text, utf8=True, allow_null=allow_null)
+        except PathError as e:
+            if e.reason == _BAD_LITERAL:
+                raise  # an address literal is ASCII even with SMTPUTF8: a syntax error (501)
         raise PathError("non-ASCII address without SMTPUTF8", utf8=True)
     if len(text.encode("utf-8")) > MAX_PATH_OCTETS:
         raise PathError("path too long")
@@ -223,8 +285,8 @@ def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Path:
         raise PathError("local part too long")
     ip_literal = False
     if domain_text.startswith("["):
-        if not domain_text.endswith("]") or len(domain_text) < 3:
-            raise PathError("bad address literal")
+        if not is_address_literal(domain_text):
+            raise PathError(_BAD_LITERAL)
         ip_literal = True
         domain = domain_text.lower()
     else:
