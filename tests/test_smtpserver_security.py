@@ -488,6 +488,11 @@ RCPT_PARAMETER_ERRORS = [
     (b"ORCPT=rfc822;a+ZZ", b"501 5.5.4 Syntax error in parameter ORCPT"),
     (b"ORCPT=", b"501 5.5.4 Syntax error in parameter ORCPT"),
     (b"ORCPT=noseparator", b"501 5.5.4 Syntax error in parameter ORCPT"),
+    # RFC 3461 §4.2: xtext for every address type, not only rfc822; raw UTF-8 only with SMTPUTF8
+    ("ORCPT=x400;j\u00f6e".encode(), b"501 5.5.4 Syntax error in parameter ORCPT"),
+    ("ORCPT=utf-8;j\u00f6e@example.com".encode(), b"501 5.5.4 Syntax error in parameter ORCPT"),
+    (b"ORCPT=x-local;a+zz", b"501 5.5.4 Syntax error in parameter ORCPT"),
+    (b"ORCPT=utf-8;a\\b", b"501 5.5.4 Syntax error in parameter ORCPT"),
     (b"FOO=BAR", b"555 5.5.4 Unsupported parameter FOO"),
     (b"SIZE=1", b"555 5.5.4 Unsupported parameter SIZE"),
     (b"SMTPUTF8", b"555 5.5.4 Unsupported parameter SMTPUTF8"),
@@ -509,6 +514,34 @@ def test_rcpt_parameter_errors_are_5_5_4_and_the_recipient_is_not_added(h, serve
     h.stop()
     [(env, _)] = h.incoming()
     assert [x.address for x in env.recipients] == ["alice@example.com"]  # never bob
+    assert server_errors == []
+
+
+def test_orcpt_utf8_forms_over_smtp(h, server_errors):
+    """RFC 6533 §3: ORCPT=utf-8; takes utf-8-addr-xtext always and raw UTF-8 only in an SMTPUTF8
+    transaction; any other address type is xtext (ASCII) even with SMTPUTF8."""
+    port = h.start("smtp")
+    r = Raw(port)
+    r.reply()
+    r.send("EHLO c\r\nMAIL FROM:<x@remote.test> SMTPUTF8\r\n"
+           "RCPT TO:<alice@example.com> ORCPT=utf-8;j\u00f6e@example.com\r\n"
+           "RCPT TO:<bob@example.com> ORCPT=x400;j\u00f6e\r\n"
+           "RCPT TO:<bob@example.com> ORCPT=rfc822;j\u00f6e@example.com\r\n"
+           "DATA\r\n".encode())
+    assert r.replies(6)[2:] == [b"250 2.1.5 Ok", b"501 5.5.4 Syntax error in parameter ORCPT",
+                                b"501 5.5.4 Syntax error in parameter ORCPT", b"354 End data with <CR><LF>.<CR><LF>"]
+    r.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.send(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<alice@example.com> ORCPT=utf-8;j\\x{F6}e@example.com\r\n"
+           b"RCPT TO:<bob@example.com> ORCPT=utf-8;j\xc3\xb6e@example.com\r\nDATA\r\n")
+    assert r.replies(4) == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"501 5.5.4 Syntax error in parameter ORCPT",
+                            b"354 End data with <CR><LF>.<CR><LF>"]
+    r.send(b"Subject: y\r\n\r\ny\r\n.\r\n")
+    assert r.reply().startswith(b"250 2.0.0 Ok: queued as")
+    r.close()
+    h.stop()
+    orcpts = sorted(rc.orcpt for env, _ in h.incoming() for rc in env.recipients)
+    assert orcpts == ["utf-8;j\\x{F6}e@example.com", "utf-8;j\u00f6e@example.com"]
     assert server_errors == []
 
 

@@ -172,6 +172,37 @@ def test_rcpt_params():
         with pytest.raises(ParamError) as e:
             check_rcpt_params(bad)
         assert not e.value.unknown and e.value.param == next(iter(bad))
+
+
+ORCPT_VALID = [
+    ("rfc822;a+40b@c", False), ("x400;c+3Dus;a+3D+20;p+3Dx", False), ("X-Local;a+2Bb", False),
+    # RFC 6533 §3: utf-8-addr-xtext anywhere, utf-8-addr-unitext (raw UTF-8) only under SMTPUTF8
+    ("utf-8;j\\x{F6}e@example.com", False), ("utf-8;\\x{10FFFF}\\x{5C}\\x{20}@x", False),
+    ("UTF-8;a+40b@c", False), ("utf-8;j\u00f6e@b\u00fccher.example", True), ("utf-8;j\u00f6\\x{20}e@x", True),
+]
+
+ORCPT_INVALID = [
+    # non-ASCII is not xtext whatever the address type, with or without SMTPUTF8
+    ("x400;j\u00f6e", False), ("x400;j\u00f6e", True), ("rfc822;j\u00f6e@example.com", True),
+    ("unknown;\u0661\u0662", True), ("x-local;a+zz", False), ("x-local;a+2b", False),
+    # utf-8-addr-unitext without SMTPUTF8, and malformed \x{...}
+    ("utf-8;j\u00f6e@example.com", False), ("utf-8;a\\b", False), ("utf-8;a\\x{}", False),
+    ("utf-8;\\x{00F6}", False), ("utf-8;\\x{D800}", False), ("utf-8;\\x{110000}", False),
+    ("utf-8;\\x{41}", False),  # ASCII letters are written as themselves
+    ("utf-8;\\xF6", True), ("utf-8;", True),
+]
+
+
+@pytest.mark.parametrize("value,smtputf8", ORCPT_VALID)
+def test_orcpt_values_accepted(value, smtputf8):
+    assert check_rcpt_params({"ORCPT": value}, smtputf8=smtputf8) == {"ORCPT": value}
+
+
+@pytest.mark.parametrize("value,smtputf8", ORCPT_INVALID)
+def test_orcpt_value_checked_as_xtext_for_every_address_type(value, smtputf8):
+    with pytest.raises(ParamError) as e:
+        check_rcpt_params({"ORCPT": value}, smtputf8=smtputf8)
+    assert not e.value.unknown and e.value.param == "ORCPT"  # 501 5.5.4 Syntax error in parameter ORCPT
     for bad in ({"SIZE": "1"}, {"SMTPUTF8": None}, {"FOO": "BAR"}):
         with pytest.raises(ParamError) as e:
             check_rcpt_params(bad)

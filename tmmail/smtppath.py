@@ -407,8 +407,36 @@ def check_mail_params(params: dict[str, str | None], *, auth_offered: bool) -> d
 _NOTIFY_WORDS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
 
 
-def check_rcpt_params(params: dict[str, str | None]) -> dict[str, str]:
-    """Validate RCPT TO parameters: NOTIFY and ORCPT (RFC 3461 §4.1, §4.2)."""
+#: RFC 6533 §3 EmbeddedUnicodeChar "\x{" HEXPOINT "}": an xtext special or "\" in two digits,
+#: else a code point beyond ASCII without leading zeros, never a surrogate
+_HEXPOINT = (
+    r"(?:[01][1-9]|10|20|2[Bb]|3[Dd]|7[Ff]|5[Cc]|[89A-Fa-f][0-9A-Fa-f]"
+    r"|[1-9A-Fa-f][0-9A-Fa-f]{2}"
+    r"|[1-9A-Ca-cE-Fe-f][0-9A-Fa-f]{3}|[Dd][0-7][0-9A-Fa-f]{2}"
+    r"|[1-9A-Fa-f][0-9A-Fa-f]{4}|10[0-9A-Fa-f]{4})"
+)
+#: the value of ORCPT=utf-8;...: utf-8-addr-xtext (QCHAR / EmbeddedUnicodeChar), with the
+#: RFC 3461 xtext "+HH" every ORCPT value may use; "\" only as the start of "\x{...}"
+_UTF8_ADDR_XTEXT = re.compile(r"(?:[!-*,-<>-\[\]-~]|\\x\{" + _HEXPOINT + r"\}|\+[0-9A-F]{2})+")
+#: utf-8-addr-unitext: the same plus UTF-8 beyond ASCII (QUCHAR), only under SMTPUTF8
+_UTF8_ADDR_UNITEXT = re.compile(r"(?:[!-*,-<>-\[\]-~\u0080-\U0010ffff]|\\x\{" + _HEXPOINT + r"\}|\+[0-9A-F]{2})+")
+
+
+def is_orcpt_value(addr_type: str, value: str, *, smtputf8: bool) -> bool:
+    """RFC 3461 §4.2 ``ORCPT=addr-type;xtext`` for any addr-type, ASCII only; for the
+    ``utf-8`` type the RFC 6533 §3 forms: utf-8-addr-xtext, and utf-8-addr-unitext (raw
+    UTF-8) only when the transaction uses SMTPUTF8 (RFC 6533 §3, RFC 6531)."""
+    if addr_type.lower() != "utf-8":
+        return bool(value) and is_xtext(value)
+    pattern = _UTF8_ADDR_UNITEXT if smtputf8 else _UTF8_ADDR_XTEXT
+    return pattern.fullmatch(value) is not None
+
+
+def check_rcpt_params(params: dict[str, str | None], *, smtputf8: bool = False) -> dict[str, str]:
+    """Validate RCPT TO parameters: NOTIFY and ORCPT (RFC 3461 §4.1, §4.2; RFC 6533 §3).
+
+    ``smtputf8``: the transaction's MAIL FROM had SMTPUTF8, so ``ORCPT=utf-8;`` may carry UTF-8.
+    """
     out: dict[str, str] = {}
     for key, value in params.items():
         if key == "NOTIFY":
@@ -428,7 +456,7 @@ def check_rcpt_params(params: dict[str, str | None]) -> dict[str, str]:
             addr_type, semi, addr = value.partition(";")
             if not semi or not _KEYWORD.match(addr_type) or not addr:
                 raise ParamError(key)
-            if addr_type.lower() == "rfc822" and not is_xtext(addr):
+            if not is_orcpt_value(addr_type, addr, smtputf8=smtputf8):
                 raise ParamError(key)
             out[key] = value
         else:

@@ -185,7 +185,7 @@ class TransactionCommands:
             params = parse_params(param_text)
             if params and not self.esmtp:
                 raise ParamError(next(iter(params)), unknown=True)  # no extensions after HELO
-            rcpt_params = check_rcpt_params(params)
+            rcpt_params = check_rcpt_params(params, smtputf8=tx.smtputf8)
             if path_text.lower() == "postmaster":
                 # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted; policy
                 # says which hosted address that is (the host name is often not hosted)
