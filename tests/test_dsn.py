@@ -155,6 +155,19 @@ def test_helpers() -> None:
     assert reply_status("", True) == "5.0.0"
 
 
+def test_reply_status_takes_ascii_digits_only() -> None:
+    # str.isdigit() is true for "\u0665\u0665\u0660" (Arabic-Indic 550), "\u00b2", "\uff15"
+    assert reply_status("550 5.\u0661.\u0661 no such user", True) == "5.0.0"
+    assert reply_status("451 4.\uff14.1 busy", False) == "4.0.0"
+    assert reply_status("\u0665\u0665\u0660 no", False) == "4.0.0"
+    assert reply_status("5\u00b2\u00b2 no", True) == "5.0.0"
+    assert reply_status("550 5.x.y odd", False) == "5.0.0"
+    assert reply_status("550 5.1.1.1 odd", True) == "5.0.0"
+    assert reply_status("123 odd", False) == "4.0.0"  # no status class 1 (RFC 3463)
+    assert reply_status("552 5.3.4 too big", True) == "5.3.4"
+    assert reply_status("452 4.5.3 too many", False) == "4.5.3"
+
+
 def test_local_diagnostic_type_and_no_remote_mta() -> None:
     """A reply this server made up itself is not shown as a remote server's (RFC 3464 §2.3.5,
     §2.3.6); a ";" inside a reply is text, not a type separator."""

@@ -561,3 +561,52 @@ def test_refused_pipelined_rset_defers_the_message_and_drops_the_session(reactor
         reactor_thread.call(port.stopListening)
     assert first[0].status == DELIVERED
     assert second[0].status == DEFERRED and not s.usable
+
+
+# -- only ASCII digits are digits in what a remote server says -----------------------------------
+
+
+def test_size_limit_and_enhanced_codes_take_ascii_digits_only():
+    assert smtpclient._size_limit("12") == 12 and smtpclient._size_limit("0") == 0
+    assert smtpclient._size_limit(None) == 0 and smtpclient._size_limit("") == 0
+    # int() reads all of these as numbers: none is a SIZE (RFC 1870 1*DIGIT)
+    for odd in ("\u0661\u0662", "\uff11\uff12", "1_000", "+12", "\u00b2", "12\u00b2", "1" * 21):
+        assert smtpclient._size_limit(odd) == 0, odd
+    assert Reply(550, ("5.1.1 no",)).enhanced == "5.1.1"
+    for odd in ("5.\u0661.\u0661 no", "5.\uff11.1 no", "5.1.\u0663 no", "\u0665.1.1 no", "5.1.1\u00a0no"):
+        r = Reply(550, (odd,))
+        assert r.enhanced is None and r.text == odd and str(r) == "550 " + odd, odd
+
+
+def test_remote_ehlo_size_and_reply_codes_in_other_scripts(reactor_thread, tmp_path):
+    """A peer that advertises "SIZE \u0661\u0662" (Arabic-Indic 12) has no 12-octet limit; a
+    peer that answers "550 5.\u0661.\u0661" gives no enhanced status code."""
+    port = scripted(
+        reactor_thread,
+        b"220 odd.test ESMTP\r\n",
+        {b"EHLO": "250-odd.test\r\n250 SIZE \u0661\u0662\r\n".encode(), b"MAIL": b"250 ok\r\n",
+         b"RCPT TO:<A@": "550 5.\u0661.\u0661 no such user\r\n".encode(), b"RCPT": b"250 ok\r\n",
+         b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n", b"QUIT": b"221 bye\r\n"},
+    )
+    try:
+        path = write(tmp_path, b"Subject: longer than twelve octets\n\nbody\n")
+        (results,), session = run(reactor_thread, port.getHost().port, config(),
+                                  [message(path, "a@odd.test", "b@odd.test", size=40)], use_tls=False,
+                                  host="odd.test")
+    finally:
+        reactor_thread.call(port.stopListening)
+    assert session.extensions["SIZE"] == "\u0661\u0662"
+    assert (results[0].status, results[0].stage, results[0].reply.enhanced) == (FAILED, "RCPT", None)
+    assert results[1].status == DELIVERED  # not refused here as "552 5.3.4 exceeds 12"
+
+
+def test_remote_ascii_size_limit_still_applies(reactor_thread, tmp_path):
+    port = scripted(reactor_thread, b"220 small.test ESMTP\r\n",
+                    {b"EHLO": b"250-small.test\r\n250 SIZE 12\r\n", b"QUIT": b"221 bye\r\n"})
+    try:
+        path = write(tmp_path, b"Subject: longer than twelve octets\n\nbody\n")
+        (results,), _ = run(reactor_thread, port.getHost().port, config(),
+                            [message(path, "a@small.test", size=40)], use_tls=False, host="small.test")
+    finally:
+        reactor_thread.call(port.stopListening)
+    assert (results[0].status, results[0].stage, results[0].reply.code) == (FAILED, "SIZE", 552)

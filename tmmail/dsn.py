@@ -279,11 +279,17 @@ def build_report(
     return out
 
 
+#: RFC 3463 status-code and RFC 5321 reply code, ASCII digits only (str.isdigit() and \d
+#: also take "\u0661", "\uff15" or "\u00b2": a remote reply must not put them in Status:)
+_STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+_REPLY_CODE = re.compile(r"[245][0-9]{2}")
+
+
 def reply_status(reply: str, permanent: bool) -> str:
     """The enhanced status code of an SMTP reply text (``"550 5.1.1 ..."``), or a default."""
-    parts = reply.split()
-    if len(parts) >= 2 and parts[1].count(".") == 2 and parts[1][0] in "245":
+    parts = [p for p in re.split(r"[ \t]+", reply) if p]
+    if len(parts) >= 2 and _STATUS_CODE.fullmatch(parts[1]):
         return parts[1]
-    if parts and parts[0].isdigit() and len(parts[0]) == 3:
+    if parts and _REPLY_CODE.fullmatch(parts[0]):
         return f"{parts[0][0]}.0.0"
     return "5.0.0" if permanent else "4.0.0"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -459,11 +460,16 @@ def _parse_ehlo(reply: Reply) -> dict[str, str]:
     return ext
 
 
+#: RFC 1870 size-param = 1*DIGIT, ASCII digits only (int() also reads "\u0661\u0662" as 12,
+#: "\uff11" as 1 and "1_000" as 1000); more than 20 digits is no useful limit
+_SIZE_PARAM = re.compile(r"[0-9]{1,20}")
+
+
 def _size_limit(params: str | None) -> int:
-    try:
-        return int(params.split()[0]) if params else 0
-    except ValueError:
-        return 0
+    """The peer's fixed message size limit from its EHLO ``SIZE`` line; 0 for none (no
+    number, 0 itself, or anything that is not ASCII digits)."""
+    word = params.split(" ", 1)[0] if params else ""
+    return int(word) if _SIZE_PARAM.fullmatch(word) else 0
 
 
 # -- opening a session -------------------------------------------------------------------------

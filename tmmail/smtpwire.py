@@ -47,7 +47,10 @@ MAX_REPLY_LINES = 200
 #: bytes read from the spool file per write
 CHUNK_SIZE = 1 << 16
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+#: RFC 3463 / RFC 2034 status-code at the start of a reply line, then SP.  ASCII digits only:
+#: on str, \d also takes "\u0661" (Arabic-Indic one) and \s "\u00a0", so a remote reply
+#: "550 5.\u0661.\u0661" made a status code of them (then in a DSN's Status: field)
+_ENHANCED = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+|$)")
 _REPLY_LINE = re.compile(rb"^([2-5]\d\d)([ -]?)(.*)$", re.DOTALL)
 
 
