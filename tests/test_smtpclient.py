@@ -610,3 +610,31 @@ def test_remote_ascii_size_limit_still_applies(reactor_thread, tmp_path):
     finally:
         reactor_thread.call(port.stopListening)
     assert (results[0].status, results[0].stage, results[0].reply.code) == (FAILED, "SIZE", 552)
+
+
+def test_ehlo_keywords_and_auth_mechanisms_are_ascii_only():
+    ehlo = Reply(250, ("odd.test", "\u017fmtputf8", "d\u017fn", "PIPELINING", "AUTH PLA\u0131N login",
+                       "SIZE \u00a012", "8BITMIME "))
+    ext = smtpclient._parse_ehlo(ehlo)
+    assert ext == {"PIPELINING": "", "AUTH": "PLA\u0131N login", "SIZE": "\u00a012", "8BITMIME": ""}
+    assert smtpclient._auth_mechanisms(ext["AUTH"]) == ["LOGIN"]  # "PLA\u0131N".upper() == "PLAIN"
+    assert smtpclient._size_limit(ext["SIZE"]) == 0
+    assert smtpclient._parse_ehlo(Reply(250, ("x", "AUTH=PLAIN LOGIN"))) == {"AUTH": "PLAIN LOGIN"}
+
+
+def test_unicode_ehlo_keywords_are_not_extensions(reactor_thread, tmp_path):
+    """"\u017fmtputf8".upper() is "SMTPUTF8": a peer that says so has not offered SMTPUTF8, so
+    a non-ASCII local part is not sent to it."""
+    port = scripted(
+        reactor_thread,
+        b"220 odd.test ESMTP\r\n",
+        {b"EHLO": "250-odd.test\r\n250-\u017fmtputf8\r\n250 d\u017fn\r\n".encode(), b"QUIT": b"221 bye\r\n"},
+    )
+    try:
+        path = write(tmp_path, b"Subject: x\n\nbody\n")
+        (results,), session = run(reactor_thread, port.getHost().port, config(),
+                                  [message(path, "j\u00f6rg@odd.test")], use_tls=False, host="odd.test")
+    finally:
+        reactor_thread.call(port.stopListening)
+    assert not session.has("SMTPUTF8") and not session.has("DSN")
+    assert (results[0].status, results[0].stage, results[0].reply.enhanced) == (FAILED, "SMTPUTF8", "5.6.7")

@@ -212,7 +212,7 @@ class Session:
 
     async def _auth(self) -> None:
         cfg = self.config
-        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        mechanisms = _auth_mechanisms(self.extensions.get("AUTH", ""))
         if "PLAIN" in mechanisms:
             token = base64.b64encode(b"\0" + cfg.user.encode() + b"\0" + cfg.password.encode())
             reply = await self.proto.command(b"AUTH PLAIN " + token)
@@ -444,20 +444,30 @@ def _result_for(reply: Reply, stage: str) -> RecipientResult:
 
 
 def _parse_ehlo(reply: Reply) -> dict[str, str]:
-    """EHLO keywords (upper-case) -> parameters; "AUTH=PLAIN" (pre-RFC 4954 form) counts as AUTH."""
+    """EHLO keywords (upper-case) -> parameters; "AUTH=PLAIN" (pre-RFC 4954 form) counts as AUTH.
+
+    An ehlo-keyword is ASCII (RFC 5321 §4.1.1.1): a line whose keyword is not is ignored, never
+    upper-cased into an ASCII one ("\u017fmtputf8".upper() == "SMTPUTF8", "d\u017fn" -> "DSN").
+    """
     ext: dict[str, str] = {}
     for line in reply.lines[1:]:
-        word, _, params = line.strip().partition(" ")
-        if not word:
+        word, _, params = line.strip(" \t").partition(" ")
+        if not word or not word.isascii():
             continue
         word = word.upper()
         if word.startswith("AUTH="):
-            params = (word[5:] + " " + params).strip()
+            params = word[5:] + " " + params
             word = "AUTH"
             if "AUTH" in ext:
                 continue
-        ext[word] = params.strip()
+        ext[word] = params.strip(" \t")
     return ext
+
+
+def _auth_mechanisms(params: str) -> list[str]:
+    """The SASL mechanisms of an EHLO AUTH line, upper-cased; ASCII names only (RFC 4422 §3.1),
+    so "PLA\u0131N" (dotless i) is not taken for PLAIN."""
+    return [m.upper() for m in params.split(" ") if m and m.isascii()]
 
 
 #: RFC 1870 size-param = 1*DIGIT, ASCII digits only (int() also reads "\u0661\u0662" as 12,
