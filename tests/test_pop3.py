@@ -553,6 +553,62 @@ def test_a_failing_command_costs_that_command_not_the_session(h, monkeypatch):
     assert r.multi() == [b"1 %d" % len(b"Subject: one\r\n\r\nfirst\r\n")]
 
 
+def test_error_limit_counts_errors_in_a_row_once_logged_in(h, logged_failures):
+    """A pipeline of 40 failing DELEs (messages another client deleted) between 20 good ones
+    goes on to QUIT: the limit of 20 is for errors in a row, as in IMAP, not per session."""
+    for i in range(20):
+        h.deliver(b"Subject: m%d\n\nbody\n" % i)
+    r = raw_login(h.start("pop3s"))
+    pipeline = b"".join(b"DELE %d\r\nDELE %d\r\nRETR %d\r\n" % (1000 + i, i, i) for i in range(1, 21))
+    r.send(pipeline + b"QUIT\r\n")
+    for i in range(1, 21):
+        assert r.line() == b"-ERR No such message", i
+        assert r.line() == b"+OK Message deleted", i
+        assert r.line() == b"-ERR Message already deleted", i
+    assert r.line() == b"+OK Bye, 20 messages deleted"
+    assert r.closed()
+    assert h.count() == 0
+    assert not logged_failures
+
+
+def test_only_bad_commands_are_still_closed_after_20_in_a_row(h):
+    h.deliver(b"Subject: one\n\nfirst\n")
+    r = raw_login(h.start("pop3s"))
+    # 19 errors, a success, then errors only: the 20th in a row closes the session
+    r.send(b"BOGUS\r\n" * 19 + b"NOOP\r\n" + b"DELE 99\r\n" * 25)
+    assert [r.line() for _ in range(19)] == [b"-ERR Unknown command"] * 19
+    assert r.line() == b"+OK"
+    assert [r.line() for _ in range(20)] == [b"-ERR No such message"] * 20
+    assert r.line() == b"-ERR Too many errors, closing connection"
+    assert r.closed()
+    assert h.count() == 1
+
+
+def test_before_login_errors_add_up_for_the_session(h):
+    """Before login, USER (always +OK) does not clear the count: a client that alternates it
+    with bad commands is closed after 20 errors; a successful login starts the count afresh."""
+    port = h.start("pop3s")
+    r = Raw(port, tls=True)
+    assert r.line().startswith(b"+OK")
+    r.send(b"USER x\r\nBOGUS\r\nCAPA\r\n" * 25)
+    replies = []
+    while not replies or replies[-1] != b"-ERR Too many errors, closing connection":
+        line = r.line()
+        assert line, replies
+        replies.append(line)
+    assert replies.count(b"-ERR Unknown command") == 20
+    assert r.closed()
+    r = Raw(port, tls=True)
+    assert r.line().startswith(b"+OK")
+    r.send(b"BOGUS\r\n" * 19 + b"USER " + ALICE.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n"
+           + b"DELE 99\r\n" * 19 + b"NOOP\r\n")
+    assert [r.line() for _ in range(19)] == [b"-ERR Unknown command"] * 19
+    assert r.line().startswith(b"+OK")
+    assert r.line().startswith(b"+OK Maildrop has")
+    assert [r.line() for _ in range(19)] == [b"-ERR No such message"] * 19
+    assert r.line() == b"+OK"  # 38 errors in the session, never 20 in a row after login
+
+
 def greeting_of(port: int, tls: bool = False) -> tuple[Raw, bytes]:
     r = Raw(port, tls=tls)
     return r, r.line()

@@ -51,6 +51,7 @@ MAX_LINE = 4096
 MAX_PENDING_INPUT = 64 * 1024
 #: a safety net only: with reading paused the buffer stays far below this
 MAX_INPUT_BUFFER = 1024 * 1024
+#: -ERR replies in a row (before login: in the session) after which the connection is closed
 MAX_ERRORS = 20
 LOCK_FILE = "tmmail-pop3.lock"
 #: seconds a closing connection may take to flush its last replies before it is aborted
@@ -216,7 +217,9 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._reading_paused = False
         self._registered = False  # this session is the transport's producer
         self._streaming: MessageProducer | None = None  # RETR/TOP in progress
+        #: errors in a row (since the last successful command, once logged in; see _dispatch)
         self.errors = 0
+        self._failed = False  # the command being run has failed
         self.user: str | None = None
         self.sasl: str | None = None  # waiting for a SASL continuation line
         self.maildrop: Maildrop | None = None
@@ -381,6 +384,26 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.reply(ERR_INTERNAL)
 
     def _dispatch(self, line: bytes) -> Any:
+        """Run one command line.  A command that succeeds in the TRANSACTION state (the login
+        that entered it included) resets the error count, so MAX_ERRORS counts consecutive
+        errors there, like the IMAP server's BAD count: a long pipeline with many refused
+        commands (DELE of messages that are gone) goes on, a client that sends nothing but
+        bad commands is still closed.  Before login, errors add up for the whole session:
+        USER and CAPA answer +OK (AUTH its "+ " prompt) to anyone, so alternating them with
+        bad commands must not keep an unauthenticated connection open."""
+        self._failed = False
+        result = self._command(line)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._succeeded)
+        self._succeeded(None)
+        return result
+
+    def _succeeded(self, result: Any) -> Any:
+        if not self._failed and self.state == TRANSACTION:
+            self.errors = 0
+        return result
+
+    def _command(self, line: bytes) -> Any:
         self._last_line = line.decode("utf-8", "replace")
         if self.sasl is not None:
             return self._sasl_continue(line)
@@ -403,10 +426,12 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return handler(args)
         except Exception:  # a bug must cost one command, never the connection
             log.failure("POP3 command {command} failed for {peer}", command=cmd.upper(), peer=self.peer)
+            self._failed = True  # not the client's error, not a success either
             self.reply(ERR_INTERNAL)
             return None
 
     def _error(self, line: bytes) -> None:
+        self._failed = True
         self.errors += 1
         self.reply(line)
         if self.errors >= MAX_ERRORS:
