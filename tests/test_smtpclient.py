@@ -172,6 +172,23 @@ def test_delivers_with_esmtp_parameters(reactor_thread, tmp_path, pipelining):
     assert got.rcpt_dsn[1] == {}
 
 
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_utf8_orcpt_goes_on_as_utf8_addr_xtext(reactor_thread, tmp_path, smtputf8):
+    """RFC 6533 §3: an ORCPT=utf-8; value taken raw in an SMTPUTF8 transaction goes on as
+    utf-8-addr-xtext ("\\x{F6}"), not as xtext "+C3+B6"; already encoded parts stay."""
+    path = write(tmp_path, BODY)
+    with Sink(smtputf8=smtputf8) as sink:
+        rcpts = [OutboundRecipient("bob@dst.test", orcpt="utf-8;j\u00f6e@b\u00fccher.example"),
+                 OutboundRecipient("carol@dst.test", orcpt="utf-8;c\\x{E9}a+2Bb@x.example"),
+                 OutboundRecipient("dave@dst.test", orcpt="rfc822;dave+2Bx@orig.test")]
+        (results,), _ = run(reactor_thread, sink.port, config(), [message(path, *rcpts)])
+    assert [r.status for r in results] == [DELIVERED] * 3
+    got = sink.messages[0]
+    assert [d["ORCPT"] for d in got.rcpt_dsn] == ["utf-8;j\\x{F6}e@b\\x{FC}cher.example",
+                                                  "utf-8;c\\x{E9}a+2Bb@x.example", "rfc822;dave+2Bx@orig.test"]
+    assert smtpclient.utf8_addr_xtext("a\U0001f600b") == "a\\x{1F600}b"
+
+
 def test_no_dsn_parameters_to_a_server_without_dsn(reactor_thread, tmp_path):
     path = write(tmp_path, BODY)
     with Sink(dsn=False) as sink:

@@ -382,6 +382,8 @@ class Session:
                 parts.append("NOTIFY=" + ",".join(n.upper() for n in r.notify))
             if r.orcpt:
                 kind, _, value = r.orcpt.partition(";")
+                if kind.lower() == "utf-8":
+                    value = utf8_addr_xtext(value)
                 parts.append(f"ORCPT={kind};{xtext_safe(value)}")
         return " ".join(parts).encode("utf-8")
 
@@ -462,6 +464,14 @@ def _parse_ehlo(reply: Reply) -> dict[str, str]:
                 continue
         ext[word] = params.strip(" \t")
     return ext
+
+
+def utf8_addr_xtext(value: str) -> str:
+    """An ``ORCPT=utf-8;`` value in the RFC 6533 §3 utf-8-addr-xtext form: a character beyond
+    ASCII (accepted raw, as utf-8-addr-unitext, in an SMTPUTF8 transaction) becomes
+    ``\\x{HEX}``, which every next hop takes with or without SMTPUTF8.  The "+C3+B6" that
+    plain xtext encoding made of it is no utf-8-addr-xtext ("+" is not a QCHAR)."""
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in value)
 
 
 def _auth_mechanisms(params: str) -> list[str]:
