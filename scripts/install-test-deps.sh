@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the Debian tools the end-to-end tests drive (swaks with its TLS/SASL modules, fetchmail,
-# mbsync, dovecot).
+# mbsync, dovecot, and the IMAP clients of tests/test_imap_clients.py: offlineimap3, curl,
+# getmail6, mutt).
 # Runs apt-get only when something is missing and we are root; otherwise says what is missing.
 set -e
 need=""
@@ -12,6 +13,10 @@ perl -MAuthen::SASL -e1 >/dev/null 2>&1 || need="$need libauthen-sasl-perl"
 command -v fetchmail >/dev/null 2>&1 || need="$need fetchmail"
 command -v mbsync >/dev/null 2>&1 || need="$need isync"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-imapd dovecot-pop3d"
+command -v offlineimap >/dev/null 2>&1 || need="$need offlineimap3"
+command -v curl >/dev/null 2>&1 || need="$need curl"
+command -v getmail >/dev/null 2>&1 || need="$need getmail6"
+command -v mutt >/dev/null 2>&1 || need="$need mutt"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
