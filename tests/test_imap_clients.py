@@ -7,7 +7,7 @@ against "localhost"), doing what a user does with it and checking what the user 
 - fetchmail over IMAP: --keep and flush, byte-exact delivery to an MDA, nothing fetched twice
 - getmail6: IMAP retrieval from several folders, nothing fetched twice, delete on the server
 - mutt (driven on a pseudo-terminal): read, pipe, flag, copy, save to a non-ASCII folder,
-  delete and expunge
+  delete and expunge; new mail and another client's flag seen by an open mutt
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import signal
 import smtplib
 import ssl
 import subprocess
+import sys
 import time
 import uuid
 
@@ -724,4 +725,44 @@ def test_mutt_reads_flags_copies_saves_deletes(server, tmp_path):
     c = imaps(server)
     assert server_state(c, UMLAUT) == {}
     assert set(server_state(c, "INBOX")) == {"mutt hello"}
+    c.logout()
+
+
+def test_mutt_open_folder_sees_new_mail_and_other_clients_flags(server, tmp_path):
+    """While mutt has INBOX open, mail arrives and another client (a phone) flags a message:
+    mutt shows both (the new message can be read, the flag selects it for a copy)."""
+    base = str(tmp_path / "mutt")
+    os.makedirs(base)
+    smtp_deliver(server, message(1, "early one"), message(2, "early two"))
+    wait_inbox(server, 2)
+    c = imaps(server)
+    c.create_folder("Flagged")
+    c.logout()
+    other = os.path.join(base, "other_client.py")
+    with open(other, "w") as f:
+        f.write(f"""import smtplib, ssl, time
+from imapclient import IMAPClient
+with smtplib.SMTP("127.0.0.1", {server.ports["smtp"]}, timeout=10) as s:
+    s.sendmail("carol@remote.example", [{ALICE!r}], {message(3, "late arrival")!r})
+c = IMAPClient("localhost", port={server.ports["imaps"]}, timeout=10,
+               ssl_context=ssl.create_default_context(cafile={cert(server)!r}))
+c.login({ALICE!r}, {PASSWORD!r})
+for _ in range(100):
+    if c.select_folder("INBOX")[b"EXISTS"] == 3:
+        break
+    time.sleep(0.1)
+c.add_flags(c.search(["SUBJECT", "early two"]), [b"\\\\Flagged"])
+c.logout()
+""")
+    piped = os.path.join(base, "late.eml")
+    run_mutt(server, base, "=INBOX",
+             f"<shell-escape>{sys.executable} {other}<enter><imap-fetch-mail>"
+             f"<search>late arrival<enter><pipe-message>cat > {piped}<enter>"
+             "<tag-pattern>~F<enter><tag-prefix><copy-message>=Flagged<enter><quit>")
+    c = imaps(server)
+    inbox = server_state(c, "INBOX")
+    assert set(inbox) == {"early one", "early two", "late arrival"}
+    with open(piped, "rb") as f:
+        assert f.read() == lf(inbox["late arrival"][2])
+    assert flags_of(server_state(c, "Flagged")) == {"early two": {"\\Flagged"}}
     c.logout()
