@@ -60,6 +60,9 @@ def test_valid_mailboxes(text: str, local: str, domain: str) -> None:
         "john@example.com.",
         "john@[300.1.1.1]",
         "john@[IPv6:zz::1]",
+        "john@[IPv6:fe80::1%eth0]",  # a zone index is no IPv6-addr (RFC 5321 §4.1.3)
+        "john@[IPv6:fe80::1%25]",
+        "john@[\u0661.2.3.4]",  # Arabic-Indic digit: only ASCII digits make a Snum
         '"unterminated@example.com',
         "a\r\nRCPT TO:<x@y>@example.com",
         "a@b@example.com",

@@ -63,6 +63,8 @@ def test_domain_literal():
     assert domain_literal("[IPv6:2001:db8::1]") == "2001:db8::1"
     assert domain_literal("example.com") is None
     assert domain_literal("[not-an-ip]") is None
+    assert domain_literal("[IPv6:fe80::1%eth0]") is None
+    assert domain_literal("[fe80::1%1]") is None
 
 
 def test_mx_in_preference_order_with_every_address(dnsz):

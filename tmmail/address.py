@@ -114,12 +114,16 @@ def _address_literal(text: str) -> str | None:
     """Validate ``[1.2.3.4]``, ``[IPv6:...]`` or a general literal (RFC 5321 §4.1.3)."""
     inner = text[1:-1]
     if inner.lower().startswith("ipv6:"):
+        # IPv6-addr of §4.1.3 has no zone index ("%eth0"), which ipaddress would accept
+        # and which names an interface of the host, not a destination.
+        if "%" in inner:
+            return None
         try:
             ip6 = ipaddress.IPv6Address(inner[5:])
         except ValueError:
             return None
         return f"[IPv6:{ip6.compressed}]"
-    if re.fullmatch(r"\d{1,3}(?:\.\d{1,3}){3}", inner):
+    if re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", inner):
         try:
             return f"[{ipaddress.IPv4Address(inner)}]"
         except ValueError:

@@ -103,6 +103,8 @@ def domain_literal(domain: str) -> str | None:
     inner = domain[1:-1]
     if inner.lower().startswith("ipv6:"):
         inner = inner[5:]
+    if "%" in inner:  # a zone index names a local interface, never a mail destination
+        return None
     try:
         return str(ipaddress.ip_address(inner))
     except ValueError:
