@@ -347,6 +347,24 @@ def test_connections_per_ip_count_an_ipv6_client_per_64(env):
     assert f.connection_opened("2001:db8:1:2:abcd::9")
 
 
+def test_connections_per_ip_span_the_imap_and_imaps_listeners(env):
+    """The imaps listener of the same server counts against the same per-client limit: a
+    second port does not double what one client may hold open."""
+    from tmmail.imap.server import IMAPFactory
+
+    f = env.factory
+    limit = f.settings.imap.max_connections_per_ip
+    for i in range(limit - 1):
+        assert f.connection_opened("192.0.2.50")
+    imaps = IMAPFactory(f.settings, "imaps", f.provider_store, f.authenticator, None, reactor=f.reactor)
+    assert imaps.connection_opened("192.0.2.50")
+    assert not imaps.connection_opened("192.0.2.50")
+    assert not f.connection_opened("192.0.2.50")
+    assert imaps.connection_opened("192.0.2.51")  # another client
+    f.connection_closed("192.0.2.50")
+    assert imaps.connection_opened("192.0.2.50")
+
+
 def test_logout(env):
     s, f = raw_session(env)
     s.sendall(b"a LOGOUT\r\n")

@@ -72,9 +72,9 @@ class Harness:
 
     def per_ip(self) -> dict:
         """The live per-client connection counts of this server's POP3 listeners."""
-        from tmmail.pop3 import _connection_counts
+        from tmmail.connlimit import shared_counts
 
-        return self.runner.call(lambda: dict(_connection_counts(self.settings).per_ip))
+        return self.runner.call(lambda: dict(shared_counts(self.settings, "pop3").per_ip))
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from tmmail import maildir, uidlist
-from tmmail.cred import ip_key
+from tmmail.connlimit import shared_counts
 from tmmail.pop3_stream import DotStuffer, MessageProducer, TopLimiter
 from tmmail.store import Store, StoreError
 
@@ -115,26 +115,6 @@ def _ascii_number(arg: str) -> int | None:
 
 #: maildrops locked by sessions of this process (realpath of the Maildir)
 _locked: set[str] = set()
-
-
-class _ConnectionCounts:
-    """Open POP3 connections by client key (IPv4 address / IPv6 /64), shared by the listeners
-    of one server (pop3 and pop3s: one limit per client, as for SMTP)."""
-
-    def __init__(self, settings: Any) -> None:
-        self.settings = settings
-        self.per_ip: dict[str, int] = {}
-
-
-#: id(settings) -> _ConnectionCounts (the counts keep their Settings alive, so the id stays unique)
-_COUNTS: dict[int, _ConnectionCounts] = {}
-
-
-def _connection_counts(settings: Any) -> _ConnectionCounts:
-    counts = _COUNTS.get(id(settings))
-    if counts is None or counts.settings is not settings:
-        counts = _COUNTS[id(settings)] = _ConnectionCounts(settings)
-    return counts
 
 
 class Maildrop:
@@ -747,28 +727,21 @@ class POP3Factory(protocol.ServerFactory):
         self.authenticator = authenticator
         self.tls = tls_context_factory
         self.reactor = reactor
-        #: open connections by client key, shared by every POP3Factory of the same Settings
-        self.per_ip = _connection_counts(settings).per_ip
+        #: open connections, shared by every POP3Factory of the same Settings (pop3 and pop3s)
+        self.counts = shared_counts(settings, "pop3")
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         p = POP3Server(self)
         p.factory = self
         return p
 
+    @property
+    def per_ip(self) -> dict[str, int]:
+        return self.counts.per_ip
+
     def connection_opened(self, ip: str) -> bool:
         """Count a new connection from ``ip``; False (not counted) if it is over the limit."""
-        key = ip_key(ip)
-        n = self.per_ip.get(key, 0)
-        limit = self.settings.pop3.max_connections_per_ip
-        if limit and n >= limit:
-            return False
-        self.per_ip[key] = n + 1
-        return True
+        return self.counts.admit(ip, self.settings.pop3.max_connections_per_ip) is None
 
     def connection_closed(self, ip: str) -> None:
-        key = ip_key(ip)
-        n = self.per_ip.get(key, 0) - 1
-        if n > 0:
-            self.per_ip[key] = n
-        else:
-            self.per_ip.pop(key, None)
+        self.counts.release(ip)

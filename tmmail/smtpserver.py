@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from tmmail import policy
 from tmmail.config import Settings
+from tmmail.connlimit import ConnectionCounts
 from tmmail.cred import ip_key
 from tmmail.ratelimit import RateLimiter
 from tmmail.smtppath import Path
@@ -61,9 +62,8 @@ class SharedState:
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         self.settings = settings
-        self.connections = 0
-        #: open connections by connection_key (IPv4 address / IPv6 /64)
-        self.per_ip: dict[str, int] = {}
+        #: open connections of all SMTP listeners, in all and by connection_key
+        self.counts = ConnectionCounts()
         self.ratelimit = RateLimiter(
             settings.smtp.rate_messages_per_hour, settings.smtp.rate_recipients_per_hour, reactor.seconds
         )
@@ -189,33 +189,18 @@ class SMTPFactory(protocol.Factory):
     @property
     def connections(self) -> int:
         """Open SMTP connections (all listeners of this server)."""
-        return self.shared.connections
+        return self.shared.counts.total
 
     @property
     def per_ip(self) -> dict[str, int]:
-        return self.shared.per_ip
+        return self.shared.counts.per_ip
 
     def admit(self, client_ip: str) -> str | None:
         """Count a new connection; None if admitted, else the reason it is over a limit."""
-        sh = self.shared
-        key = connection_key(client_ip)
-        if self.smtp.max_connections and sh.connections >= self.smtp.max_connections:
-            return "total"
-        if self.smtp.max_connections_per_ip and sh.per_ip.get(key, 0) >= self.smtp.max_connections_per_ip:
-            return "per_ip"
-        sh.connections += 1
-        sh.per_ip[key] = sh.per_ip.get(key, 0) + 1
-        return None
+        return self.shared.counts.admit(client_ip, self.smtp.max_connections_per_ip, self.smtp.max_connections)
 
     def release(self, client_ip: str) -> None:
-        sh = self.shared
-        key = connection_key(client_ip)
-        sh.connections -= 1
-        n = sh.per_ip.get(key, 0) - 1
-        if n > 0:
-            sh.per_ip[key] = n
-        else:
-            sh.per_ip.pop(key, None)
+        self.shared.counts.release(client_ip)
 
     def check_recipient(self, session: Any, path: Path) -> policy.Verdict | defer.Deferred[policy.Verdict]:
         """The default RCPT decision: tmmail.policy.check_recipient on the current snapshot."""

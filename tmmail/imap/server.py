@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tmmail import sendnow
-from tmmail.cred import ip_key
+from tmmail.connlimit import shared_counts
 from tmmail.imap import responses as R
 from tmmail.imap.encoding import Atom, ParseError, tokenize
 from tmmail.imap.mailboxes import MailboxCommands, MailboxNameError
@@ -646,7 +646,8 @@ class IMAPFactory(protocol.Factory):
         self.tls = tls_context_factory
         self.reactor = reactor
         self.protocols: set[IMAPServer] = set()
-        self._per_ip: dict[str, int] = {}
+        #: open connections, shared with the other IMAP listener (imap and imaps) of the server
+        self.counts = shared_counts(settings, "imap")
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(self)
@@ -654,21 +655,11 @@ class IMAPFactory(protocol.Factory):
         return p
 
     def connection_opened(self, ip: str) -> bool:
-        """Count a connection from ``ip`` (an IPv6 client per /64, as SMTP and POP3 count)."""
-        key = ip_key(ip)
-        n = self._per_ip.get(key, 0)
-        if n >= self.settings.imap.max_connections_per_ip:
-            return False
-        self._per_ip[key] = n + 1
-        return True
+        """Count a connection from ``ip``; False (not counted) if it is over the limit."""
+        return self.counts.admit(ip, self.settings.imap.max_connections_per_ip) is None
 
     def connection_closed(self, ip: str) -> None:
-        key = ip_key(ip)
-        n = self._per_ip.get(key, 0) - 1
-        if n <= 0:
-            self._per_ip.pop(key, None)
-        else:
-            self._per_ip[key] = n
+        self.counts.release(ip)
 
     def open_account(self, entry: Any) -> Any:
         """Deferred Store of the mailbox of a successful login (created if missing)."""
