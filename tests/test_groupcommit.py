@@ -175,3 +175,59 @@ def test_failed_sync_after_early_publish_takes_the_files_back(tmp_path):
     assert isinstance(results[0], OSError)
     assert spool.list(ACTIVE) == [] and os.listdir(os.path.join(spool.root, ACTIVE)) == []
     assert os.listdir(os.path.join(spool.root, TMP)) == []
+
+
+def test_shared_sync_coalesces_concurrent_callers_and_a_failure_covers_nobody():
+    """Callers that ask while a sync runs share the next one; a failed sync makes every
+    waiter try again and see its own error, never a false "durable"."""
+    import threading
+
+    from tmmail.groupcommit import SharedSync
+
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[int] = []
+    fail = {"next": False}
+
+    def fn() -> None:
+        runs.append(1)
+        if len(runs) == 1:  # hold the first call so the others queue behind it
+            started.set()
+            release.wait(10)
+        if fail["next"]:
+            fail["next"] = False
+            raise OSError(5, "Input/output error")
+
+    s = SharedSync(fn)
+    first = threading.Thread(target=s.sync)
+    first.start()
+    assert started.wait(10)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            s.sync()
+        except OSError as e:
+            errors.append(e)
+
+    waiters = [threading.Thread(target=call) for _ in range(8)]
+    for t in waiters:
+        t.start()
+    import time
+
+    deadline = time.monotonic() + 10
+    while s._requested < 9 and time.monotonic() < deadline:  # all eight queued behind the first
+        time.sleep(0.01)
+    release.set()
+    first.join(10)
+    for t in waiters:
+        t.join(10)
+    assert not errors
+    assert len(runs) == 2 and s.calls == 2  # the first call, then one for all eight waiters
+
+    fail["next"] = True
+    with pytest.raises(OSError):
+        s.sync()
+    assert s.calls == 2
+    s.sync()  # the next caller syncs again: the failed call covered nobody
+    assert s.calls == 3

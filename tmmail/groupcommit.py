@@ -89,21 +89,21 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class SyncGroup:
-    """Shared ``syncfs`` for one file system: concurrent callers share one call.
+class SharedSync:
+    """One sync operation that concurrent callers share (group commit).
 
-    A caller asks after its writes/renames; any syncfs that *starts* after it asked covers
-    it, so it waits for such a call or makes one itself.  One group per ``st_dev``
-    (:func:`sync_group`), used by the spool's directory syncs and the committer alike, so the
-    runner's state changes and the SMTP commits share the journal commits.
+    A caller asks after its writes/renames; any call of ``fn`` that *starts* after it asked
+    covers it, so it waits for such a call or makes one itself.  A failed call covers nobody:
+    each waiter then tries again itself and sees its own error.
     """
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
         self._running = False
+        #: calls of ``fn`` that succeeded (tests and benchmarks read it)
         self.calls = 0
 
     def sync(self) -> None:
@@ -120,7 +120,7 @@ class SyncGroup:
                 self._cond.wait()
         ok = False
         try:
-            syncfs(self.fd)
+            self._fn()
             self.calls += 1
             ok = True
         finally:
@@ -129,6 +129,19 @@ class SyncGroup:
                 if ok:
                     self._done = max(self._done, target)
                 self._cond.notify_all()
+
+
+class SyncGroup(SharedSync):
+    """Shared ``syncfs`` for one file system.
+
+    One group per ``st_dev`` (:func:`sync_group`), used by the spool's directory syncs and the
+    committer alike, so the runner's state changes and the SMTP commits share the journal
+    commits.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        super().__init__(lambda: syncfs(self.fd))
 
 
 _GROUPS: dict[int, SyncGroup] = {}

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from twisted.logger import Logger
 
 from tmmail.envelope import Envelope, EnvelopeError
+from tmmail.groupcommit import SharedSync
 
 TMP = "tmp"
 INCOMING = "incoming"
@@ -89,42 +90,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class _DirSync:
-    """Group commit for directory fsyncs: concurrent callers share one fsync.
-
-    A caller takes a ticket after its rename; any fsync that *starts* after the ticket was taken
-    covers it, so a caller only waits for such an fsync (or runs one itself).
-    """
+class _DirSync(SharedSync):
+    """Group commit for directory fsyncs: concurrent renames in one directory share one fsync."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._done = 0
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while True:
-                if self._done >= mine:
-                    return
-                if not self._running:
-                    self._running = True
-                    target = self._requested
-                    break
-                self._cond.wait()
-        ok = False
-        try:
-            fsync_dir(self.path)
-            ok = True
-        finally:
-            with self._cond:
-                self._running = False
-                if ok:
-                    self._done = max(self._done, target)
-                self._cond.notify_all()
+        super().__init__(lambda: fsync_dir(path))
 
 
 def fsync_path(path: str) -> None:
