@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer, task, threads
 
-from tmmail.imap import names
+from tmmail.imap import listing, names
 from tmmail.imap import responses as R
 from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
 from tmmail.imap.encoding import Atom, ParseError, astring, utf7_encode
@@ -23,7 +23,6 @@ from tmmail.imap.session import SelectedMailbox
 
 SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
-_STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN")
 _DATE = re.compile(
     rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 #: INTERNALDATE is the message file's mtime: years a Linux file system keeps exactly
@@ -333,52 +332,63 @@ class MailboxCommands:
         return self.store_call(tag, d)
 
     # -- LIST / LSUB -----------------------------------------------------------------------
-    def _list_args(self, args: list) -> tuple[bool, str, list[str]]:
-        """``[(selection)] reference pattern|(patterns) [RETURN (...)]`` (RFC 5258 syntax, leniently)."""
-        subscribed_only = False
-        if args and isinstance(args[0], list):
-            sel_opts = [bytes(o).upper() for o in args[0] if not isinstance(o, list)]
-            subscribed_only = b"SUBSCRIBED" in sel_opts
-            args = args[1:]
-        if len(args) >= 4 and isinstance(args[2], Atom) and args[2].upper() == b"RETURN":
-            args = args[:2]
-        if len(args) != 2:
-            raise ParseError("LIST expects a reference and a mailbox pattern")
-        ref = names.decode_name(arg_string(args[0], "Reference")) if args[0] else ""
-        pats = args[1] if isinstance(args[1], list) else [args[1]]
-        patterns = []
-        for p in pats:
-            raw = arg_string(p, "Pattern")
-            try:
-                patterns.append(names.decode_name(raw) if raw else "")
-            except names.BadName as e:
-                raise ParseError(str(e)) from None
-        return subscribed_only, ref, patterns
-
     def do_LIST(self, tag: bytes, args: list) -> Any:
         try:
-            subscribed_only, ref, patterns = self._list_args(args)
+            req = listing.parse_list(args, arg_string)
         except names.BadName as e:
             raise ParseError(str(e)) from None
-        if patterns == [""]:
+        if req.patterns == [""]:
             # RFC 3501 §6.3.8: the hierarchy delimiter and root name
             self.untagged(b'LIST (\\Noselect) "/" ""')
             self.with_updates(tag, b"LIST")
             return None
-        regexes = [names.list_pattern(ref, p) for p in patterns]
-        folders = self.account.list_folders()
-        subs = set(self.account.subscriptions()) if subscribed_only else set()
-        for info in folders:
-            if not any(r.match(info.name) for r in regexes):
-                continue
-            attrs = list(info.attributes)
-            if subscribed_only:
-                if info.name not in subs:
-                    continue
-                attrs.append("\\Subscribed")
-            self.untagged(b"LIST (" + " ".join(attrs).encode() + b') "/" ' + encode_name(info.name))
-        self.with_updates(tag, b"LIST")
-        return None
+        entries = listing.select(req, self.account.list_folders(), self.account.subscriptions())
+        items = req.status_items
+        if not items:
+            for entry in entries:
+                self.untagged(self._list_line(entry))
+            self.with_updates(tag, b"LIST")
+            return None
+        # LIST-STATUS (RFC 5819): each selectable mailbox's STATUS follows its LIST line; a
+        # mailbox whose status cannot be read (removed meanwhile) gets none, the rest go on
+        account = self.account
+
+        def statuses() -> dict[str, Any]:
+            out = {}
+            for entry in entries:
+                if entry.selectable:
+                    try:
+                        out[entry.name] = account.status(entry.name)
+                    except Exception as e:
+                        if not is_store_error(e):
+                            raise
+            return out
+
+        def answer(found: dict[str, Any]) -> None:
+            for entry in entries:
+                self.untagged(self._list_line(entry))
+                st = found.get(entry.name)
+                if st is not None:
+                    self.untagged(self._status_line(entry.name, st, items))
+            self.with_updates(tag, b"LIST")
+
+        d = self.blocking(statuses)
+        d.addCallback(answer)
+        return self.store_call(tag, d)
+
+    @staticmethod
+    def _list_line(entry: listing.ListEntry) -> bytes:
+        line = b"LIST (" + " ".join(entry.attributes).encode() + b') "/" ' + encode_name(entry.name)
+        if entry.childinfo:
+            line += b' ("CHILDINFO" (' + b" ".join(b'"%s"' % o.encode() for o in entry.childinfo) + b"))"
+        return line
+
+    @staticmethod
+    def _status_line(name: str, st: Any, items: list[bytes]) -> bytes:
+        values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
+                  b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
+        body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
+        return b"STATUS " + encode_name(name) + b" (" + body + b")"
 
     def do_LSUB(self, tag: bytes, args: list) -> Any:
         if len(args) != 2:
@@ -415,18 +425,11 @@ class MailboxCommands:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
             raise ParseError("STATUS expects a mailbox name and a list of items")
         name = self.mailbox_arg(args[0])
-        items = []
-        for it in args[1]:
-            if isinstance(it, list) or bytes(it).upper() not in _STATUS_ITEMS:
-                raise ParseError("Unknown STATUS item")
-            items.append(bytes(it).upper())
+        items = listing.parse_status_items(args[1])
         d = self.blocking(self.account.status, name)  # a first look may index the whole folder
 
         def answer(st: Any) -> None:
-            values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
-                      b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
-            body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
-            self.untagged(b"STATUS " + encode_name(name) + b" (" + body + b")")
+            self.untagged(self._status_line(name, st, items))
             self.with_updates(tag, b"STATUS")
 
         d.addCallback(answer)

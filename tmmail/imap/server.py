@@ -392,7 +392,8 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
     # -- capabilities ----------------------------------------------------------------------
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE",
-                b"UIDPLUS", b"MOVE", b"UNSELECT", b"CHILDREN", b"SPECIAL-USE",
+                b"UIDPLUS", b"MOVE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED", b"LIST-STATUS",
+                b"SPECIAL-USE",
                 b"APPENDLIMIT=%d" % self.settings.max_literal_size]
         if self.state == NOT_AUTH:
             if not self.secure and self.factory.tls is not None:
