@@ -93,8 +93,11 @@ def test_recursivematch_returns_matching_parents_with_childinfo():
     assert "Work/2026/Q4" not in out and "Work/2026" not in out  # "%" stops at one level
     assert out["Sent"] == (["\\HasNoChildren", "\\Sent", "\\Subscribed"], [])
     assert "INBOX" not in out  # neither subscribed nor a parent of a subscribed name
+    # a subscribed child the pattern lists itself needs no CHILDINFO on its parents
     deep = {n: c for n, _a, c in listed(b'(SUBSCRIBED RECURSIVEMATCH) "" "Work/*"')}
-    assert deep == {"Work/2026": ["SUBSCRIBED"], "Work/2026/Q4": []}
+    assert deep == {"Work/2026/Q4": []}
+    mid = {n: c for n, _a, c in listed(b'(SUBSCRIBED RECURSIVEMATCH) "" "Work/%"')}
+    assert mid == {"Work/2026": ["SUBSCRIBED"]}
 
 
 def test_return_subscribed_marks_without_filtering():

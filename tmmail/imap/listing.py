@@ -157,12 +157,14 @@ def select(req: ListRequest, folders: Iterable[Any], subscriptions: Iterable[str
         candidates = set(subs)
     else:
         candidates = set(existing)
-    # RECURSIVEMATCH: a parent of a selected name is listed (if it matches the pattern) with
-    # CHILDINFO, even if it does not satisfy the options itself (RFC 5258 §3.1, §3.5)
+    # RECURSIVEMATCH: a parent of a selected name the pattern does not reach is listed (if it
+    # matches the pattern itself) with CHILDINFO, even if it does not satisfy the options
+    # (RFC 5258 §3.1, §3.5).  A selected child the pattern lists anyway tells the client
+    # itself, so it adds nothing: "*" gets no CHILDINFO, as from Dovecot.
     parents_of_selected: set[str] = set()
     if req.recursive:
         for name in candidates:
-            if selected(name):
+            if selected(name) and not matches(name):
                 parents_of_selected.update(_ancestors(name))
         candidates |= parents_of_selected
     childinfo = [o for o, on in (("SUBSCRIBED", req.subscribed), ("SPECIAL-USE", req.special_use)) if on]
