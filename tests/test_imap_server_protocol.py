@@ -38,7 +38,7 @@ def strict_env(reactor_thread, tmp_path):
 
 
 EXPECTED = ["IMAP4REV1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-            "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE"]
+            "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA"]
 
 
 def test_greeting_carries_capabilities_and_plain_port_offers_starttls(strict_env):
@@ -496,7 +496,7 @@ def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
 # -- tags, exact capability sets, the authenticated timeout --------------------------------------
 
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-             "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE"]
+             "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA"]
 
 
 def caps_of(line: bytes) -> set[str]:

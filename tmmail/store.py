@@ -90,7 +90,8 @@ class Store:
         name = self.validate_name(name)
         return self.root if name == "INBOX" else os.path.join(self.root, store_names.folder_to_dir(name))
 
-    def _exists(self, name: str) -> bool:
+    def exists(self, name: str) -> bool:
+        """Is ``name`` a folder (not merely the parent of one)?"""
         return os.path.isdir(os.path.join(self.path_of(name), "cur"))
 
     def _index(self, name: str) -> FolderIndex:
@@ -141,7 +142,7 @@ class Store:
     def create_folder(self, name: str) -> None:
         """Create ``name`` (and missing parents); FolderExists if it is there already."""
         name = self.validate_name(name)
-        if name == "INBOX" or self._exists(name):
+        if name == "INBOX" or self.exists(name):
             raise FolderExists(f"mailbox {name} already exists")
         levels = name.split("/")
         for i in range(1, len(levels) + 1):
@@ -191,20 +192,20 @@ class Store:
         """Rename a folder and its children; renaming INBOX moves its messages (RFC 3501 §6.3.5)."""
         old = self.validate_name(old)
         new = self.validate_name(new)
-        if new == "INBOX" or self._exists(new):
+        if new == "INBOX" or self.exists(new):
             raise FolderExists(f"mailbox {new} already exists")
         if old == "INBOX":
             self.create_folder(new)
             inbox = self.open("INBOX", claim_recent=False)
             inbox.move([m.uid for m in inbox.messages], new)
             return
-        if not self._exists(old):
+        if not self.exists(old):
             raise NoSuchFolder(f"mailbox {old} does not exist")
         if new.startswith(old + "/"):
             raise InvalidName("cannot rename a mailbox into itself")
         # parents of the new name
         parent = "/".join(new.split("/")[:-1])
-        if parent and parent != "INBOX" and not self._exists(parent):
+        if parent and parent != "INBOX" and not self.exists(parent):
             self.create_folder(parent)
         moves = [(old, new)]
         for child in self._folder_names():

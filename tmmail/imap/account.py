@@ -48,9 +48,14 @@ def mailbox_quota(provider_store: Any, entry: Any) -> int:
     return mbx.quota if mbx is not None else 0
 
 
+def mailbox_size(root: str) -> int:
+    """Bytes in all folders of the Maildir++ at ``root`` (blocking; cached per directory)."""
+    return _sizer().size(root)
+
+
 def check_quota(root: str, quota: int, adding: int) -> None:
     """Raise OverQuota if ``adding`` bytes would pass ``quota`` (blocking: scans the Maildir)."""
-    if quota > 0 and adding > 0 and _sizer().size(root) + adding > quota:
+    if quota > 0 and adding > 0 and mailbox_size(root) + adding > quota:
         raise OverQuota("Quota exceeded (mailbox is full)")
 
 

@@ -17,9 +17,11 @@ from twisted.internet import defer, task, threads
 
 from tmmail.imap import listing, names
 from tmmail.imap import responses as R
-from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
+from tmmail.imap.account import (check_quota, is_store_error, mailbox_quota, mailbox_size as _mailbox_size,
+                                 store_error_reply)
 from tmmail.imap.encoding import Atom, ParseError, astring, utf7_encode
 from tmmail.imap.session import SelectedMailbox
+from tmmail.store_common import NoSuchFolder
 
 SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
@@ -198,6 +200,62 @@ class MailboxCommands:
     def do_NAMESPACE(self, tag: bytes, args: list) -> None:
         self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
         self.with_updates(tag, b"NAMESPACE")
+
+    # -- QUOTA (RFC 2087 / RFC 9208, read-only) --------------------------------------------
+    # The mailbox's QUOTA_BYTES (AUTH.tab / MAILBOX.tab) covers all its folders, so there is
+    # one quota root, "", and every folder is under it; a mailbox without a quota has none.
+    # Clients show the fill level and warn before APPEND/COPY fail with [OVERQUOTA].
+    def _quota(self) -> int:
+        return mailbox_quota(self.factory.provider_store, self.entry)
+
+    def _quota_line(self, used: int, quota: int) -> bytes:
+        # STORAGE is in units of 1024 octets (RFC 9208 §5.1)
+        return b'QUOTA "" (STORAGE %d %d)' % (-(-used // 1024), quota // 1024)
+
+    def do_GETQUOTAROOT(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1:
+            raise ParseError("GETQUOTAROOT expects one mailbox name")
+        name = self.mailbox_arg(args[0])
+        quota = self._quota()
+        account = self.account
+
+        def look() -> int:
+            if not account.exists(name):
+                raise NoSuchFolder(f"mailbox {name} does not exist")
+            return _mailbox_size(account.root) if quota > 0 else 0
+
+        def answer(used: int) -> None:
+            if quota > 0:
+                self.untagged(b"QUOTAROOT " + encode_name(name) + b' ""')
+                self.untagged(self._quota_line(used, quota))
+            else:
+                self.untagged(b"QUOTAROOT " + encode_name(name))
+            self.with_updates(tag, b"GETQUOTAROOT")
+
+        d = self.blocking(look)
+        d.addCallback(answer)
+        return self.store_call(tag, d)
+
+    def do_GETQUOTA(self, tag: bytes, args: list) -> Any:
+        if len(args) != 1 or isinstance(args[0], list):
+            raise ParseError("GETQUOTA expects one quota root")
+        quota = self._quota()
+        if bytes(args[0]) != b"" or quota <= 0:
+            self.tagged(tag, b"NO [NONEXISTENT] No such quota root")
+            return None
+        d = self.blocking(_mailbox_size, self.account.root)
+
+        def answer(used: int) -> None:
+            self.untagged(self._quota_line(used, quota))
+            self.with_updates(tag, b"GETQUOTA")
+
+        d.addCallback(answer)
+        return self.store_call(tag, d)
+
+    def do_SETQUOTA(self, tag: bytes, args: list) -> None:
+        if len(args) != 2 or isinstance(args[0], list) or not isinstance(args[1], list):
+            raise ParseError("SETQUOTA expects a quota root and a list of limits")
+        self.tagged(tag, b"NO [NOPERM] Quotas are set by the administrator")
 
     # -- SELECT / EXAMINE ------------------------------------------------------------------
     def do_SELECT(self, tag: bytes, args: list) -> Any:

@@ -393,7 +393,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE",
                 b"UIDPLUS", b"MOVE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED", b"LIST-STATUS",
-                b"SPECIAL-USE",
+                b"SPECIAL-USE", b"QUOTA",
                 b"APPENDLIMIT=%d" % self.settings.max_literal_size]
         if self.state == NOT_AUTH:
             if not self.secure and self.factory.tls is not None:
@@ -605,6 +605,9 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         b"STATUS": ("do_STATUS", _AUTHED),
         b"APPEND": ("do_APPEND", _AUTHED),
         b"NAMESPACE": ("do_NAMESPACE", _AUTHED),
+        b"GETQUOTAROOT": ("do_GETQUOTAROOT", _AUTHED),
+        b"GETQUOTA": ("do_GETQUOTA", _AUTHED),
+        b"SETQUOTA": ("do_SETQUOTA", _AUTHED),
         b"CHECK": ("do_CHECK", (SELECTED,)),
         b"CLOSE": ("do_CLOSE", (SELECTED,)),
         b"UNSELECT": ("do_UNSELECT", (SELECTED,)),
