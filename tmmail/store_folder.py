@@ -70,6 +70,11 @@ class Folder:
         return self._index.path
 
     @property
+    def highestmodseq(self) -> int:
+        """CONDSTORE HIGHESTMODSEQ of the folder (tmmail.modseq)."""
+        return self._index.highestmodseq
+
+    @property
     def permanent_flags(self) -> list[str]:
         kws = [k for k in self._index.keywords if k]
         out = list(SYSTEM_FLAGS) + kws
@@ -205,7 +210,7 @@ class Folder:
         # in batches, so a large STORE in a worker thread does not hold the shared index lock
         # (and so every other session's refresh() on the reactor thread) for its whole duration
         for start in range(0, len(todo), FLAG_BATCH):
-            with idx.lock:
+            with idx.lock, idx.begin_changes():
                 for uid in todo[start:start + FLAG_BATCH]:
                     seq = self.seq_of(uid)
                     if seq is None or uid in self._gone:
