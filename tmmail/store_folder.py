@@ -187,8 +187,13 @@ class Folder:
             raise StoreError("mailbox is read-only")
 
     @_busy
-    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str = "add") -> list[tuple[int, MessageInfo]]:
-        """Set/add/remove flags; returns (seq, info) of the messages whose flags changed."""
+    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str = "add",
+                    unchangedsince: int | None = None,
+                    modified: list[int] | None = None) -> list[tuple[int, MessageInfo]]:
+        """Set/add/remove flags; returns (seq, info) of the messages whose flags changed.
+
+        ``unchangedsince`` (CONDSTORE): a message whose modseq is higher is not changed and
+        its UID is appended to ``modified``; checked under the index and journal locks."""
         self._writable()
         if mode not in ("set", "add", "remove"):
             raise ValueError(mode)
@@ -217,6 +222,10 @@ class Folder:
                         continue
                     info = idx.by_uid.get(uid)
                     if info is None:
+                        continue
+                    if unchangedsince is not None and info.modseq > unchangedsince:
+                        if modified is not None:
+                            modified.append(uid)
                         continue
                     def apply(have_letters: str) -> str:
                         have = set(have_letters)

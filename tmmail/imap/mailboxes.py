@@ -23,7 +23,9 @@ from tmmail.imap.session import SelectedMailbox
 
 SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
-_STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN")
+_STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"HIGHESTMODSEQ")
+#: capabilities ENABLE turns on (RFC 5161); others are ignored, as the RFC asks
+_ENABLEABLE = (b"CONDSTORE",)
 _DATE = re.compile(
     rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 #: INTERNALDATE is the message file's mtime: years a Linux file system keeps exactly
@@ -125,6 +127,7 @@ class MailboxCommands:
         """Queue untagged EXPUNGE/EXISTS/FETCH for changes by others (RFC 3501 §7.4.1)."""
         if self.selected is None:
             return
+        self.selected.condstore = self.condstore
         lines, invalid = self.selected.updates(expunges, force)
         if invalid:
             if self.selected.gone:
@@ -190,11 +193,29 @@ class MailboxCommands:
 
     # -- ENABLE / NAMESPACE ----------------------------------------------------------------
     def do_ENABLE(self, tag: bytes, args: list) -> None:
-        """RFC 5161: no extension here needs enabling; say so."""
+        """RFC 5161: CONDSTORE (RFC 7162) can be enabled; unknown names are ignored."""
         if not args:
             raise ParseError("ENABLE needs capability names")
-        self.untagged(b"ENABLED")
+        enabled: list[bytes] = []
+        for tok in args:
+            if isinstance(tok, list):
+                raise ParseError("ENABLE expects capability names")
+            name = bytes(tok).upper()
+            if name in _ENABLEABLE and name not in enabled:
+                if not self.condstore:
+                    enabled.append(name)
+                self.enable_condstore()
+        self.untagged(b"ENABLED" + b"".join(b" " + n for n in enabled))
         self.tagged(tag, R.OK_COMPLETED % b"ENABLE")
+
+    def enable_condstore(self) -> None:
+        """A CONDSTORE enabling command (RFC 7162 §3.1): with a mailbox selected, the first one
+        also reports its HIGHESTMODSEQ."""
+        if self.condstore:
+            return
+        self.condstore = True
+        if self.selected is not None:
+            self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % self.selected.folder.highestmodseq)
 
     def do_NAMESPACE(self, tag: bytes, args: list) -> None:
         self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
@@ -208,10 +229,20 @@ class MailboxCommands:
         return self._select(tag, args, True)
 
     def _select(self, tag: bytes, args: list, readonly: bool) -> Any:
-        if len(args) != 1:
+        if len(args) == 2 and isinstance(args[1], list):
+            # select-params (RFC 4466): only CONDSTORE (RFC 7162 §3.1.8)
+            params = args[1]
+            if not params or any(isinstance(p, list) or bytes(p).upper() != b"CONDSTORE" for p in params):
+                raise ParseError("Unknown SELECT parameter")
+            condstore = True
+        elif len(args) != 1:
             raise ParseError("SELECT/EXAMINE expect one mailbox name")
+        else:
+            condstore = False
         name = self.mailbox_arg(args[0])
         self.close_mailbox()
+        if condstore:
+            self.condstore = True  # reported below, with the new mailbox
         d = self.blocking(self.account.open, name, readonly)
 
         def opened(folder: Any) -> None:
@@ -248,6 +279,8 @@ class MailboxCommands:
                     break
             self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
             self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
+            if self.condstore:
+                self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % folder.highestmodseq)
             word = b"EXAMINE" if readonly else b"SELECT"
             code = b"READ-ONLY" if readonly else b"READ-WRITE"
             self.tagged(tag, b"OK [%s] %s completed" % (code, word))
@@ -420,11 +453,14 @@ class MailboxCommands:
             if isinstance(it, list) or bytes(it).upper() not in _STATUS_ITEMS:
                 raise ParseError("Unknown STATUS item")
             items.append(bytes(it).upper())
+        if b"HIGHESTMODSEQ" in items:
+            self.enable_condstore()
         d = self.blocking(self.account.status, name)  # a first look may index the whole folder
 
         def answer(st: Any) -> None:
             values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
-                      b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
+                      b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen,
+                      b"HIGHESTMODSEQ": st.highestmodseq}
             body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
             self.untagged(b"STATUS " + encode_name(name) + b" (" + body + b")")
             self.with_updates(tag, b"STATUS")

@@ -71,6 +71,10 @@ class Msg:
         return self.info.size
 
     @property
+    def modseq(self) -> int:
+        return self.info.modseq
+
+    @property
     def internal_date(self) -> float:
         return self.info.internal_date
 
@@ -95,6 +99,8 @@ class SelectedMailbox:
         self._flag_list = tuple(folder.permanent_flags)  # as the SELECT response announced it
         #: the folder was deleted or renamed under this session (updates() then answers invalid)
         self.gone = False
+        #: CONDSTORE enabled: flag updates carry MODSEQ (RFC 7162 §3.2)
+        self.condstore = False
 
     def close(self) -> None:
         if self._cancel_watch is not None:
@@ -276,8 +282,13 @@ class SelectedMailbox:
         if not ch:
             return out, False
         out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in ch.expunged)
-        for seq, info in ch.flags:
-            out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
+        if self.condstore:
+            for seq, info in ch.flags:
+                out.append(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n"
+                           % (seq, info.uid, self.flags_bytes(info), info.modseq))
+        else:
+            for seq, info in ch.flags:
+                out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
         if ch.new:
             out.append(b"* %d EXISTS\r\n" % ch.exists)
             out.append(b"* %d RECENT\r\n" % ch.recent)
