@@ -460,3 +460,59 @@ def test_malformed_condstore_syntax_is_bad(env, text):
     assert lines[-1].startswith(b"b BAD"), lines
     assert cmd(s, f, b"c", b"NOOP")[-1].startswith(b"c OK")  # the session goes on
     s.close()
+
+
+# -- the real server process: restart ---------------------------------------------------------
+
+def _imaps(server, password: str = "carol pass") -> IMAPClient:
+    from tests.server import client_tls as server_tls
+
+    c = IMAPClient("127.0.0.1", port=server.ports["imaps"], ssl=True, ssl_context=server_tls(),
+                   timeout=20)
+    c.login("carol@example.com", password)
+    return c
+
+
+def test_modseqs_survive_restart_and_a_lost_journal_never_goes_lower(tmp_path):
+    from tests.server import Server
+
+    srv = Server(tmp_path / "srv").init()
+    srv.add_mailbox("carol@example.com", "carol pass")
+    srv.start(roles=("imaps",))
+    try:
+        c = _imaps(srv)
+        for n in range(3):
+            c.append("INBOX", b"Subject: m%d\r\n\r\nbody\r\n" % n)
+        c.select_folder("INBOX")
+        c.add_flags([2], ["\\Flagged"])
+        c.add_flags([3], ["\\Deleted"])
+        c.expunge()
+        before = {u: d[b"MODSEQ"][0] for u, d in c.fetch([1, 2], ["MODSEQ"]).items()}
+        high = c.folder_status("INBOX", ["HIGHESTMODSEQ"])[b"HIGHESTMODSEQ"]
+        assert high > max(before.values())  # the expunge came last
+        c.logout()
+        journal = os.path.join(srv.maildir("carol@example.com"), modseq.JOURNAL)
+        assert os.path.exists(journal)
+
+        srv.stop()
+        srv.start(roles=("imaps",))
+        c = _imaps(srv)
+        assert c.enable("CONDSTORE") == [b"CONDSTORE"]
+        info = c.select_folder("INBOX", readonly=True)
+        assert info[b"HIGHESTMODSEQ"] == high
+        after = {u: d[b"MODSEQ"][0] for u, d in c.fetch([1, 2], ["MODSEQ"]).items()}
+        assert after == before
+        c.logout()
+
+        srv.stop()
+        os.unlink(journal)  # lost: the new base still lies above everything reported
+        srv.start(roles=("imaps",))
+        c = _imaps(srv)
+        c.enable("CONDSTORE")
+        info = c.select_folder("INBOX")
+        assert info[b"HIGHESTMODSEQ"] > high
+        got = c.fetch([1, 2], ["MODSEQ"])
+        assert all(d[b"MODSEQ"][0] > high for d in got.values())
+        c.logout()
+    finally:
+        srv.stop()
