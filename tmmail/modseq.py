@@ -171,22 +171,26 @@ class Journal:
         self._replace_file([f"{MAGIC} 1 {uidvalidity} {base}\n"])
 
     def _replace_file(self, lines: list[str]) -> None:
+        """Write ``lines`` as the new journal, renamed over the old one while this process holds
+        the flock of both: the new file is locked before anyone can open it, so no other
+        process slips in between the rename and this lock's further appends."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         data = "".join(lines).encode("utf-8")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)  # still locked: other processes see a new inode and re-lock
-        self._ino = os.stat(self.path).st_ino
-        self._offset = len(data)
-        self.records = len(lines)
-        # further appends of this lock go to the new file
-        if self._fd is not None:
-            new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-            fcntl.flock(new_fd, fcntl.LOCK_EX)  # nobody can hold it: they wait for the old one
-            os.dup2(new_fd, self._fd)
-            os.close(new_fd)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.rename(tmp, self.path)  # others waiting on the old inode see a new one and re-lock
+            self._ino = os.fstat(fd).st_ino
+            self._offset = len(data)
+            self.records = len(lines)
+            if self._fd is not None:
+                os.dup2(fd, self._fd)  # this lock's further appends go to the new file
+        finally:
+            os.close(fd)
 
     # -- changes ------------------------------------------------------------------------------
 

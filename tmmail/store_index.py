@@ -456,9 +456,16 @@ class FolderIndex:
                 top += 1
         self.highestmodseq = max(top, 1)
 
-    def begin_changes(self) -> Iterator[modseq.Journal]:
-        """Hold the journal for a batch of own changes (one lock and one write for the batch)."""
-        return self.journal.locked(self.uidvalidity)
+    @contextlib.contextmanager
+    def begin_changes(self) -> Iterator[None]:
+        """Hold the journal for a batch of own changes (one lock and one write for the batch);
+        a journal that cannot be opened is left to each change's own fallback."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.journal.locked(self.uidvalidity))
+            except OSError:
+                pass
+            yield
 
     def _set(self, by_base: dict[str, MessageInfo]) -> None:
         self.by_base = by_base
