@@ -516,3 +516,88 @@ def test_modseqs_survive_restart_and_a_lost_journal_never_goes_lower(tmp_path):
         c.logout()
     finally:
         srv.stop()
+
+
+# -- QRESYNC (RFC 7162 §3.2) --------------------------------------------------------------------
+
+def test_missing_uids_helper():
+    from tmmail.imap.session import missing_uids, range_set
+
+    assert missing_uids([(1, 10)], [2, 3, 7]) == [(1, 1), (4, 6), (8, 10)]
+    assert missing_uids([(1, 3)], [1, 2, 3]) == []
+    assert missing_uids([(5, 6), (9, 12)], [1, 6, 10, 20]) == [(5, 5), (9, 9), (11, 12)]
+    assert range_set([(1, 1), (4, 6)]) == b"1,4:6"
+
+
+def _uidvalidity(lines: list[bytes]) -> int:
+    return int(next(re.search(rb"UIDVALIDITY (\d+)", l).group(1) for l in lines if b"UIDVALIDITY" in l))
+
+
+def test_qresync_enable_select_vanished_and_fetch(env):
+    deliver(env, 5)
+    s, f = login_raw(env)
+    first = cmd(s, f, b"a", b"SELECT INBOX (CONDSTORE)")
+    uv, high = _uidvalidity(first), highest_of(first)
+    cmd(s, f, b"a2", b"UNSELECT")
+    # QRESYNC select parameter before ENABLE QRESYNC: BAD
+    assert cmd(s, f, b"b", b"SELECT INBOX (QRESYNC (%d %d))" % (uv, high))[-1].startswith(b"b BAD")
+    lines = cmd(s, f, b"c", b"ENABLE QRESYNC")
+    assert lines[0] == b"* ENABLED QRESYNC\r\n"
+    # meanwhile another session flags 2 and expunges 4
+    other = client(env)
+    other.select_folder("INBOX")
+    other.add_flags([2], ["\\Flagged"])
+    other.add_flags([4], ["\\Deleted"])
+    other.expunge()
+    lines = cmd(s, f, b"d", b"SELECT INBOX (QRESYNC (%d %d 1:5))" % (uv, high))
+    assert b"* VANISHED (EARLIER) 4\r\n" in lines, lines
+    changed = [l for l in lines if b"FETCH" in l]
+    assert len(changed) == 1 and re.match(rb"\* 2 FETCH \(UID 2 FLAGS \([^)]*\\Flagged[^)]*\) MODSEQ", changed[0])
+    assert highest_of(lines) > high and lines[-1].startswith(b"d OK")
+    # a wrong UIDVALIDITY: a plain select, no resync data
+    lines = cmd(s, f, b"e", b"EXAMINE INBOX (QRESYNC (%d %d))" % (uv + 1, high))
+    assert not any(b"VANISHED" in l or b"FETCH" in l for l in lines)
+    cmd(s, f, b"f", b"SELECT INBOX")
+    # expunges are VANISHED now: own EXPUNGE, another session's, MOVE
+    cmd(s, f, b"g", b"UID STORE 1 +FLAGS.SILENT (\\Deleted)")
+    lines = cmd(s, f, b"h", b"EXPUNGE")
+    assert lines[0] == b"* VANISHED 1\r\n" and not any(b"EXPUNGE\r\n" in l for l in lines[:-1])
+    other.noop()
+    other.add_flags([3], ["\\Deleted"])
+    other.expunge()
+    lines = cmd(s, f, b"i", b"NOOP")
+    assert b"* VANISHED 3\r\n" in lines, lines
+    lines = cmd(s, f, b"j", b"UID MOVE 5 Archive")
+    assert b"* VANISHED 5\r\n" in lines, lines
+    # UID FETCH (CHANGEDSINCE n VANISHED)
+    lines = cmd(s, f, b"k", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % high)
+    assert lines[0] == b"* VANISHED (EARLIER) 1,3:5\r\n", lines
+    assert modseqs(lines).keys() == {2}
+    # VANISHED without CHANGEDSINCE, or in a non-UID FETCH: BAD
+    assert cmd(s, f, b"l", b"UID FETCH 1:* (FLAGS) (VANISHED)")[-1].startswith(b"l BAD")
+    assert cmd(s, f, b"m", b"FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")[-1].startswith(b"m BAD")
+    other.logout()
+    s.close()
+
+
+@pytest.mark.parametrize("params", [
+    b"(QRESYNC)", b"(QRESYNC ())", b"(QRESYNC (1))", b"(QRESYNC (0 1))", b"(QRESYNC (1 0))",
+    b"(QRESYNC (x 1))", b"(QRESYNC (1 1 1:*))", b"(QRESYNC (1 1 1:5 (1:2)))",
+    b"(QRESYNC (1 1 1:5 (1:2 1:2) extra))", b"(QRESYNC (1 1) QRESYNC (1 1))",
+])
+def test_qresync_select_syntax_errors_are_bad(env, params):
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"ENABLE QRESYNC")
+    assert cmd(s, f, b"b", b"SELECT INBOX " + params)[-1].startswith(b"b BAD")
+    assert cmd(s, f, b"c", b"NOOP")[-1].startswith(b"c OK")
+    s.close()
+
+
+def test_without_qresync_expunge_is_still_expunge(env):
+    deliver(env, 2)
+    s, f = login_raw(env)
+    cmd(s, f, b"a", b"ENABLE CONDSTORE")
+    cmd(s, f, b"b", b"SELECT INBOX")
+    cmd(s, f, b"c", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+    assert cmd(s, f, b"d", b"EXPUNGE")[0] == b"* 1 EXPUNGE\r\n"
+    s.close()

@@ -38,7 +38,7 @@ def strict_env(reactor_thread, tmp_path):
 
 
 EXPECTED = ["IMAP4REV1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-            "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE"]
+            "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
 
 
 def test_greeting_carries_capabilities_and_plain_port_offers_starttls(strict_env):
@@ -478,7 +478,7 @@ def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
 # -- tags, exact capability sets, the authenticated timeout --------------------------------------
 
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-             "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE"]
+             "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
 
 
 def caps_of(line: bytes) -> set[str]:

@@ -38,21 +38,7 @@ _SLICE_SECONDS = 0.02
 _INLINE_CONTENT_BYTES = 1024 * 1024
 
 
-def uid_set(uids: list[int]) -> bytes:
-    """``1:3,7`` for sorted UIDs (COPYUID, RFC 4315 §3)."""
-    out: list[bytes] = []
-    start = prev = None
-    for u in uids:
-        if start is None:
-            start = prev = u
-        elif u == prev + 1:
-            prev = u
-        else:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-            start = prev = u
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-    return b",".join(out)
+from tmmail.imap.session import missing_uids, range_set, uid_set  # noqa: E402  (uid_set re-exported)
 
 
 _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
@@ -112,8 +98,10 @@ def flags_only(tokens: list) -> bool:
     return bool(tokens)
 
 
-def _modifiers(tok: Any, allowed: tuple[bytes, ...], what: str) -> dict[bytes, Any]:
-    """A parenthesised modifier list ``(NAME value ...)`` (RFC 4466): each name once."""
+def _modifiers(tok: Any, allowed: tuple[bytes, ...], what: str,
+               flags: tuple[bytes, ...] = ()) -> dict[bytes, Any]:
+    """A parenthesised modifier list ``(NAME value ...)`` (RFC 4466): each name once; names in
+    ``flags`` take no value."""
     if not isinstance(tok, list) or not tok:
         raise ParseError(f"{what} modifiers must be a non-empty parenthesised list")
     out: dict[bytes, Any] = {}
@@ -127,6 +115,10 @@ def _modifiers(tok: Any, allowed: tuple[bytes, ...], what: str) -> dict[bytes, A
             raise ParseError(f"Unknown {what} modifier {up[:30].decode('ascii', 'replace')}")
         if up in out:
             raise ParseError(f"{what} modifier given twice")
+        if up in flags:
+            out[up] = True
+            i += 1
+            continue
         if i + 1 >= len(tok):
             raise ParseError(f"{what} modifier {up.decode()} needs a value")
         out[up] = tok[i + 1]
@@ -198,7 +190,8 @@ class MessageCommands:
         d = self.blocking(sel.folder.expunge, uids)
 
         def done(gone: list[tuple[int, int]]) -> None:
-            self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in gone)
+            sel.qresync = self.qresync
+            self._out.extend(sel.expunge_lines(gone))
             self.sync_updates(True)
             self.tagged(tag, R.OK_COMPLETED % name)
 
@@ -279,10 +272,18 @@ class MessageCommands:
 
     def _fetch(self, tag: bytes, args: list, uid: bool) -> Any:
         changedsince = None
+        vanished = False
         if len(args) == 3:
-            # fetch-modifiers (RFC 4466): CHANGEDSINCE (RFC 7162 §3.1.4.1); 0 is taken as "all"
-            mods = _modifiers(args[2], (b"CHANGEDSINCE",), "FETCH")
+            # fetch-modifiers (RFC 4466): CHANGEDSINCE (RFC 7162 §3.1.4.1); 0 is taken as "all";
+            # VANISHED (§3.2.6): UID FETCH with CHANGEDSINCE, QRESYNC enabled
+            mods = _modifiers(args[2], (b"CHANGEDSINCE", b"VANISHED"), "FETCH", flags=(b"VANISHED",))
+            if b"CHANGEDSINCE" not in mods:
+                raise ParseError("FETCH VANISHED needs CHANGEDSINCE")
             changedsince = parse_modseq(mods[b"CHANGEDSINCE"], "CHANGEDSINCE", zero=True)
+            if b"VANISHED" in mods:
+                if not uid or not self.qresync:
+                    raise ParseError("VANISHED needs UID FETCH and ENABLE QRESYNC")
+                vanished = True
         elif len(args) != 2:
             raise ParseError("FETCH expects a sequence set and fetch items")
         items = parse_fetch_items(args[1], uid_command=uid)
@@ -293,6 +294,13 @@ class MessageCommands:
         self.sync_updates(uid)
         seqs = self._targets(args[0], uid)
         sel = self.selected
+        if vanished:
+            # no expunge history is kept: every UID of the set that is not here (a superset of
+            # those expunged since CHANGEDSINCE, as RFC 7162 §3.2.6 allows)
+            top = max(sel.folder.uidnext - 1, 0)
+            gaps = missing_uids(_seq_set(args[0]).resolve(top), [m.uid for m in sel.messages])
+            if gaps:
+                self._out.append(b"* VANISHED (EARLIER) " + range_set(gaps) + b"\r\n")
         if changedsince is not None:
             msgs = sel.messages
             seqs = [s for s in seqs if msgs[s - 1].modseq > changedsince]
@@ -648,7 +656,8 @@ class MessageCommands:
             if move:
                 if code:
                     self.untagged(b"OK " + code + b"Moved")
-                self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in result[2])
+                sel.qresync = self.qresync
+                self._out.extend(sel.expunge_lines(result[2]))
                 self.sync_updates(True)
                 self.tagged(tag, b"OK " + name + b" completed")
             else:
