@@ -161,6 +161,41 @@ def test_store_gives_modseqs_and_bumps_on_change(tmp_path):
     folder.close()
 
 
+def test_two_processes_agree_on_modseqs(tmp_path):
+    """A second process (its own FolderIndex and journal file description) sees the first one's
+    flag change with the modseq the first one recorded, and records a change it notices first
+    (a rename on disk) so that the first process then uses the same value."""
+    from tmmail.store_index import FolderIndex
+
+    root = str(tmp_path / "mbox")
+    maildir.create(root)
+    src = str(tmp_path / "m.eml")
+    with open(src, "wb") as f:
+        f.write(b"Subject: x\n\nhello\n")
+    for _ in range(2):
+        maildir.deliver(root, src)
+    folder = Store(root).open("INBOX")
+    other = FolderIndex(root, root)  # what another TMmail process holds
+    try:
+        other.sync(force=True)
+        assert {m.uid: m.modseq for m in other.messages()} == {m.uid: m.modseq for m in folder.messages}
+        folder.store_flags([1], ["\\Answered"], "add")
+        other.sync(force=True)
+        assert other.by_uid[1].modseq == folder.messages[0].modseq
+        assert other.highestmodseq == folder.highestmodseq
+        # the other process notices a rename first and records it
+        info = other.by_uid[2]
+        os.rename(info.filename, os.path.join(root, "cur", info.base + ":2,F"))
+        other.sync(force=True)
+        ms = other.by_uid[2].modseq
+        assert ms > folder.highestmodseq
+        folder.refresh()
+        assert folder.messages[1].modseq == ms and folder.highestmodseq == ms
+    finally:
+        other.close()
+        folder.close()
+
+
 # -- IMAP sessions ------------------------------------------------------------------------------
 
 @pytest.fixture
