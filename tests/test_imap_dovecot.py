@@ -229,13 +229,18 @@ def test_dovecot_reads_tmmail_and_tmmail_reads_dovecot(reactor_thread, shared_ro
 
         # -- both at once: flag changes travel while the other side is connected ------------
         s, f = login_raw(env)
-        cmd(s, f, b"a", b"SELECT INBOX")
+        sel = cmd(s, f, b"a", b"SELECT INBOX (CONDSTORE)")
+        highest = int(next(re.search(rb"HIGHESTMODSEQ (\d+)", ln).group(1) for ln in sel
+                           if b"HIGHESTMODSEQ" in ln))
         s.sendall(b"b IDLE\r\n")
         assert f.readline().startswith(b"+ ")
         d = dove.connect()
         d.select("INBOX")
         d.uid("STORE", "1", "+FLAGS", r"(\Flagged)")
-        wait_line(s, f, lambda ln: b"FETCH (UID 1 " in ln and b"\\Flagged" in ln, timeout=5)
+        got = wait_line(s, f, lambda ln: b"FETCH (UID 1 " in ln and b"\\Flagged" in ln, timeout=5)
+        # Dovecot's flag change gets a new TMmail modseq when TMmail's index notices it
+        pushed = re.search(rb"MODSEQ \((\d+)\)", got[-1])
+        assert pushed and int(pushed.group(1)) > highest, got
         s.sendall(b"DONE\r\n")
         wait_line(s, f, lambda ln: ln.startswith(b"b OK"))
         cmd(s, f, b"c", b"UID STORE 2 +FLAGS (\\Draft)")

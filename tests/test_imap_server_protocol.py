@@ -38,7 +38,7 @@ def strict_env(reactor_thread, tmp_path):
 
 
 EXPECTED = ["IMAP4REV1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-            "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA"]
+            "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA", "CONDSTORE", "QRESYNC"]
 
 
 def test_greeting_carries_capabilities_and_plain_port_offers_starttls(strict_env):
@@ -276,7 +276,7 @@ def test_enable_namespace_id(env):
     read_until_tag(f, b"c")
     s.sendall(b"d ENABLE CONDSTORE\r\n")
     lines = read_until_tag(f, b"d")
-    assert lines[0] == b"* ENABLED\r\n" and lines[-1].startswith(b"d OK")
+    assert lines[0] == b"* ENABLED CONDSTORE\r\n" and lines[-1].startswith(b"d OK")
     s.sendall(b"e NAMESPACE\r\n")
     lines = read_until_tag(f, b"e")
     assert lines[0] == b'* NAMESPACE (("" "/")) NIL NIL\r\n'
@@ -496,7 +496,7 @@ def test_overlong_lines_inside_authenticate_and_idle(reactor_thread, tmp_path):
 # -- tags, exact capability sets, the authenticated timeout --------------------------------------
 
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
-             "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA"]
+             "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "QUOTA", "CONDSTORE", "QRESYNC"]
 
 
 def caps_of(line: bytes) -> set[str]:

@@ -50,6 +50,7 @@ class FolderStatus:
     unseen: int
     uidnext: int
     uidvalidity: int
+    highestmodseq: int = 0
 
 
 _indexes: dict[str, FolderIndex] = {}
@@ -254,7 +255,8 @@ class Store:
             idx.sync()
             new, unseen = idx.counts()
             recent = new + idx.unclaimed_recent()
-            return FolderStatus(len(idx.by_uid), recent, unseen, idx.nextuid, idx.uidvalidity)
+            return FolderStatus(len(idx.by_uid), recent, unseen, idx.nextuid, idx.uidvalidity,
+                                idx.highestmodseq)
 
     @_busy
     def append(self, name: str, data: bytes, flags: Iterable[str] = (),

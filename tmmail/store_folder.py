@@ -70,6 +70,11 @@ class Folder:
         return self._index.path
 
     @property
+    def highestmodseq(self) -> int:
+        """CONDSTORE HIGHESTMODSEQ of the folder (tmmail.modseq)."""
+        return self._index.highestmodseq
+
+    @property
     def permanent_flags(self) -> list[str]:
         kws = [k for k in self._index.keywords if k]
         out = list(SYSTEM_FLAGS) + kws
@@ -182,8 +187,13 @@ class Folder:
             raise StoreError("mailbox is read-only")
 
     @_busy
-    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str = "add") -> list[tuple[int, MessageInfo]]:
-        """Set/add/remove flags; returns (seq, info) of the messages whose flags changed."""
+    def store_flags(self, uids: Iterable[int], flags: Iterable[str], mode: str = "add",
+                    unchangedsince: int | None = None,
+                    modified: list[int] | None = None) -> list[tuple[int, MessageInfo]]:
+        """Set/add/remove flags; returns (seq, info) of the messages whose flags changed.
+
+        ``unchangedsince`` (CONDSTORE): a message whose modseq is higher is not changed and
+        its UID is appended to ``modified``; checked under the index and journal locks."""
         self._writable()
         if mode not in ("set", "add", "remove"):
             raise ValueError(mode)
@@ -205,13 +215,17 @@ class Folder:
         # in batches, so a large STORE in a worker thread does not hold the shared index lock
         # (and so every other session's refresh() on the reactor thread) for its whole duration
         for start in range(0, len(todo), FLAG_BATCH):
-            with idx.lock:
+            with idx.lock, idx.begin_changes():
                 for uid in todo[start:start + FLAG_BATCH]:
                     seq = self.seq_of(uid)
                     if seq is None or uid in self._gone:
                         continue
                     info = idx.by_uid.get(uid)
                     if info is None:
+                        continue
+                    if unchangedsince is not None and info.modseq > unchangedsince:
+                        if modified is not None:
+                            modified.append(uid)
                         continue
                     def apply(have_letters: str) -> str:
                         have = set(have_letters)

@@ -28,7 +28,7 @@ import time
 import weakref
 from typing import Iterable, Iterator
 
-from tmmail import maildir, uidlist
+from tmmail import maildir, modseq, uidlist
 from tmmail.maildir import KEYWORD_LETTERS, LETTER_FLAGS
 
 #: directory mtimes younger than this may hide a later change in the same timestamp tick
@@ -79,10 +79,12 @@ class FolderGone(Exception):
 class MessageInfo:
     """One message as the index knows it; immutable except for lazily cached size/date."""
 
-    __slots__ = ("uid", "base", "name", "subdir", "letters", "flags", "folder", "_size", "_date")
+    __slots__ = ("uid", "base", "name", "subdir", "letters", "flags", "folder", "_size", "_date", "modseq")
 
     def __init__(self, uid: int, base: str, name: str, subdir: str, letters: str,
-                 flags: frozenset[str], folder: str) -> None:
+                 flags: frozenset[str], folder: str, modseq: int = 0) -> None:
+        #: CONDSTORE mod-sequence of the current flags (tmmail.modseq journal)
+        self.modseq = modseq
         self.uid = uid
         self.base = base
         self.name = name
@@ -229,6 +231,9 @@ class FolderIndex:
         self._retry_ns: int | None = None
         self._cancel_watch = maildir.watch(path, self._mark_dirty)
         _live[path] = self
+        #: the modseq journal (tmmail-modseq) and the highest modseq this index has shown
+        self.journal = modseq.Journal(path)
+        self.highestmodseq = 0
 
     def _mark_dirty(self, _path: str) -> None:
         # runs in whichever thread changed the folder, maybe holding other locks: no locking here
@@ -388,6 +393,7 @@ class FolderIndex:
         path = self.path
         flag_sets: dict[str, frozenset[str]] = {}  # letters -> flags, for this scan's keywords
         created: list[MessageInfo] = []
+        fresh: list[MessageInfo] = []
         for base, (subdir, name) in listing.items():
             rec = records.get(base)
             if rec is None:
@@ -410,15 +416,56 @@ class FolderIndex:
             if info._date is None:
                 created.append(info)
             new_by_base[base] = info
+            fresh.append(info)
         if len(created) <= EAGER_DATES:
             _read_dates(path, created)
         changed = (rebuild or len(new_by_base) != len(old)
                    or any(old.get(b) is not m for b, m in new_by_base.items()))
+        gone = [m.uid for b, m in old.items() if b not in new_by_base and ul.uidvalidity == self.uidvalidity]
+        if fresh or gone or not self.highestmodseq:
+            self._assign_modseqs(ul.uidvalidity, fresh, gone, cold=not old)
         self.uidvalidity = ul.uidvalidity
         self.nextuid = ul.nextuid
         if changed:
             self._set(new_by_base)
         return changed
+
+    def _assign_modseqs(self, uidvalidity: int, fresh: list[MessageInfo], gone: list[int],
+                        cold: bool = False) -> None:
+        """Give new or changed messages their modseq from the journal (recorded there first by
+        whichever process noticed the change), and record expunges."""
+        top = self.highestmodseq
+        try:
+            with self.journal.locked(uidvalidity) as j:
+                for info in fresh:
+                    ms = info.modseq = j.modseq_for(info.uid, info.letters)
+                    if ms > top:
+                        top = ms
+                for uid in gone:
+                    ms = j.expunge(uid)
+                    if ms > top:
+                        top = ms
+                if cold or not top:
+                    top = max(top, j.highest)
+        except OSError:
+            # journal not writable (read-only store?): modseqs of this process only
+            for info in fresh:
+                top += 1
+                info.modseq = top
+            if gone:
+                top += 1
+        self.highestmodseq = max(top, 1)
+
+    @contextlib.contextmanager
+    def begin_changes(self) -> Iterator[None]:
+        """Hold the journal for a batch of own changes (one lock and one write for the batch);
+        a journal that cannot be opened is left to each change's own fallback."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.journal.locked(self.uidvalidity))
+            except OSError:
+                pass
+            yield
 
     def _set(self, by_base: dict[str, MessageInfo]) -> None:
         self.by_base = by_base
@@ -448,6 +495,10 @@ class FolderIndex:
         with self.lock:
             new = self.make_info(info.uid, info.base, name, subdir, letters)
             new._size, new._date = info._size, info._date
+            if letters == info.letters and info.modseq:
+                new.modseq = info.modseq
+            else:
+                self._assign_modseqs(self.uidvalidity, [new], [])
             if self.by_base.get(info.base) is not None:
                 self.by_base[info.base] = new
                 self.by_uid[info.uid] = new
@@ -499,7 +550,8 @@ class FolderIndex:
         """Patch the index after ``claim_new`` renamed these (info, new name) to ``cur/``."""
         with self.lock:
             for info, name in moved:
-                new = MessageInfo(info.uid, info.base, name, "cur", info.letters, info.flags, self.path)
+                new = MessageInfo(info.uid, info.base, name, "cur", info.letters, info.flags, self.path,
+                                  info.modseq)
                 new._size, new._date = info._size, info._date
                 if self.by_base.get(info.base) is info:
                     self.by_base[info.base] = new
@@ -509,12 +561,13 @@ class FolderIndex:
 
     def remove(self, infos: Iterable[MessageInfo]) -> None:
         with self.lock:
-            removed = False
+            removed = []
             for info in infos:
                 if self.by_base.pop(info.base, None) is not None:
                     self.by_uid.pop(info.uid, None)
-                    removed = True
+                    removed.append(info.uid)
             if removed:
+                self._assign_modseqs(self.uidvalidity, [], removed)
                 self._changed()
 
     def refresh_keywords(self) -> None:

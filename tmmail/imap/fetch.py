@@ -51,7 +51,7 @@ class StoredMessage(Protocol):
 
 
 _SIMPLE = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
-           "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
+           "RFC822", "RFC822.HEADER", "RFC822.TEXT", "MODSEQ"}
 _MACROS = {
     "ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
     "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
@@ -175,6 +175,13 @@ def _add_uid(items: list[FetchItem], uid_command: bool) -> list[FetchItem]:
     if uid_command and not any(i.name == "UID" for i in items):
         items = [FetchItem("UID")] + items
     return items
+
+
+def with_modseq(items: list[FetchItem]) -> list[FetchItem]:
+    """Append MODSEQ if missing (CHANGEDSINCE, or a flag change with CONDSTORE enabled)."""
+    if any(i.name == "MODSEQ" for i in items):
+        return items
+    return items + [FetchItem("MODSEQ")]
 
 
 def with_flags(items: list[FetchItem]) -> list[FetchItem]:
@@ -496,6 +503,8 @@ def fetch_data(items: list[FetchItem], msg: StoredMessage) -> bytes:
             out.append(b"FLAGS " + format_flags(msg.flags))
         elif name == "INTERNALDATE":
             out.append(b"INTERNALDATE " + format_internal_date(msg.internal_date))
+        elif name == "MODSEQ":
+            out.append(b"MODSEQ (%d)" % getattr(msg, "modseq", 0))
         elif name == "RFC822.SIZE":
             size = getattr(msg, "size", None)
             if not isinstance(size, int):

@@ -25,6 +25,8 @@ from tmmail.store_common import NoSuchFolder
 
 SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _KEYWORD = re.compile(r"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|~]+$")
+#: capabilities ENABLE turns on (RFC 5161); others are ignored, as the RFC asks
+_ENABLEABLE = (b"CONDSTORE", b"QRESYNC")
 _DATE = re.compile(
     rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 #: INTERNALDATE is the message file's mtime: years a Linux file system keeps exactly
@@ -88,6 +90,51 @@ def parse_date_time(raw: bytes) -> float:
     return float(t - offset if sign == b"+" else t + offset)
 
 
+def _qresync_params(tok: Any) -> tuple:
+    """``(uidvalidity modseq [known-uids [(seqs uids)]])`` (RFC 7162 §3.2.5)."""
+    from tmmail.imap.search import SequenceSet, parse_modseq
+
+    if not isinstance(tok, list) or not 2 <= len(tok) <= 4:
+        raise ParseError("QRESYNC expects (uidvalidity modseq [known-uids [seq-match-data]])")
+    raw = tok[0]
+    if isinstance(raw, list) or not bytes(raw).isdigit() or not 0 < int(bytes(raw)) <= 4294967295:
+        raise ParseError("Invalid UIDVALIDITY in QRESYNC")
+    modseq = parse_modseq(tok[1], "QRESYNC", zero=False)
+    known = None
+    if len(tok) >= 3:
+        if isinstance(tok[2], list) or b"*" in bytes(tok[2]):
+            raise ParseError("Invalid known-uids in QRESYNC")
+        known = SequenceSet.parse(bytes(tok[2]))
+    if len(tok) == 4:  # seq-match-data: checked for syntax, not needed without expunge history
+        sm = tok[3]
+        if (not isinstance(sm, list) or len(sm) != 2 or any(isinstance(x, list) for x in sm)):
+            raise ParseError("Invalid seq-match-data in QRESYNC")
+        SequenceSet.parse(bytes(sm[0]))
+        SequenceSet.parse(bytes(sm[1]))
+    return int(bytes(raw)), modseq, known
+
+
+def resync_lines(sel: Any, params: tuple) -> list[bytes]:
+    """SELECT (QRESYNC ...): ``* VANISHED (EARLIER)`` for the known UIDs that are not here (no
+    expunge history is kept: a superset of those expunged since the modseq), then a FETCH of
+    UID, FLAGS and MODSEQ for every message changed since it (RFC 7162 §3.2.5.1)."""
+    from tmmail.imap.session import missing_uids, range_set
+
+    _uv, modseq, known = params
+    msgs = sel.messages
+    top = max(sel.folder.uidnext - 1, 0)
+    ranges = known.resolve(top) if known is not None else ([(1, top)] if top else [])
+    out: list[bytes] = []
+    gaps = missing_uids(ranges, [m.uid for m in msgs])
+    if gaps:
+        out.append(b"* VANISHED (EARLIER) " + range_set(gaps) + b"\r\n")
+    for seq, info in enumerate(msgs, 1):
+        if info.modseq > modseq and (known is None or known.contains(info.uid, top)):
+            out.append(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n"
+                       % (seq, info.uid, sel.flags_bytes(info), info.modseq))
+    return out
+
+
 def encode_name(name: str) -> bytes:
     return astring(utf7_encode(name))
 
@@ -126,6 +173,8 @@ class MailboxCommands:
         """Queue untagged EXPUNGE/EXISTS/FETCH for changes by others (RFC 3501 §7.4.1)."""
         if self.selected is None:
             return
+        self.selected.condstore = self.condstore
+        self.selected.qresync = self.qresync
         lines, invalid = self.selected.updates(expunges, force)
         if invalid:
             if self.selected.gone:
@@ -191,11 +240,33 @@ class MailboxCommands:
 
     # -- ENABLE / NAMESPACE ----------------------------------------------------------------
     def do_ENABLE(self, tag: bytes, args: list) -> None:
-        """RFC 5161: no extension here needs enabling; say so."""
+        """RFC 5161: CONDSTORE (RFC 7162) can be enabled; unknown names are ignored."""
         if not args:
             raise ParseError("ENABLE needs capability names")
-        self.untagged(b"ENABLED")
+        enabled: list[bytes] = []
+        for tok in args:
+            if isinstance(tok, list):
+                raise ParseError("ENABLE expects capability names")
+            name = bytes(tok).upper()
+            if name in _ENABLEABLE and name not in enabled:
+                if name == b"QRESYNC":
+                    if not self.qresync:
+                        enabled.append(name)
+                    self.qresync = True  # implies CONDSTORE (RFC 7162 §3.2.3)
+                elif not self.condstore:
+                    enabled.append(name)
+                self.enable_condstore()
+        self.untagged(b"ENABLED" + b"".join(b" " + n for n in enabled))
         self.tagged(tag, R.OK_COMPLETED % b"ENABLE")
+
+    def enable_condstore(self) -> None:
+        """A CONDSTORE enabling command (RFC 7162 §3.1): with a mailbox selected, the first one
+        also reports its HIGHESTMODSEQ."""
+        if self.condstore:
+            return
+        self.condstore = True
+        if self.selected is not None:
+            self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % self.selected.folder.highestmodseq)
 
     def do_NAMESPACE(self, tag: bytes, args: list) -> None:
         self.untagged(b'NAMESPACE (("" "/")) NIL NIL')
@@ -265,10 +336,38 @@ class MailboxCommands:
         return self._select(tag, args, True)
 
     def _select(self, tag: bytes, args: list, readonly: bool) -> Any:
-        if len(args) != 1:
+        qresync: tuple | None = None
+        if len(args) == 2 and isinstance(args[1], list):
+            # select-params (RFC 4466): CONDSTORE (RFC 7162 §3.1.8), QRESYNC (...) (§3.2.5)
+            params = args[1]
+            if not params:
+                raise ParseError("Empty SELECT parameter list")
+            i = 0
+            condstore = False
+            while i < len(params):
+                p = params[i]
+                word = b"" if isinstance(p, list) else bytes(p).upper()
+                if word == b"CONDSTORE" and not condstore:
+                    condstore = True
+                    i += 1
+                elif word == b"QRESYNC" and qresync is None:
+                    if not self.qresync:
+                        raise ParseError("QRESYNC parameter without ENABLE QRESYNC")
+                    if i + 1 >= len(params):
+                        raise ParseError("QRESYNC needs its parameters")
+                    qresync = _qresync_params(params[i + 1])
+                    condstore = True
+                    i += 2
+                else:
+                    raise ParseError("Unknown SELECT parameter")
+        elif len(args) != 1:
             raise ParseError("SELECT/EXAMINE expect one mailbox name")
+        else:
+            condstore = False
         name = self.mailbox_arg(args[0])
         self.close_mailbox()
+        if condstore:
+            self.condstore = True  # reported below, with the new mailbox
         d = self.blocking(self.account.open, name, readonly)
 
         def opened(folder: Any) -> None:
@@ -305,6 +404,10 @@ class MailboxCommands:
                     break
             self.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
             self.untagged(b"OK [UIDNEXT %d] Predicted next UID" % folder.uidnext)
+            if self.condstore:
+                self.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % folder.highestmodseq)
+            if qresync is not None and qresync[0] == folder.uidvalidity:
+                self._out.extend(resync_lines(sel, qresync))
             word = b"EXAMINE" if readonly else b"SELECT"
             code = b"READ-ONLY" if readonly else b"READ-WRITE"
             self.tagged(tag, b"OK [%s] %s completed" % (code, word))
@@ -402,6 +505,8 @@ class MailboxCommands:
             return None
         entries = listing.select(req, self.account.list_folders(), self.account.subscriptions())
         items = req.status_items
+        if items and b"HIGHESTMODSEQ" in items:
+            self.enable_condstore()  # as STATUS (HIGHESTMODSEQ) does (RFC 7162 §3.1)
         if not items:
             for entry in entries:
                 self.untagged(self._list_line(entry))
@@ -444,7 +549,8 @@ class MailboxCommands:
     @staticmethod
     def _status_line(name: str, st: Any, items: list[bytes]) -> bytes:
         values = {b"MESSAGES": st.messages, b"RECENT": st.recent, b"UIDNEXT": st.uidnext,
-                  b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen}
+                  b"UIDVALIDITY": st.uidvalidity, b"UNSEEN": st.unseen,
+                  b"HIGHESTMODSEQ": st.highestmodseq}
         body = b" ".join(b"%s %d" % (k, values[k]) for k in items)
         return b"STATUS " + encode_name(name) + b" (" + body + b")"
 
@@ -484,6 +590,8 @@ class MailboxCommands:
             raise ParseError("STATUS expects a mailbox name and a list of items")
         name = self.mailbox_arg(args[0])
         items = listing.parse_status_items(args[1])
+        if b"HIGHESTMODSEQ" in items:
+            self.enable_condstore()
         d = self.blocking(self.account.status, name)  # a first look may index the whole folder
 
         def answer(st: Any) -> None:

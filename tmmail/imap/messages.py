@@ -18,10 +18,12 @@ from twisted.internet import defer, threads
 from tmmail.imap import responses as R
 from tmmail.imap.account import check_quota, is_store_error, mailbox_quota, store_error_reply
 from tmmail.imap.encoding import Atom, ParseError
-from tmmail.imap.fetch import fetch_data, format_internal_date, parse_fetch_items, with_flags
+from tmmail.imap.fetch import (fetch_data, format_internal_date, parse_fetch_items, with_flags,
+                               with_modseq)
 from tmmail.imap.mailboxes import parse_flags
+from tmmail.imap.search import parse_modseq
 
-_FAST_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"})
+_FAST_ITEMS = frozenset({"UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "MODSEQ"})
 #: FETCH lines formatted and sent per slice in a large UID/FLAGS answer
 _FAST_SLICE = 2000
 #: search keys that look at nothing but flags (and \\Recent): evaluated once per distinct flag set
@@ -36,21 +38,7 @@ _SLICE_SECONDS = 0.02
 _INLINE_CONTENT_BYTES = 1024 * 1024
 
 
-def uid_set(uids: list[int]) -> bytes:
-    """``1:3,7`` for sorted UIDs (COPYUID, RFC 4315 §3)."""
-    out: list[bytes] = []
-    start = prev = None
-    for u in uids:
-        if start is None:
-            start = prev = u
-        elif u == prev + 1:
-            prev = u
-        else:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-            start = prev = u
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-    return b",".join(out)
+from tmmail.imap.session import missing_uids, range_set, uid_set  # noqa: E402  (uid_set re-exported)
 
 
 _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
@@ -108,6 +96,34 @@ def flags_only(tokens: list) -> bool:
         if word not in _FLAG_KEYS:
             return False
     return bool(tokens)
+
+
+def _modifiers(tok: Any, allowed: tuple[bytes, ...], what: str,
+               flags: tuple[bytes, ...] = ()) -> dict[bytes, Any]:
+    """A parenthesised modifier list ``(NAME value ...)`` (RFC 4466): each name once; names in
+    ``flags`` take no value."""
+    if not isinstance(tok, list) or not tok:
+        raise ParseError(f"{what} modifiers must be a non-empty parenthesised list")
+    out: dict[bytes, Any] = {}
+    i = 0
+    while i < len(tok):
+        name = tok[i]
+        if isinstance(name, list) or not isinstance(name, Atom):
+            raise ParseError(f"Invalid {what} modifier")
+        up = bytes(name).upper()
+        if up not in allowed:
+            raise ParseError(f"Unknown {what} modifier {up[:30].decode('ascii', 'replace')}")
+        if up in out:
+            raise ParseError(f"{what} modifier given twice")
+        if up in flags:
+            out[up] = True
+            i += 1
+            continue
+        if i + 1 >= len(tok):
+            raise ParseError(f"{what} modifier {up.decode()} needs a value")
+        out[up] = tok[i + 1]
+        i += 2
+    return out
 
 
 def _seq_set(tok: Any) -> Any:
@@ -174,7 +190,8 @@ class MessageCommands:
         d = self.blocking(sel.folder.expunge, uids)
 
         def done(gone: list[tuple[int, int]]) -> None:
-            self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in gone)
+            sel.qresync = self.qresync
+            self._out.extend(sel.expunge_lines(gone))
             self.sync_updates(True)
             self.tagged(tag, R.OK_COMPLETED % name)
 
@@ -205,9 +222,16 @@ class MessageCommands:
 
         gone: list[Any] = []  # expunged by another session, not reported yet: they do not match
 
+        if program.uses_modseq:
+            self.enable_condstore()
+            sel = self.selected
+
         def answer(found: list[Any]) -> None:
             nums = [m.uid for m in found] if uid else [m.seq for m in found]
-            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + b"\r\n")
+            tail = b""
+            if program.uses_modseq and found:  # RFC 7162 §3.1.5: the highest modseq found
+                tail = b" (MODSEQ %d)" % max(m.modseq for m in found)
+            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in nums) + tail + b"\r\n")
             self.tagged(tag, (R.OK_EXPUNGED_SEARCH if gone else R.OK_COMPLETED) % name)
 
         if flags_only(args):
@@ -247,16 +271,45 @@ class MessageCommands:
         return sel.seqs(ranges)
 
     def _fetch(self, tag: bytes, args: list, uid: bool) -> Any:
-        if len(args) != 2:
+        changedsince = None
+        vanished = False
+        if len(args) == 3:
+            # fetch-modifiers (RFC 4466): CHANGEDSINCE (RFC 7162 §3.1.4.1); 0 is taken as "all";
+            # VANISHED (§3.2.6): UID FETCH with CHANGEDSINCE, QRESYNC enabled
+            mods = _modifiers(args[2], (b"CHANGEDSINCE", b"VANISHED"), "FETCH", flags=(b"VANISHED",))
+            if b"CHANGEDSINCE" not in mods:
+                raise ParseError("FETCH VANISHED needs CHANGEDSINCE")
+            changedsince = parse_modseq(mods[b"CHANGEDSINCE"], "CHANGEDSINCE", zero=True)
+            if b"VANISHED" in mods:
+                if not uid or not self.qresync:
+                    raise ParseError("VANISHED needs UID FETCH and ENABLE QRESYNC")
+                vanished = True
+        elif len(args) != 2:
             raise ParseError("FETCH expects a sequence set and fetch items")
         items = parse_fetch_items(args[1], uid_command=uid)
+        if changedsince is not None:
+            items = with_modseq(items)
+        if any(i.name == "MODSEQ" for i in items):
+            self.enable_condstore()
         self.sync_updates(uid)
         seqs = self._targets(args[0], uid)
         sel = self.selected
+        if vanished:
+            # no expunge history is kept: every UID of the set that is not here (a superset of
+            # those expunged since CHANGEDSINCE, as RFC 7162 §3.2.6 allows)
+            top = max(sel.folder.uidnext - 1, 0)
+            gaps = missing_uids(_seq_set(args[0]).resolve(top), [m.uid for m in sel.messages])
+            if gaps:
+                self._out.append(b"* VANISHED (EARLIER) " + range_set(gaps) + b"\r\n")
+        if changedsince is not None:
+            msgs = sel.messages
+            seqs = [s for s in seqs if msgs[s - 1].modseq > changedsince]
         name = b"UID FETCH" if uid else b"FETCH"
         seen_done: Any = None
         if any(i.sets_seen for i in items):
             items = with_flags(items)
+            if self.condstore:
+                items = with_modseq(items)  # a flag change: MODSEQ too (RFC 7162 §3.2)
             if not sel.read_only:
                 msgs = sel.messages
                 unseen = [msgs[s - 1].uid for s in seqs if "\\Seen" not in msgs[s - 1].flags]
@@ -279,16 +332,19 @@ class MessageCommands:
             raise value
         self.log.info("IMAP implicit \\Seen failed for {login}: {error}", login=self.login, error=value)
 
-    def set_flags(self, uids: list[int], flags: list[str], mode: str) -> Any:
+    def set_flags(self, uids: list[int], flags: list[str], mode: str,
+                  unchangedsince: int | None = None, modified: list[int] | None = None) -> Any:
         """Change flags: inline for a few messages (renames are cheap), in a thread for many.
 
-        Returns None, a Deferred (thread), or the StoreError raised inline.
+        Returns None, a Deferred (thread), or the StoreError raised inline.  With
+        ``unchangedsince``, messages whose modseq is higher are left alone and their UIDs
+        appended to ``modified`` (RFC 7162 §3.1.3).
         """
         folder = self.selected.folder
         if len(uids) > _INLINE_FLAG_CHANGES:
-            return self.blocking(folder.store_flags, uids, flags, mode)
+            return self.blocking(folder.store_flags, uids, flags, mode, unchangedsince, modified)
         try:
-            folder.store_flags(uids, flags, mode)
+            folder.store_flags(uids, flags, mode, unchangedsince, modified)
         except Exception as e:
             if is_store_error(e):
                 return e
@@ -353,6 +409,7 @@ class MessageCommands:
                 "FLAGS": lambda info: b"FLAGS " + fb(info),
                 "RFC822.SIZE": lambda info: b"RFC822.SIZE %d" % info.size,
                 "INTERNALDATE": lambda info: b"INTERNALDATE " + internal_date_bytes(info.internal_date),
+                "MODSEQ": lambda info: b"MODSEQ (%d)" % info.modseq,
             }
             parts = [fmt[n] for n in names]
             for s in seqs:
@@ -468,6 +525,12 @@ class MessageCommands:
         return self._store(tag, args, True)
 
     def _store(self, tag: bytes, args: list, uid: bool) -> Any:
+        unchangedsince = None
+        if len(args) >= 2 and isinstance(args[1], list):
+            # store-modifiers (RFC 4466): UNCHANGEDSINCE (RFC 7162 §3.1.3), 0 allowed
+            mods = _modifiers(args[1], (b"UNCHANGEDSINCE",), "STORE")
+            unchangedsince = parse_modseq(mods[b"UNCHANGEDSINCE"], "UNCHANGEDSINCE", zero=True)
+            args = [args[0]] + list(args[2:])
         if len(args) < 3 or not isinstance(args[1], Atom):
             raise ParseError("STORE expects a sequence set, an item and flags")
         item = bytes(args[1]).upper()
@@ -480,6 +543,8 @@ class MessageCommands:
         flag_tok = args[2] if len(args) == 3 else list(args[2:])
         flags = parse_flags(flag_tok, allow_recent=True)
         sel = self.selected
+        if unchangedsince is not None:
+            self.enable_condstore()
         if sel.read_only:
             self.tagged(tag, R.NO_READ_ONLY)
             return None
@@ -490,7 +555,9 @@ class MessageCommands:
         name = b"UID STORE" if uid else b"STORE"
         mode = modes[item]
         before = [msgs[s - 1].flags for s in seqs] if silent else []
-        result = self.set_flags(uids, flags, mode) if uids else None
+        before_ms = [msgs[s - 1].modseq for s in seqs]
+        modified: list[int] = []
+        result = self.set_flags(uids, flags, mode, unchangedsince, modified) if uids else None
         if isinstance(result, Exception):
             self.tagged(tag, store_error_reply(result))
             return None
@@ -504,16 +571,32 @@ class MessageCommands:
                 out = []
                 # .SILENT still reports a message whose flags came out other than this STORE
                 # made them: someone else changed them meanwhile (RFC 3501 §6.4.6)
-                report = seqs if not silent else [
-                    s for s, old in zip(seqs, before) if _folded(msgs[s - 1].flags)
-                    != _folded(_expected_flags(old, flags, mode))]
-                for s in report:
+                failed = set(modified)
+                condstore = self.condstore
+                for s, old, old_ms in zip(seqs, before or [None] * len(seqs), before_ms):
                     info = msgs[s - 1]
-                    if uid:
-                        out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (s, info.uid, fb(info)))
-                    else:
-                        out.append(b"* %d FETCH (FLAGS %s)\r\n" % (s, fb(info)))
+                    if info.uid in failed:
+                        continue  # not changed: reported in [MODIFIED] (RFC 7162 §3.1.3)
+                    show_flags = not silent or (_folded(info.flags)
+                                                != _folded(_expected_flags(old, flags, mode)))
+                    # with CONDSTORE, .SILENT still reports the new MODSEQ of what it changed
+                    show_modseq = condstore and (not silent or info.modseq != old_ms)
+                    if not (show_flags or show_modseq):
+                        continue
+                    parts = [b"UID %d" % info.uid] if uid else []
+                    if show_flags:
+                        parts.append(b"FLAGS " + fb(info))
+                    if show_modseq:
+                        parts.append(b"MODSEQ (%d)" % info.modseq)
+                    out.append(b"* %d FETCH (%s)\r\n" % (s, b" ".join(parts)))
                 self._out.extend(out)
+            if modified:
+                if uid:
+                    nums = sorted(modified)
+                else:
+                    nums = sorted(s for s, u in zip(seqs, uids) if u in set(modified))
+                self.tagged(tag, b"OK [MODIFIED %s] Conditional STORE failed" % uid_set(nums))
+                return
             self.tagged(tag, R.OK_COMPLETED % name)
 
         if isinstance(result, defer.Deferred):
@@ -573,7 +656,8 @@ class MessageCommands:
             if move:
                 if code:
                     self.untagged(b"OK " + code + b"Moved")
-                self._out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in result[2])
+                sel.qresync = self.qresync
+                self._out.extend(sel.expunge_lines(result[2]))
                 self.sync_updates(True)
                 self.tagged(tag, b"OK " + name + b" completed")
             else:

@@ -390,6 +390,33 @@ _CMP: dict[str, Callable[[date, date], bool]] = {
 }
 
 
+class _Modseq(_Node):
+    """``MODSEQ [entry-name entry-type] n`` (RFC 7162 §3.1.5): per-message modseq >= n (the
+    store keeps one modseq per message, so the metadata entry named does not narrow it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def match(self, c: _Ctx) -> bool:
+        return getattr(c.msg, "modseq", 0) >= self.n
+
+
+MAX_MODSEQ = 2 ** 63 - 1
+
+
+def parse_modseq(tok: object, what: str, zero: bool = False) -> int:
+    """A mod-sequence-value (1..2^63-1) or, with ``zero``, a mod-sequence-valzer (0..2^63-1)."""
+    if isinstance(tok, (list, String)) or not isinstance(tok, (bytes, bytearray)):
+        raise ParseError(f"{what} needs a mod-sequence value")
+    raw = bytes(tok)
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 19:
+        raise ParseError(f"{what} needs a mod-sequence value")
+    n = int(raw)
+    if n > MAX_MODSEQ or (n == 0 and not zero):
+        raise ParseError(f"Invalid mod-sequence value for {what}")
+    return n
+
+
 class _Date(_Node):
     def __init__(self, op: str, ref: date, sent: bool) -> None:
         self.cmp = _CMP[op]
@@ -449,10 +476,19 @@ _DATE_KEYS = {"BEFORE": ("BEFORE", False), "ON": ("ON", False), "SINCE": ("SINCE
 
 
 class _Parser:
-    def __init__(self, tokens: list, charset: str) -> None:
+    def __init__(self, tokens: list, charset: str, top: "_Parser | None" = None) -> None:
         self.tokens = tokens
         self.pos = 0
         self.charset = charset
+        self.top = top or self
+
+    @property
+    def uses_modseq(self) -> bool:
+        return self.top.__dict__.get("_uses_modseq", False)
+
+    @uses_modseq.setter
+    def uses_modseq(self, value: bool) -> None:
+        self.top.__dict__["_uses_modseq"] = value
 
     def _next(self, what: str) -> object:
         if self.pos >= len(self.tokens):
@@ -484,7 +520,7 @@ class _Parser:
         if isinstance(tok, list):
             if not tok:
                 raise ParseError("Empty search key list")
-            sub = _Parser(tok, self.charset)
+            sub = _Parser(tok, self.charset, self.top)
             items = []
             while sub.pos < len(tok):
                 items.append(sub.key())
@@ -527,6 +563,19 @@ class _Parser:
             return _Or(a, b)
         if name == "UID":
             return _Seq(SequenceSet.parse(self._atom(name)), True)
+        if name == "MODSEQ":
+            tok = self._next(name)
+            if isinstance(tok, String) or (not isinstance(tok, list) and not bytes(tok).isdigit()):
+                # entry-name entry-type-req (RFC 7162 §3.1.5): "/flags/<flag>" priv|shared|all
+                entry = bytes(tok) if not isinstance(tok, list) else b""
+                if not entry.lower().startswith(b"/flags/"):
+                    raise ParseError("MODSEQ entry name must be /flags/<flag>")
+                kind = self._atom(name).lower()
+                if kind not in (b"priv", b"shared", b"all"):
+                    raise ParseError("MODSEQ entry type must be priv, shared or all")
+                tok = self._next(name)
+            self.uses_modseq = True
+            return _Modseq(parse_modseq(tok, "MODSEQ", zero=True))
         if name == "CHARSET":
             raise ParseError("CHARSET must come first")
         if SequenceSet.looks_like(raw):
@@ -537,9 +586,11 @@ class _Parser:
 class SearchProgram:
     """A parsed search program; evaluate with :meth:`matches` or :func:`search`."""
 
-    def __init__(self, root: _Node, charset: str) -> None:
+    def __init__(self, root: _Node, charset: str, uses_modseq: bool = False) -> None:
         self.root = root
         self.charset = charset
+        #: the program has a MODSEQ key: the response ends with (MODSEQ n) (RFC 7162 §3.1.5)
+        self.uses_modseq = uses_modseq
 
     @property
     def needs_content(self) -> bool:
@@ -574,7 +625,7 @@ def parse_search(tokens: list) -> SearchProgram:
     while p.pos < len(tokens):
         items.append(p.key())
     root = items[0] if len(items) == 1 else _And(items)
-    return SearchProgram(root, charset)
+    return SearchProgram(root, charset, p.uses_modseq)
 
 
 def search(program: SearchProgram, messages: Iterable, max_seq: int, max_uid: int,

@@ -81,6 +81,10 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
         self.entry: Any = None  # the AuthEntry of the login
         self.account: Any = None  # the login's tmmail.store.Store
         self.selected: Any = None  # tmmail.imap.session.SelectedMailbox
+        #: CONDSTORE (RFC 7162) enabled for this session (ENABLE or a CONDSTORE enabling command)
+        self.condstore = False
+        #: QRESYNC (RFC 7162 §3.2) enabled: VANISHED instead of EXPUNGE, SELECT (QRESYNC ...)
+        self.qresync = False
         self._poll: Any = None
         self.reader = CommandReader(self.settings.max_line_length, self._literal_limit)
         self._out: list[bytes] = []
@@ -393,7 +397,7 @@ class IMAPServer(MailboxCommands, MessageCommands, protocol.Protocol, TimeoutMix
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE",
                 b"UIDPLUS", b"MOVE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED", b"LIST-STATUS",
-                b"SPECIAL-USE", b"QUOTA",
+                b"SPECIAL-USE", b"QUOTA", b"CONDSTORE", b"QRESYNC",
                 b"APPENDLIMIT=%d" % self.settings.max_literal_size]
         if self.state == NOT_AUTH:
             if not self.secure and self.factory.tls is not None:

@@ -29,6 +29,46 @@ _get_letters = attrgetter("letters")
 _get_flags = attrgetter("flags")
 
 
+def uid_set(uids: Iterable[int]) -> bytes:
+    """``1:3,7`` for sorted UIDs (COPYUID, MODIFIED, VANISHED)."""
+    out: list[bytes] = []
+    start = prev = None
+    for u in uids:
+        if start is None:
+            start = prev = u
+        elif u == prev + 1:
+            prev = u
+        else:
+            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+            start = prev = u
+    if start is not None:
+        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+    return b",".join(out)
+
+
+def missing_uids(ranges: Iterable[tuple[int, int]], present: list[int]) -> list[tuple[int, int]]:
+    """The parts of inclusive UID ``ranges`` that hold no UID of sorted ``present`` (VANISHED
+    (EARLIER) without an expunge history: every UID the client may know that is not here)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        i = bisect_left(present, lo)
+        cur = lo
+        while cur <= hi:
+            if i < len(present) and present[i] <= hi:
+                if present[i] > cur:
+                    out.append((cur, present[i] - 1))
+                cur = present[i] + 1
+                i += 1
+            else:
+                out.append((cur, hi))
+                break
+    return out
+
+
+def range_set(ranges: list[tuple[int, int]]) -> bytes:
+    return b",".join(b"%d" % lo if lo == hi else b"%d:%d" % (lo, hi) for lo, hi in ranges)
+
+
 def _letters_getter(msgs: list[Any]) -> Any:
     """A cheap key for a message's flag set: the Maildir ``:2,`` letters when the store has them."""
     return _get_letters if msgs and hasattr(msgs[0], "letters") else _get_flags
@@ -71,6 +111,10 @@ class Msg:
         return self.info.size
 
     @property
+    def modseq(self) -> int:
+        return self.info.modseq
+
+    @property
     def internal_date(self) -> float:
         return self.info.internal_date
 
@@ -95,6 +139,10 @@ class SelectedMailbox:
         self._flag_list = tuple(folder.permanent_flags)  # as the SELECT response announced it
         #: the folder was deleted or renamed under this session (updates() then answers invalid)
         self.gone = False
+        #: CONDSTORE enabled: flag updates carry MODSEQ (RFC 7162 §3.2)
+        self.condstore = False
+        #: QRESYNC enabled: expunges are reported as VANISHED (RFC 7162 §3.2.10)
+        self.qresync = False
 
     def close(self) -> None:
         if self._cancel_watch is not None:
@@ -225,6 +273,14 @@ class SelectedMailbox:
         return out
 
     # -- updates ---------------------------------------------------------------------------
+    def expunge_lines(self, gone: list[tuple[int, int]]) -> list[bytes]:
+        """``* n EXPUNGE`` for (seq, uid) pairs in descending seq order, or one ``* VANISHED``."""
+        if not gone:
+            return []
+        if self.qresync:
+            return [b"* VANISHED " + uid_set(sorted(uid for _seq, uid in gone)) + b"\r\n"]
+        return [b"* %d EXPUNGE\r\n" % seq for seq, _uid in gone]
+
     def mark_dirty(self) -> None:
         """The folder changed in this process (store.watch; may run in any thread)."""
         self.dirty = True
@@ -275,9 +331,14 @@ class SelectedMailbox:
         out = self.flag_list_updates()
         if not ch:
             return out, False
-        out.extend(b"* %d EXPUNGE\r\n" % seq for seq, _uid in ch.expunged)
-        for seq, info in ch.flags:
-            out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
+        out.extend(self.expunge_lines(ch.expunged))
+        if self.condstore:
+            for seq, info in ch.flags:
+                out.append(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n"
+                           % (seq, info.uid, self.flags_bytes(info), info.modseq))
+        else:
+            for seq, info in ch.flags:
+                out.append(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, info.uid, self.flags_bytes(info)))
         if ch.new:
             out.append(b"* %d EXISTS\r\n" % ch.exists)
             out.append(b"* %d RECENT\r\n" % ch.recent)
