@@ -154,3 +154,26 @@ def read_until_tag(f: Any, tag: bytes, limit: int = 100000) -> list[bytes]:
         if line.startswith(tag + b" "):
             return lines
     raise AssertionError("no tagged response")
+
+
+def client(env: IMAPEnv) -> Any:
+    """An imapclient session logged in as alice over the plain port."""
+    from imapclient import IMAPClient
+
+    c = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
+    c.login("alice@example.com", PASSWORD)
+    return c
+
+
+def login_raw(env: IMAPEnv) -> Any:
+    """A raw socket and its reader, logged in as alice."""
+    s, f = raw_session(env)
+    s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+    assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
+    return s, f
+
+
+def cmd(s: Any, f: Any, tag: bytes, line: bytes) -> list[bytes]:
+    """Send one tagged command; the lines up to and including its tagged answer."""
+    s.sendall(tag + b" " + line + b"\r\n")
+    return read_until_tag(f, tag)

@@ -11,7 +11,7 @@ import threading
 import pytest
 from imapclient import IMAPClient
 
-from tests.imap_fixtures import PASSWORD, raw_session, read_until_tag, start_imap, stop_imap
+from tests.imap_fixtures import PASSWORD, client, cmd, login_raw, raw_session, read_until_tag, start_imap, stop_imap
 from tmmail import maildir, modseq
 from tmmail.store import Store
 
@@ -214,22 +214,7 @@ def deliver(env, n: int, folder: str | None = None) -> None:
         Store(env.maildir()).status(folder or "INBOX")
 
 
-def client(env) -> IMAPClient:
-    c = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
-    c.login("alice@example.com", PASSWORD)
-    return c
 
-
-def login_raw(env):
-    s, f = raw_session(env)
-    s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
-    assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
-    return s, f
-
-
-def cmd(s, f, tag: bytes, text: bytes) -> list[bytes]:
-    s.sendall(tag + b" " + text + b"\r\n")
-    return read_until_tag(f, tag)
 
 
 def search_line(lines: list[bytes]) -> bytes:

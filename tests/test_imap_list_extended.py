@@ -9,7 +9,7 @@ import imaplib
 import pytest
 from imapclient import IMAPClient
 
-from tests.imap_fixtures import PASSWORD, raw_session, read_until_tag, start_imap, stop_imap
+from tests.imap_fixtures import PASSWORD, cmd, login_raw, raw_session, read_until_tag, start_imap, stop_imap
 from tmmail.imap import listing
 from tmmail.imap.encoding import ParseError, tokenize
 from tmmail.store import FolderInfo
@@ -121,16 +121,6 @@ def env(reactor_thread, tmp_path):
     stop_imap(reactor_thread, e)
 
 
-def login_raw(env):
-    s, f = raw_session(env)
-    s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
-    assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
-    return s, f
-
-
-def cmd(s, f, tag: bytes, line: bytes) -> list[bytes]:
-    s.sendall(tag + b" " + line + b"\r\n")
-    return read_until_tag(f, tag)
 
 
 def test_capability_advertises_list_extended_and_list_status(env):

@@ -12,7 +12,7 @@ import time
 import pytest
 from imapclient import IMAPClient
 
-from tests.imap_fixtures import PASSWORD, raw_session, read_until_tag, start_imap, stop_imap
+from tests.imap_fixtures import PASSWORD, client, cmd, login_raw, raw_session, read_until_tag, start_imap, stop_imap
 from tmmail import maildir
 
 
@@ -46,22 +46,7 @@ def deliver(env, data: bytes, folder: str | None = None, tmp_name: str = "msg") 
     return name
 
 
-def client(env) -> IMAPClient:
-    c = IMAPClient("127.0.0.1", port=env.port, ssl=False, timeout=20)
-    c.login("alice@example.com", PASSWORD)
-    return c
 
-
-def login_raw(env):
-    s, f = raw_session(env)
-    s.sendall(b'L LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
-    assert read_until_tag(f, b"L")[-1].startswith(b"L OK")
-    return s, f
-
-
-def cmd(s, f, tag: bytes, line: bytes) -> list[bytes]:
-    s.sendall(tag + b" " + line + b"\r\n")
-    return read_until_tag(f, tag)
 
 
 # -- SELECT / EXAMINE -------------------------------------------------------------------------
